@@ -1,0 +1,138 @@
+//! Validated runtime configuration: what the rest of `mesh` sees of `mesh.toml`.
+//!
+//! Nothing outside `config` sees the raw serde types; `validate` turns them into these.
+//! Values that are expanded per replica at each start (`command`, `env`, `env_file`
+//! values, `health.http`, `health.exec`) are kept unexpanded here, as written.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use nix::sys::signal::Signal;
+
+/// A whole, valid `mesh.toml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Absolute path of the file this came from.
+    pub path: PathBuf,
+    /// Absolute directory holding the file; relative paths are resolved against it.
+    pub dir: PathBuf,
+    pub mesh: MeshSettings,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Every service name in start order: `depends_on` edges strictly, `upstreams` edges
+    /// where they do not form a cycle, ties by name. Shutdown walks it backwards.
+    pub start_order: Vec<String>,
+}
+
+/// The `[mesh]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshSettings {
+    /// Trust domain and `MESH_NAME`.
+    pub name: String,
+    /// Absolute path of the state directory.
+    pub state_dir: PathBuf,
+    pub shutdown_timeout: Duration,
+}
+
+/// One `[services.NAME]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    /// Program and arguments, split like a shell but not yet `${}`-expanded.
+    pub command: Vec<String>,
+    /// Absolute working directory.
+    pub working_dir: PathBuf,
+    /// `env` entries in file order, values not yet expanded.
+    pub env: Vec<(String, String)>,
+    /// Absolute path of the `env_file`, read again at each start.
+    pub env_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub replicas: u32,
+    pub protocol: Protocol,
+    pub port: PortSpec,
+    /// Upstream service names, in file order.
+    pub upstreams: Vec<String>,
+    pub depends_on: BTreeMap<String, Condition>,
+    pub restart: RestartPolicy,
+    pub backoff: Backoff,
+    pub start_limit: StartLimit,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub health: Option<Health>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    /// `port = 0`: a free loopback port is assigned once per replica.
+    Assigned,
+    /// A fixed port (only with `replicas = 1`).
+    Fixed(u16),
+    /// `port = "none"`: the service listens on nothing.
+    None,
+}
+
+/// A `depends_on` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    Started,
+    Healthy,
+    Completed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+/// `[services.NAME.health]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
+    pub start_period: Duration,
+    pub restart_on_unhealthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum HealthCheck {
+    /// GET this path (not yet expanded) straight to the app; 200–399 passes.
+    Http(String),
+    /// A TCP connect to the app's port passes.
+    Tcp,
+    /// Run this command (words not yet expanded); exit 0 passes.
+    Exec(Vec<String>),
+}
+
+// === impl Service ===
+
+impl Service {
+    /// The environment variable names an upstream maps to: `API_URL`, `API_ADDR`.
+    pub fn upstream_var_stem(upstream: &str) -> String {
+        upstream.to_ascii_uppercase().replace('-', "_")
+    }
+}
