@@ -2,5 +2,7 @@
 
 pub mod config;
 pub mod health;
+pub mod lifecycle;
 pub mod logs;
 pub mod process;
+pub mod shim;
