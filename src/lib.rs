@@ -1,1 +1,7 @@
-//! x
+//! `mesh`: a process manager and a service mesh in one binary.
+//!
+//! The binary (`src/main.rs`) only dispatches to [`cli::main`]. The process manager lives
+//! in `mesh-supervisor`, the sidecars in `mesh-proxy`; this crate wires them together.
+
+pub mod cli;
+mod plan;

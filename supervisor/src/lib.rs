@@ -6,3 +6,5 @@ pub mod lifecycle;
 pub mod logs;
 pub mod process;
 pub mod shim;
+pub mod state_dir;
+pub mod supervisor;

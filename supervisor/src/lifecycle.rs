@@ -188,6 +188,11 @@ impl Lifecycle {
         }
     }
 
+    /// Whether the start limit has blocked a restart and no run has been stable since.
+    pub fn is_crash_looping(&self) -> bool {
+        self.crash_looping
+    }
+
     pub fn restarts(&self) -> u32 {
         self.restarts
     }
@@ -319,7 +324,11 @@ impl Lifecycle {
             RestartPolicy::Never => false,
         };
         if !restart {
-            self.state = if code == 0 { State::Completed } else { State::Exited };
+            self.state = if code == 0 {
+                State::Completed
+            } else {
+                State::Exited
+            };
             return Action::None;
         }
         self.restart_after_crash(now, jitter)

@@ -1,1 +1,641 @@
 //! Log relay.
+//!
+//! # Usage
+//!
+//! Build one [`LogSink`] per mesh from [`LogOptions`], hand clones to whoever spawns
+//! processes, and call [`LogSink::attach`] with each replica's stdout and stderr. Mesh's own
+//! lines go through [`LogSink::mesh_line`]. [`read_tail`] reads the last lines a replica
+//! wrote, from the files, for error messages and `mesh logs`.
+//!
+//! # Theory of operation
+//!
+//! Each attached replica gets one task that reads both of its pipes line by line. Every
+//! line is formatted completely (prefix, text and newline) before it is written with a
+//! single `write_all` under the terminal lock, so lines from different replicas never
+//! interleave mid-line. Writes are synchronous: a terminal that stops reading stalls the
+//! relay, which stalls the applications' pipes, exactly as if they wrote to that terminal
+//! themselves; nothing is buffered without bound.
+//!
+//! Each replica's lines are also appended to `logs_dir/<service>.<replica>.log`, one
+//! `<ts> <stream> <line>` per line (RFC 3339 UTC with milliseconds, `stdout` or `stderr`),
+//! so that `mesh logs` can replay them with timestamps and either format. A file that
+//! would grow past `max_file_size` is rotated to `.log.1` (`.1` to `.2`, `.2` to `.3`,
+//! the old `.3` dropped) first. Mesh's own lines are not written to files.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// Default size at which a replica's log file is rotated.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 10 * 1024 * 1024;
+
+/// Default cap on one line; longer lines are split into pieces of at most this many bytes.
+pub const DEFAULT_MAX_LINE_LEN: usize = 64 * 1024;
+
+/// How many rotated files (`.log.1` … `.log.3`) are kept besides the current one.
+pub const ROTATED_FILES: u32 = 3;
+
+/// The label of mesh's own lines.
+const MESH_LABEL: &str = "mesh";
+
+/// Prefix colours, chosen by a hash of the service name. Red is left out because it
+/// reads as an error, and white/black because they vanish on one terminal theme or the
+/// other.
+const PALETTE: [&str; 8] = ["36", "33", "32", "35", "34", "96", "93", "95"];
+
+/// Mesh's own label is bold instead of coloured, so it never looks like a service.
+const MESH_STYLE: &str = "1";
+
+/// How lines are printed on the terminal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `<service>.<replica> | <line>`.
+    #[default]
+    Text,
+    /// One JSON object per line: `ts`, `service`, `replica`, `stream`, `line`.
+    Json,
+}
+
+/// Which pipe a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What a [`LogSink`] is built from.
+pub struct LogOptions {
+    pub format: LogFormat,
+    /// Colour the text prefixes; the caller decides, usually from whether the writer is a
+    /// terminal. Ignored for JSON.
+    pub color: bool,
+    /// Where the relayed lines go (stdout by default).
+    pub writer: Box<dyn Write + Send>,
+    /// `state_dir/logs`; `None` keeps no files. Created on first use.
+    pub logs_dir: Option<PathBuf>,
+    /// A file is rotated before a write would make it larger than this.
+    pub max_file_size: u64,
+    /// Longer lines are split into pieces of at most this many bytes.
+    pub max_line_len: usize,
+}
+
+/// A per-mesh log relay: cheap to clone, all clones write to the same place.
+#[derive(Clone)]
+pub struct LogSink {
+    inner: Arc<Inner>,
+}
+
+/// One line of a replica's log file, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    /// RFC 3339 UTC timestamp with milliseconds, as written.
+    pub ts: String,
+    pub stream: Stream,
+    pub line: String,
+}
+
+/// The path of a replica's current log file: `logs_dir/<service>.<replica>.log`.
+pub fn log_file(logs_dir: &Path, service: &str, replica: u32) -> PathBuf {
+    logs_dir.join(format!("{service}.{replica}.log"))
+}
+
+/// The last `n` lines a replica wrote, oldest first, across its rotated files.
+///
+/// Returns the lines' text without the stored timestamp and stream (a stored line that
+/// does not parse is returned whole). No log files at all is an empty list, not an error.
+pub fn read_tail(
+    logs_dir: &Path,
+    service: &str,
+    replica: u32,
+    n: usize,
+) -> io::Result<Vec<String>> {
+    let raw = read_tail_raw(logs_dir, service, replica, n)?;
+    Ok(raw
+        .into_iter()
+        .map(|l| match parse_file_line(&l) {
+            Some(record) => record.line,
+            None => l,
+        })
+        .collect())
+}
+
+/// Like [`read_tail`], but the stored lines verbatim (`<ts> <stream> <line>`); see
+/// [`parse_file_line`].
+pub fn read_tail_raw(
+    logs_dir: &Path,
+    service: &str,
+    replica: u32,
+    n: usize,
+) -> io::Result<Vec<String>> {
+    let current = log_file(logs_dir, service, replica);
+    // Newest first: the current file, then .1, .2, .3.
+    let files =
+        std::iter::once(current.clone()).chain((1..=ROTATED_FILES).map(|i| rotated(&current, i)));
+    let mut chunks: Vec<Vec<String>> = Vec::new();
+    let mut found = 0;
+    for path in files {
+        if found >= n {
+            break;
+        }
+        match tail_of_file(&path, n - found) {
+            Ok(lines) => {
+                found += lines.len();
+                chunks.push(lines);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(chunks.into_iter().rev().flatten().collect())
+}
+
+/// Parse one stored line, `<ts> <stream> <line>`.
+pub fn parse_file_line(raw: &str) -> Option<FileRecord> {
+    let (ts, rest) = raw.split_once(' ')?;
+    let (stream, line) = rest.split_once(' ').unwrap_or((rest, ""));
+    let stream = match stream {
+        "stdout" => Stream::Stdout,
+        "stderr" => Stream::Stderr,
+        _ => return None,
+    };
+    humantime::parse_rfc3339(ts).ok()?;
+    Some(FileRecord {
+        ts: ts.to_owned(),
+        stream,
+        line: line.to_owned(),
+    })
+}
+
+// === impl Stream ===
+
+impl Stream {
+    /// `stdout` or `stderr`, as in JSON lines and log files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl LogOptions ===
+
+impl Default for LogOptions {
+    /// Text without colour to stdout, no files, default size limits.
+    fn default() -> Self {
+        LogOptions {
+            format: LogFormat::Text,
+            color: false,
+            writer: Box::new(io::stdout()),
+            logs_dir: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            max_line_len: DEFAULT_MAX_LINE_LEN,
+        }
+    }
+}
+
+impl fmt::Debug for LogOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogOptions")
+            .field("format", &self.format)
+            .field("color", &self.color)
+            .field("logs_dir", &self.logs_dir)
+            .field("max_file_size", &self.max_file_size)
+            .field("max_line_len", &self.max_line_len)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl LogSink ===
+
+impl LogSink {
+    /// A sink writing as `options` say.
+    pub fn new(options: LogOptions) -> Self {
+        LogSink {
+            inner: Arc::new(Inner {
+                format: options.format,
+                color: options.color,
+                writer: Mutex::new(options.writer),
+                writer_failed: AtomicBool::new(false),
+                logs_dir: options.logs_dir,
+                max_file_size: options.max_file_size,
+                // A zero cap could never make progress on a long line.
+                max_line_len: options.max_line_len.max(4),
+                files: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Relay one replica's stdout and stderr until both reach end of file.
+    ///
+    /// Lines are split at `\n` (a trailing `\r` is dropped), invalid UTF-8 is replaced,
+    /// lines longer than `max_line_len` are split, and a last line without a newline is
+    /// still relayed. The returned task ends when both streams end or fail; abort it to
+    /// stop relaying early. It runs in the caller's current tracing span; call this within
+    /// a Tokio runtime.
+    pub fn attach<O, E>(&self, service: &str, replica: u32, stdout: O, stderr: E) -> JoinHandle<()>
+    where
+        O: AsyncRead + Send + Unpin + 'static,
+        E: AsyncRead + Send + Unpin + 'static,
+    {
+        let source = Arc::new(self.source(service, replica));
+        let file = source.file.clone();
+        let out = pump(self.clone(), source.clone(), Stream::Stdout, stdout);
+        let err = pump(self.clone(), source, Stream::Stderr, stderr);
+        let task = async move {
+            tokio::join!(out, err);
+            // Release the descriptor of a replica that may never run again (scaled down);
+            // a later line for it simply reopens the file.
+            if let Some(file) = &file {
+                file.lock().file = None;
+            }
+        };
+        tokio::spawn(task.in_current_span())
+    }
+
+    /// Relay one line as if `replica` of `service` had written it, for example mesh's
+    /// note that the program could not be started, so that it also lands in the file.
+    pub fn replica_line(&self, service: &str, replica: u32, stream: Stream, line: &str) {
+        let source = self.source(service, replica);
+        for piece in line.split('\n') {
+            self.emit(&source, stream, piece);
+        }
+    }
+
+    /// Print one of mesh's own lines (label `mesh`; JSON `"service": "mesh"`,
+    /// `"replica": null`, `"stream": "stderr"`). Not written to any file.
+    pub fn mesh_line(&self, line: &str) {
+        for piece in line.split('\n') {
+            let ts = timestamp(self.inner.format);
+            self.inner
+                .write_terminal(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, piece);
+        }
+    }
+
+    fn source(&self, service: &str, replica: u32) -> Source {
+        let label = format!("{service}.{replica}");
+        let file = self.inner.logs_dir.as_ref().map(|dir| {
+            let path = log_file(dir, service, replica);
+            // One slot per file, shared by every attachment of that replica (a restarted
+            // replica's new process reuses it), so that rotation is never raced.
+            self.inner
+                .files
+                .lock()
+                .entry(path.clone())
+                .or_insert_with(|| Arc::new(Mutex::new(FileSlot::new(path))))
+                .clone()
+        });
+        Source {
+            service: service.to_owned(),
+            replica,
+            label,
+            style: palette_colour(service),
+            file,
+        }
+    }
+
+    fn emit(&self, source: &Source, stream: Stream, line: &str) {
+        let inner = &*self.inner;
+        // Files always carry a timestamp, the terminal only in JSON.
+        let ts = if source.file.is_some() || inner.format == LogFormat::Json {
+            humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+        } else {
+            String::new()
+        };
+        inner.write_terminal(
+            &source.label,
+            Some((&source.service, source.replica)),
+            source.style,
+            stream,
+            &ts,
+            line,
+        );
+        if let Some(file) = &source.file {
+            let record = format!("{ts} {stream} {line}\n");
+            file.lock().append(record.as_bytes(), inner.max_file_size);
+        }
+    }
+}
+
+impl fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogSink")
+            .field("format", &self.inner.format)
+            .field("color", &self.inner.color)
+            .field("logs_dir", &self.inner.logs_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    format: LogFormat,
+    color: bool,
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// Set after the first terminal write error, so that it is reported once.
+    writer_failed: AtomicBool,
+    logs_dir: Option<PathBuf>,
+    max_file_size: u64,
+    max_line_len: usize,
+    /// Width text prefixes are padded to: the longest label seen so far.
+    files: Mutex<HashMap<PathBuf, Arc<Mutex<FileSlot>>>>,
+}
+
+/// One replica as a source of lines.
+struct Source {
+    service: String,
+    replica: u32,
+    /// `<service>.<replica>`.
+    label: String,
+    /// ANSI SGR parameters of the label when colour is on.
+    style: &'static str,
+    file: Option<Arc<Mutex<FileSlot>>>,
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    ts: &'a str,
+    service: &'a str,
+    replica: Option<u32>,
+    stream: &'a str,
+    line: &'a str,
+}
+
+impl Inner {
+    fn write_terminal(
+        &self,
+        label: &str,
+        origin: Option<(&str, u32)>,
+        style: &str,
+        stream: Stream,
+        ts: &str,
+        line: &str,
+    ) {
+        let mut out = match self.format {
+            LogFormat::Text => {
+                // Exactly `<label> | <line>` (SPEC §4): no padding, so that tools and
+                // tests can match the prefix.
+                if self.color {
+                    format!("\x1b[{style}m{label} |\x1b[0m {line}")
+                } else {
+                    format!("{label} | {line}")
+                }
+            }
+            LogFormat::Json => {
+                let (service, replica) = match origin {
+                    Some((service, replica)) => (service, Some(replica)),
+                    None => (MESH_LABEL, None),
+                };
+                let json = JsonLine {
+                    ts,
+                    service,
+                    replica,
+                    stream: stream.as_str(),
+                    line,
+                };
+                match serde_json::to_string(&json) {
+                    Ok(s) => s,
+                    // Serializing plain strings and numbers cannot fail; if it ever did,
+                    // losing one line beats stopping the relay.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot format log line as json");
+                        return;
+                    }
+                }
+            }
+        };
+        out.push('\n');
+        let mut writer = self.writer.lock();
+        let result = writer
+            .write_all(out.as_bytes())
+            .and_then(|()| writer.flush());
+        drop(writer);
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                if !self.writer_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot write logs to the terminal");
+                }
+            }
+        }
+    }
+}
+
+/// A replica's log file, opened lazily and reopened after an error.
+struct FileSlot {
+    path: PathBuf,
+    file: Option<File>,
+    /// Bytes in the current file.
+    size: u64,
+    /// Set after a write error has been reported, until a write succeeds again.
+    failing: bool,
+}
+
+impl FileSlot {
+    fn new(path: PathBuf) -> Self {
+        FileSlot {
+            path,
+            file: None,
+            size: 0,
+            failing: false,
+        }
+    }
+
+    /// Append one record. Errors are reported once per failing spell and otherwise
+    /// swallowed: a full disk must not stop the terminal relay.
+    fn append(&mut self, record: &[u8], max_size: u64) {
+        match self.try_append(record, max_size) {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                // Drop the handle so the next line reopens the file, which recovers from
+                // a deleted directory or a file rotated away by hand.
+                self.file = None;
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot write log file");
+                }
+            }
+        }
+    }
+
+    fn try_append(&mut self, record: &[u8], max_size: u64) -> io::Result<()> {
+        let len = record.len() as u64;
+        if self.file.is_none() {
+            self.open()?;
+        }
+        // A record larger than the limit on its own still goes into a fresh file.
+        if self.size > 0 && self.size + len > max_size {
+            self.file = None;
+            rotate(&self.path)?;
+            self.open()?;
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("log file not open"));
+        };
+        file.write_all(record)?;
+        self.size += len;
+        Ok(())
+    }
+
+    fn open(&mut self) -> io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.size = file.metadata()?.len();
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+/// Shift `X.log.2` → `.3`, `.1` → `.2`, `X.log` → `.1`; the oldest is overwritten.
+fn rotate(current: &Path) -> io::Result<()> {
+    for i in (1..ROTATED_FILES).rev() {
+        rename_if_exists(&rotated(current, i), &rotated(current, i + 1))?;
+    }
+    rename_if_exists(current, &rotated(current, 1))
+}
+
+fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn rotated(current: &Path, i: u32) -> PathBuf {
+    let mut name = current.as_os_str().to_owned();
+    name.push(format!(".{i}"));
+    PathBuf::from(name)
+}
+
+/// The last `n` complete lines of a file, oldest first, read backwards in blocks so that
+/// a 10 MiB file is not read whole for 20 lines.
+fn tail_of_file(path: &Path, n: usize) -> io::Result<Vec<String>> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut file = File::open(path)?;
+    let mut pos = file.metadata()?.len();
+    let mut buf: Vec<u8> = Vec::new();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // More than `n` newlines guarantee `n` complete lines after the first (maybe partial) one.
+    while pos > 0 && buf.iter().filter(|&&b| b == b'\n').count() <= n {
+        let step = pos.min(BLOCK);
+        pos -= step;
+        file.seek(SeekFrom::Start(pos))?;
+        let mut block = vec![0; step as usize];
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&buf);
+        buf = block;
+    }
+    let mut pieces: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
+    if pieces.last().is_some_and(|p| p.is_empty()) {
+        pieces.pop();
+    }
+    if pos > 0 && !pieces.is_empty() {
+        // The first piece starts mid-line.
+        pieces.remove(0);
+    }
+    let skip = pieces.len().saturating_sub(n);
+    Ok(pieces[skip..]
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect())
+}
+
+fn timestamp(format: LogFormat) -> String {
+    match format {
+        LogFormat::Json => humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        LogFormat::Text => String::new(),
+    }
+}
+
+/// A stable colour per service: FNV-1a of the name, because std's hasher may change
+/// between Rust releases and colours should not.
+fn palette_colour(service: &str) -> &'static str {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in service.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    PALETTE[hash as usize % PALETTE.len()]
+}
+
+/// Read `reader` line by line until end of file or an error, relaying each line.
+async fn pump<R>(sink: LogSink, source: Arc<Source>, stream: Stream, reader: R)
+where
+    R: AsyncRead + Unpin,
+{
+    let max = sink.inner.max_line_len;
+    let mut reader = BufReader::new(reader);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(e) => {
+                tracing::warn!(service = %source.service, replica = source.replica, %stream, error = %e, "cannot read output");
+                break;
+            }
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let room = max - line.len();
+        // Looking one byte past the room finds the newline of a line of exactly `max`
+        // bytes, which must not be followed by a spurious empty piece.
+        let window = &buf[..buf.len().min(room + 1)];
+        if let Some(i) = window.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&window[..i]);
+            reader.consume(i + 1);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            sink.emit(&source, stream, &String::from_utf8_lossy(&line));
+            line.clear();
+        } else {
+            let take = buf.len().min(room);
+            line.extend_from_slice(&buf[..take]);
+            reader.consume(take);
+            if line.len() >= max {
+                let cut = utf8_cut(&line);
+                sink.emit(&source, stream, &String::from_utf8_lossy(&line[..cut]));
+                line.drain(..cut);
+            }
+        }
+    }
+    if !line.is_empty() {
+        sink.emit(&source, stream, &String::from_utf8_lossy(&line));
+    }
+}
+
+/// Where to split a too-long line: before a UTF-8 sequence cut off at its end, so that a
+/// character is not mangled into two replacement characters.
+fn utf8_cut(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => e.valid_up_to(),
+        _ => bytes.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

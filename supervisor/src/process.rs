@@ -131,6 +131,9 @@ pub async fn spawn(spec: &SpawnSpec, output: Output) -> io::Result<Child> {
     // mesh decides what each application gets.
     cmd.process_group(0);
     let shim = cmd.spawn()?;
+    // `cmd` holds the shim's end of the socket (as its stdin); drop it so that a shim
+    // that dies early reads as EOF here instead of hanging the first read.
+    drop(cmd);
 
     let (rx, tx) = ours.into_split();
     let mut child = Child {
@@ -169,7 +172,9 @@ impl Child {
         }
         // The shim exits right after its report; reap it so that no zombie is left.
         let _ = self.shim.wait().await;
-        self.report.clone().unwrap_or(ExitReport::Signal(libc::SIGKILL))
+        self.report
+            .clone()
+            .unwrap_or(ExitReport::Signal(libc::SIGKILL))
     }
 
     /// Send `sig` to the whole process group, and to descendants that left it.
@@ -204,7 +209,10 @@ impl Child {
                 }
                 let status = self.shim.wait().await;
                 use std::os::unix::process::ExitStatusExt;
-                let sig = status.ok().and_then(|s| s.signal()).unwrap_or(libc::SIGKILL);
+                let sig = status
+                    .ok()
+                    .and_then(|s| s.signal())
+                    .unwrap_or(libc::SIGKILL);
                 self.report = Some(ExitReport::Signal(sig));
             }
             Ok(_) => {

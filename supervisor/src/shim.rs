@@ -249,7 +249,10 @@ fn read_controls(buf: &mut Vec<u8>) -> Vec<Control> {
         let line: Vec<u8> = buf.drain(..=i).collect();
         let line = String::from_utf8_lossy(&line[..i]).into_owned();
         let mut words = line.split_whitespace();
-        match (words.next(), words.next().and_then(|n| n.parse::<i32>().ok())) {
+        match (
+            words.next(),
+            words.next().and_then(|n| n.parse::<i32>().ok()),
+        ) {
             (Some("sig"), Some(n)) => out.push(Control::Signal(n)),
             (Some("kill"), _) => out.push(Control::Kill),
             _ => {}
@@ -308,7 +311,11 @@ fn adopted() -> Vec<Pid> {
     };
     let mut out = Vec::new();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

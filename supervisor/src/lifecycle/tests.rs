@@ -36,7 +36,11 @@ fn starts_only_when_gate_opens_and_becomes_running_when_ready() {
     assert_eq!(l.state(), State::Waiting);
     assert_eq!(l.health(), "none");
     assert_eq!(l.on(Event::Ready, c.at(0), 0.0), Action::None);
-    assert_eq!(l.state(), State::Waiting, "health events before spawn are ignored");
+    assert_eq!(
+        l.state(),
+        State::Waiting,
+        "health events before spawn are ignored"
+    );
     assert_eq!(l.on(Event::Start, c.at(0), 0.0), Action::Spawn);
     assert_eq!(l.state(), State::Starting);
     assert_eq!(l.health(), "unready");
@@ -86,7 +90,10 @@ fn always_restarts_even_after_success() {
     let c = clock();
     let mut l = lc(RestartPolicy::Always);
     l.on(Event::Start, c.at(0), 0.0);
-    assert_eq!(l.on(Event::Exited(0), c.at(5), 0.0), Action::Schedule(100 * MS));
+    assert_eq!(
+        l.on(Event::Exited(0), c.at(5), 0.0),
+        Action::Schedule(100 * MS)
+    );
     assert_eq!(l.state(), State::Backoff);
     assert_eq!(l.on(Event::Timer, c.at(105), 0.0), Action::Spawn);
     assert_eq!(l.restarts(), 1);
@@ -149,7 +156,10 @@ fn crash_loop_hits_start_limit_then_retries_every_max() {
     t += 30_000;
     l.on(Event::Timer, c.at(t), 0.0);
     t += 61_000;
-    assert_eq!(l.on(Event::Exited(1), c.at(t), 0.0), Action::Schedule(100 * MS));
+    assert_eq!(
+        l.on(Event::Exited(1), c.at(t), 0.0),
+        Action::Schedule(100 * MS)
+    );
     assert_eq!(l.state(), State::Backoff);
 }
 
@@ -168,7 +178,10 @@ fn start_limit_counts_only_starts_inside_the_interval() {
         },
     );
     l.on(Event::Start, c.at(0), 0.0);
-    assert!(matches!(l.on(Event::Exited(1), c.at(10), 0.0), Action::Schedule(_)));
+    assert!(matches!(
+        l.on(Event::Exited(1), c.at(10), 0.0),
+        Action::Schedule(_)
+    ));
     l.on(Event::Timer, c.at(110), 0.0); // second start at 110 ms
     // Third start would be within 1 s of the first: blocked.
     l.on(Event::Exited(1), c.at(120), 0.0);
@@ -200,7 +213,10 @@ fn backoff_resets_after_a_stable_run() {
     l.on(Event::Start, c.at(0), 0.0);
     l.on(Event::Exited(1), c.at(10), 0.0);
     l.on(Event::Timer, c.at(110), 0.0);
-    assert_eq!(l.on(Event::Exited(1), c.at(120), 0.0), Action::Schedule(200 * MS));
+    assert_eq!(
+        l.on(Event::Exited(1), c.at(120), 0.0),
+        Action::Schedule(200 * MS)
+    );
     l.on(Event::Timer, c.at(320), 0.0);
     assert_eq!(
         l.on(Event::Exited(1), c.at(320 + 60_000), 0.0),
@@ -235,7 +251,11 @@ fn stop_in_backoff_or_waiting_needs_no_signal() {
     l.on(Event::Exited(1), c.at(1), 0.0);
     assert_eq!(l.on(Event::Stop, c.at(2), 0.0), Action::None);
     assert_eq!(l.state(), State::Stopped);
-    assert_eq!(l.on(Event::Timer, c.at(200), 0.0), Action::None, "stale timer");
+    assert_eq!(
+        l.on(Event::Timer, c.at(200), 0.0),
+        Action::None,
+        "stale timer"
+    );
 }
 
 #[test]
@@ -271,7 +291,10 @@ fn unhealthy_restart_goes_through_backoff() {
     l.on(Event::Start, c.at(0), 0.0);
     l.on(Event::Ready, c.at(1), 0.0);
     assert_eq!(l.on(Event::Unhealthy, c.at(2), 0.0), Action::Stop);
-    assert_eq!(l.on(Event::Exited(143), c.at(3), 0.0), Action::Schedule(100 * MS));
+    assert_eq!(
+        l.on(Event::Exited(143), c.at(3), 0.0),
+        Action::Schedule(100 * MS)
+    );
     assert_eq!(l.state(), State::Backoff);
 }
 
@@ -280,6 +303,9 @@ fn spawn_error_is_a_failure_exit() {
     let c = clock();
     let mut l = lc(RestartPolicy::OnFailure);
     l.on(Event::Start, c.at(0), 0.0);
-    assert!(matches!(l.on(Event::Exited(127), c.at(0), 0.0), Action::Schedule(_)));
+    assert!(matches!(
+        l.on(Event::Exited(127), c.at(0), 0.0),
+        Action::Schedule(_)
+    ));
     assert_eq!(l.exit_code(), Some(127));
 }

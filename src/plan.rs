@@ -1,0 +1,122 @@
+//! `mesh check`: the resolved plan, and warnings about things that will fail at start.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy};
+
+/// The plan as `mesh check` prints it: start order, ports, identities.
+pub(crate) fn render(config: &Config) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", config.path.display());
+    let _ = writeln!(out, "mesh `{}`", config.mesh.name);
+    let _ = writeln!(
+        out,
+        "  state_dir         {}",
+        config.mesh.state_dir.display()
+    );
+    let _ = writeln!(
+        out,
+        "  shutdown_timeout  {}",
+        humantime::format_duration(config.mesh.shutdown_timeout)
+    );
+    let _ = writeln!(out, "start order:");
+    for (i, name) in config.start_order.iter().enumerate() {
+        let svc = &config.services[name];
+        let port = match svc.port {
+            PortSpec::Assigned => "port assigned at start".to_string(),
+            PortSpec::Fixed(p) => format!("port {p}"),
+            PortSpec::None => "no port".to_string(),
+        };
+        let restart = match svc.restart {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        };
+        let _ = writeln!(
+            out,
+            "  {}. {name}  replicas={} {port} restart={restart} identity=spiffe://{}/{name}",
+            i + 1,
+            svc.replicas,
+            config.mesh.name
+        );
+        let _ = writeln!(out, "       command: {}", shell_join(&svc.command));
+        if !svc.depends_on.is_empty() {
+            let deps: Vec<String> = svc
+                .depends_on
+                .iter()
+                .map(|(t, c)| {
+                    let c = match c {
+                        Condition::Started => "started",
+                        Condition::Healthy => "healthy",
+                        Condition::Completed => "completed",
+                    };
+                    format!("{t} ({c})")
+                })
+                .collect();
+            let _ = writeln!(out, "       depends_on: {}", deps.join(", "));
+        }
+        if !svc.upstreams.is_empty() {
+            let _ = writeln!(out, "       upstreams: {}", svc.upstreams.join(", "));
+        }
+        if let Some(h) = &svc.health {
+            let check = match &h.check {
+                HealthCheck::Http(p) => format!("http {p}"),
+                HealthCheck::Tcp => "tcp".into(),
+                HealthCheck::Exec(w) => format!("exec {}", shell_join(w)),
+            };
+            let _ = writeln!(
+                out,
+                "       health: {check} every {}",
+                humantime::format_duration(h.interval)
+            );
+        }
+    }
+    out
+}
+
+/// Problems that validation cannot call errors but that will make a start fail: a
+/// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns).
+pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in &config.start_order {
+        let svc = &config.services[name];
+        if !svc.working_dir.is_dir() {
+            out.push(format!(
+                "service `{name}`: working_dir {} does not exist",
+                svc.working_dir.display()
+            ));
+            continue;
+        }
+        let Some(program) = svc.command.first() else {
+            continue;
+        };
+        if program.contains('$') {
+            continue; // known only at start
+        }
+        if !program_exists(
+            program,
+            &svc.working_dir,
+            env.get("PATH").map(String::as_str),
+        ) {
+            out.push(format!("service `{name}`: program `{program}` not found"));
+        }
+    }
+    out
+}
+
+fn program_exists(program: &str, cwd: &Path, path: Option<&str>) -> bool {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        let p = if p.is_absolute() { p } else { cwd.join(p) };
+        return p.is_file();
+    }
+    path.unwrap_or("/usr/local/bin:/usr/bin:/bin")
+        .split(':')
+        .any(|dir| Path::new(dir).join(program).is_file())
+}
+
+fn shell_join(words: &[String]) -> String {
+    shell_words::join(words)
+}

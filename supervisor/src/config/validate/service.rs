@@ -1,0 +1,866 @@
+//! Checks of each `[services.NAME]` and across services (references, cycles, ports),
+//! and the start order.
+
+// The parent's types and helpers are this module's vocabulary.
+use super::*;
+// === services ===
+
+pub(super) fn facts_of(raw: &RawService) -> Facts {
+    let port = match raw.port.as_ref().map(Spanned::get_ref) {
+        None | Some(RawPort::Number(0)) => Some(PortSpec::Assigned),
+        Some(RawPort::Number(n)) => u16::try_from(*n).ok().map(PortSpec::Fixed),
+        Some(RawPort::None) => Some(PortSpec::None),
+    };
+    let protocol = match raw.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+        None => Some(Protocol::Http),
+        Some(p) => PROTOCOLS
+            .iter()
+            .find(|(name, _)| *name == p)
+            .map(|(_, v)| *v),
+    };
+    let restart = match raw.restart.as_ref().map(|r| r.get_ref().as_str()) {
+        None => Some(RestartPolicy::OnFailure),
+        Some(r) => RESTART_POLICIES
+            .iter()
+            .find(|(name, _)| *name == r)
+            .map(|(_, v)| *v),
+    };
+    Facts {
+        port,
+        protocol,
+        restart,
+    }
+}
+
+const PROTOCOLS: &[(&str, Protocol)] = &[
+    ("http", Protocol::Http),
+    ("grpc", Protocol::Grpc),
+    ("tcp", Protocol::Tcp),
+];
+
+const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
+    ("always", RestartPolicy::Always),
+    ("on-failure", RestartPolicy::OnFailure),
+    ("never", RestartPolicy::Never),
+];
+
+const CONDITIONS: &[(&str, Condition)] = &[
+    ("started", Condition::Started),
+    ("healthy", Condition::Healthy),
+    ("completed", Condition::Completed),
+];
+
+/// Checks one service. Returns it (if every part is valid) and its valid `depends_on`
+/// edges with their spans, for the cycle check.
+pub(super) fn check_service(
+    ctx: &mut Ctx<'_>,
+    p: &Parsed,
+    scope: &Scope<'_>,
+    bindings: &mut Vec<Binding>,
+) -> (Option<Service>, BTreeMap<String, Range<usize>>) {
+    let errors_before = ctx.diags.len();
+    let raw = &p.raw;
+    let name = p.name.as_str();
+    if !is_valid_name(name) {
+        ctx.error(
+            p.span.clone(),
+            format!("invalid service name `{name}`: use {NAME_RULE}"),
+        );
+    } else if RESERVED_NAMES.contains(&name) {
+        ctx.error(p.span.clone(), format!("service name `{name}` is reserved"));
+    }
+
+    let replicas = match &raw.replicas {
+        None => 1,
+        Some(r) if *r.get_ref() < 1 => {
+            ctx.error(r.span(), "`replicas` must be at least 1");
+            1
+        }
+        Some(r) => u32::try_from(*r.get_ref()).unwrap_or_else(|_| {
+            ctx.error(r.span(), "`replicas` is too large");
+            1
+        }),
+    };
+    let protocol = raw
+        .protocol
+        .as_ref()
+        .map_or(Some(Protocol::Http), |p| {
+            one_of(ctx, p, "protocol", PROTOCOLS)
+        })
+        .unwrap_or(Protocol::Http);
+    let port = check_port(ctx, raw, name, replicas, bindings);
+    let restart = raw
+        .restart
+        .as_ref()
+        .map_or(Some(RestartPolicy::OnFailure), |r| {
+            one_of(ctx, r, "restart", RESTART_POLICIES)
+        })
+        .unwrap_or(RestartPolicy::OnFailure);
+
+    let upstreams = check_upstreams(ctx, raw, name, scope);
+    let depends_on = check_depends_on(ctx, raw, name, scope);
+    let dep_edges: BTreeMap<String, Range<usize>> = depends_on
+        .iter()
+        .map(|(target, (_, span))| (target.clone(), span.clone()))
+        .collect();
+    let depends_on: BTreeMap<String, Condition> = depends_on
+        .into_iter()
+        .map(|(target, (condition, _))| (target, condition))
+        .collect();
+
+    // The variables mesh sets for this service, which `env` may not set and `${}` may use.
+    let mut table_vars: BTreeSet<String> =
+        FIXED_TABLE_VARS.iter().map(|v| (*v).to_owned()).collect();
+    if port != PortSpec::None {
+        table_vars.insert("PORT".to_owned());
+    }
+    for upstream in &upstreams {
+        let stem = Service::upstream_var_stem(upstream);
+        table_vars.insert(format!("{stem}_ADDR"));
+        let protocol = scope.facts.get(upstream).and_then(|f| f.protocol);
+        if protocol != Some(Protocol::Tcp) {
+            table_vars.insert(format!("{stem}_URL"));
+        }
+    }
+    let lookup = |var: &str| -> Option<String> {
+        if table_vars.contains(var) {
+            // Any non-empty value does for validation: the real one is known at start.
+            Some("1".to_owned())
+        } else {
+            scope.env.get(var).cloned()
+        }
+    };
+
+    let command = match &raw.command {
+        Some(command) => check_command(ctx, command, "command", &lookup),
+        None => {
+            if !p.removed.contains("command")
+                && !ctx.suggested.contains(&format!("services.{name}.command"))
+            {
+                ctx.error(p.span.clone(), format!("service `{name}` has no `command`"));
+            }
+            Vec::new()
+        }
+    };
+    let working_dir = match &raw.working_dir {
+        Some(wd) => {
+            if wd.get_ref().is_empty() {
+                ctx.error(wd.span(), "`working_dir` is empty");
+            }
+            scope.dir.join(wd.get_ref())
+        }
+        None => scope.dir.to_path_buf(),
+    };
+    let env = check_env(ctx, raw.env.as_ref(), &table_vars, &lookup);
+    let env_file = raw
+        .env_file
+        .as_ref()
+        .map(|f| check_env_file(ctx, f, scope.dir, &table_vars, &lookup));
+    let user = non_empty(ctx, raw.user.as_ref(), "user");
+    let group = non_empty(ctx, raw.group.as_ref(), "group");
+
+    let backoff = {
+        let b = raw.backoff.as_ref();
+        let initial = duration_or(
+            ctx,
+            b.and_then(|b| b.initial.as_ref()),
+            "backoff.initial",
+            Duration::from_millis(100),
+        );
+        let max = duration_or(ctx, b.and_then(|b| b.max.as_ref()), "backoff.max", secs(30));
+        if initial > max {
+            let span = b
+                .and_then(|b| b.initial.as_ref().or(b.max.as_ref()))
+                .map(Spanned::span)
+                .unwrap_or(p.span.clone());
+            ctx.error(
+                span,
+                format!(
+                    "`backoff.initial` ({}) is greater than `backoff.max` ({})",
+                    humantime::format_duration(initial),
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+        Backoff { initial, max }
+    };
+    let start_limit = {
+        let s = raw.start_limit.as_ref();
+        let burst = match s.and_then(|s| s.burst.as_ref()) {
+            None => 5,
+            Some(b) => match u32::try_from(*b.get_ref()) {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    ctx.error(b.span(), "`start_limit.burst` must be at least 1");
+                    5
+                }
+            },
+        };
+        let interval = duration_or(
+            ctx,
+            s.and_then(|s| s.interval.as_ref()),
+            "start_limit.interval",
+            secs(60),
+        );
+        StartLimit { burst, interval }
+    };
+    let stop_signal = raw
+        .stop_signal
+        .as_ref()
+        .and_then(|s| check_signal(ctx, s))
+        .unwrap_or(Signal::SIGTERM);
+    let stop_timeout = duration_or(ctx, raw.stop_timeout.as_ref(), "stop_timeout", secs(10));
+    let health = raw
+        .health
+        .as_ref()
+        .and_then(|h| check_health(ctx, h, p, port, &lookup));
+
+    // Not supported yet (rejected by the key walk); checked so that enabling them is a flip.
+    check_expose(ctx, raw, name, port, bindings);
+    for pattern in raw.watch.iter().flatten() {
+        if pattern.get_ref().is_empty() {
+            ctx.error(pattern.span(), "empty `watch` pattern");
+        }
+    }
+    for caller in raw.allow.iter().flatten() {
+        check_reference(ctx, caller, "allow", scope);
+    }
+    if let Some(traffic) = &raw.traffic {
+        check_traffic(ctx, traffic);
+    }
+    for route in raw.routes.iter().flatten() {
+        check_route(ctx, route, protocol, scope);
+    }
+
+    if ctx.diags.len() > errors_before {
+        return (None, dep_edges);
+    }
+    let service = Service {
+        name: name.to_owned(),
+        command,
+        working_dir,
+        env,
+        env_file: env_file.flatten(),
+        user,
+        group,
+        replicas,
+        protocol,
+        port,
+        upstreams,
+        depends_on,
+        restart,
+        backoff,
+        start_limit,
+        stop_signal,
+        stop_timeout,
+        health,
+    };
+    (Some(service), dep_edges)
+}
+
+fn check_port(
+    ctx: &mut Ctx<'_>,
+    raw: &RawService,
+    name: &str,
+    replicas: u32,
+    bindings: &mut Vec<Binding>,
+) -> PortSpec {
+    let Some(port) = &raw.port else {
+        return PortSpec::Assigned;
+    };
+    match port.get_ref() {
+        RawPort::None => PortSpec::None,
+        RawPort::Number(0) => PortSpec::Assigned,
+        RawPort::Number(n) => match u16::try_from(*n) {
+            Ok(fixed) => {
+                if replicas > 1 {
+                    ctx.report(
+                        port.span(),
+                        format!("fixed `port = {fixed}` cannot be shared by {replicas} replicas"),
+                        Some("use `port = 0` to give each replica its own port".to_owned()),
+                    );
+                }
+                bindings.push(Binding {
+                    port: fixed,
+                    ip: None,
+                    span: port.span(),
+                    owner: format!("`port` of service `{name}`"),
+                });
+                PortSpec::Fixed(fixed)
+            }
+            Err(_) => {
+                ctx.error(port.span(), format!("port {n} is out of range (0-65535)"));
+                PortSpec::Assigned
+            }
+        },
+    }
+}
+
+fn check_expose(
+    ctx: &mut Ctx<'_>,
+    raw: &RawService,
+    name: &str,
+    port: PortSpec,
+    bindings: &mut Vec<Binding>,
+) {
+    let Some(expose) = &raw.expose else {
+        return;
+    };
+    if port == PortSpec::None {
+        ctx.error(
+            expose.span(),
+            format!("service `{name}` has `port = \"none\"` and cannot be exposed"),
+        );
+    }
+    let (port, ip) = match expose.get_ref() {
+        RawExpose::Port(n) => match u16::try_from(*n) {
+            Ok(p) => (p, None),
+            Err(_) => {
+                ctx.error(expose.span(), format!("port {n} is out of range (0-65535)"));
+                return;
+            }
+        },
+        RawExpose::Addr(addr) => match addr.parse::<SocketAddr>() {
+            Ok(a) => (a.port(), Some(a.ip())),
+            Err(_) => {
+                ctx.error(
+                    expose.span(),
+                    format!(
+                        "invalid `expose` address \"{addr}\": expected a port or \"ADDR:PORT\""
+                    ),
+                );
+                return;
+            }
+        },
+    };
+    bindings.push(Binding {
+        port,
+        ip,
+        span: expose.span(),
+        owner: format!("`expose` of service `{name}`"),
+    });
+}
+
+pub(super) fn check_port_clashes(ctx: &mut Ctx<'_>, mut bindings: Vec<Binding>) {
+    // Port 0 is assigned by the kernel and never clashes.
+    bindings.retain(|b| b.port != 0);
+    bindings.sort_by_key(|b| b.span.start);
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    for (i, later) in bindings.iter().enumerate() {
+        let clash = bindings[..i].iter().find(|earlier| {
+            let (a, b) = (earlier.ip.unwrap_or(loopback), later.ip.unwrap_or(loopback));
+            earlier.port == later.port && (a == b || a.is_unspecified() || b.is_unspecified())
+        });
+        if let Some(earlier) = clash {
+            ctx.error(
+                later.span.clone(),
+                format!("port {} is already used by {}", later.port, earlier.owner),
+            );
+        }
+    }
+}
+
+fn check_upstreams(
+    ctx: &mut Ctx<'_>,
+    raw: &RawService,
+    name: &str,
+    scope: &Scope<'_>,
+) -> Vec<String> {
+    let mut upstreams = Vec::new();
+    let mut stems: BTreeMap<String, String> = BTreeMap::new();
+    for upstream in raw.upstreams.iter().flatten() {
+        let target = upstream.get_ref();
+        let stem = Service::upstream_var_stem(target);
+        if let Some(previous) = stems.get(&stem) {
+            if previous == target {
+                ctx.error(
+                    upstream.span(),
+                    format!("`{target}` is listed twice in `upstreams`"),
+                );
+            } else {
+                ctx.error(
+                    upstream.span(),
+                    format!("upstreams `{previous}` and `{target}` both map to `{stem}_ADDR`"),
+                );
+            }
+            continue;
+        }
+        stems.insert(stem, target.clone());
+        if target == name {
+            ctx.error(
+                upstream.span(),
+                format!("service `{name}` lists itself in `upstreams`"),
+            );
+            continue;
+        }
+        if !check_reference(ctx, upstream, "upstreams", scope) {
+            continue;
+        }
+        if scope.facts.get(target).and_then(|f| f.port) == Some(PortSpec::None) {
+            ctx.error(
+                upstream.span(),
+                format!("service `{target}` has `port = \"none\"` and cannot be an upstream"),
+            );
+            continue;
+        }
+        upstreams.push(target.clone());
+    }
+    upstreams
+}
+
+/// Valid `depends_on` entries: target → (condition, span of the target's name).
+fn check_depends_on(
+    ctx: &mut Ctx<'_>,
+    raw: &RawService,
+    name: &str,
+    scope: &Scope<'_>,
+) -> BTreeMap<String, (Condition, Range<usize>)> {
+    let entries: Vec<(&Spanned<String>, Option<&Spanned<String>>)> = match &raw.depends_on {
+        None => Vec::new(),
+        Some(RawDependsOn::List(names)) => names.iter().map(|n| (n, None)).collect(),
+        Some(RawDependsOn::Table(entries)) => entries.iter().map(|(n, c)| (n, Some(c))).collect(),
+    };
+    let mut out = BTreeMap::new();
+    for (target, condition) in entries {
+        let condition = match condition {
+            None => Some(Condition::Started),
+            Some(c) => one_of(ctx, c, "depends_on", CONDITIONS),
+        };
+        let target_name = target.get_ref();
+        if target_name == name {
+            ctx.error(target.span(), format!("service `{name}` depends on itself"));
+            continue;
+        }
+        if out.contains_key(target_name) {
+            ctx.error(
+                target.span(),
+                format!("`{target_name}` is listed twice in `depends_on`"),
+            );
+            continue;
+        }
+        if !check_reference(ctx, target, "depends_on", scope) {
+            continue;
+        }
+        let Some(condition) = condition else { continue };
+        if condition == Condition::Completed
+            && scope.facts.get(target_name).and_then(|f| f.restart) == Some(RestartPolicy::Always)
+        {
+            let span = match &raw.depends_on {
+                Some(RawDependsOn::Table(entries)) => entries
+                    .iter()
+                    .find(|(n, _)| n.get_ref() == target_name)
+                    .map_or(target.span(), |(_, c)| c.span()),
+                _ => target.span(),
+            };
+            ctx.error(
+                span,
+                format!(
+                    "service `{target_name}` has `restart = \"always\"`, so it never completes"
+                ),
+            );
+            continue;
+        }
+        out.insert(target_name.clone(), (condition, target.span()));
+    }
+    out
+}
+
+/// Reports a reference to a service that does not exist; true when it exists.
+pub(super) fn check_reference(
+    ctx: &mut Ctx<'_>,
+    target: &Spanned<String>,
+    key: &str,
+    scope: &Scope<'_>,
+) -> bool {
+    let name = target.get_ref();
+    if scope.facts.contains_key(name) {
+        return true;
+    }
+    let help = suggest(name, scope.facts.keys().map(String::as_str))
+        .map(|s| format!("did you mean `{s}`?"));
+    ctx.report(
+        target.span(),
+        format!("`{key}` refers to unknown service `{name}`"),
+        help,
+    );
+    false
+}
+
+/// Splits and checks a `command` or `health.exec`; returns the words, unexpanded.
+fn check_command(
+    ctx: &mut Ctx<'_>,
+    command: &Spanned<RawCommand>,
+    key: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let words = match command.get_ref() {
+        RawCommand::Line(line) => match shell_words::split(line) {
+            Ok(words) => {
+                check_interpolation(ctx, command.span(), key, line, lookup);
+                words
+            }
+            Err(e) => {
+                ctx.error(
+                    command.span(),
+                    format!("cannot split `{key}` like a shell: {e}"),
+                );
+                return Vec::new();
+            }
+        },
+        RawCommand::Words(words) => {
+            for word in words {
+                check_interpolation(ctx, word.span(), key, word.get_ref(), lookup);
+            }
+            words.iter().map(|w| w.get_ref().clone()).collect()
+        }
+    };
+    if words.first().is_none_or(|program| program.is_empty()) {
+        ctx.error(command.span(), format!("`{key}` is empty"));
+    }
+    words
+}
+
+fn check_interpolation(
+    ctx: &mut Ctx<'_>,
+    span: Range<usize>,
+    key: &str,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) {
+    let Err(e) = interpolate::expand(text, lookup) else {
+        return;
+    };
+    // Point at the `$` itself when the value is written as a plain one-line string, so
+    // that source offsets and offsets in the value agree.
+    let raw = ctx.text.get(span.clone()).unwrap_or_default();
+    let plain = [format!("\"{text}\""), format!("'{text}'")].contains(&raw.to_owned());
+    let span = if plain {
+        span.start + 1 + e.offset()..span.end
+    } else {
+        span
+    };
+    let help = match &e {
+        interpolate::InterpolateError::Unset { name, .. } => Some(format!(
+            "set `{name}` in mesh's environment, or give a default: `${{{name}:-default}}`"
+        )),
+        _ => None,
+    };
+    ctx.report(span, format!("in `{key}`: {e}"), help);
+}
+
+fn check_env(
+    ctx: &mut Ctx<'_>,
+    env: Option<&OrderedMap<Spanned<String>, Spanned<EnvValue>>>,
+    table_vars: &BTreeSet<String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (key, value) in env.map(|e| e.0.as_slice()).unwrap_or_default() {
+        let var = key.get_ref();
+        if var.is_empty() || var.contains(['=', '\0']) {
+            ctx.error(
+                key.span(),
+                format!("invalid environment variable name `{var}`"),
+            );
+        } else if table_vars.contains(var) {
+            ctx.error(
+                key.span(),
+                format!("`{var}` is set by mesh and cannot be set in `env`"),
+            );
+        }
+        check_interpolation(
+            ctx,
+            value.span(),
+            &format!("env.{var}"),
+            &value.get_ref().0,
+            lookup,
+        );
+        out.push((var.clone(), value.get_ref().0.clone()));
+    }
+    out
+}
+
+/// Reads and checks the `env_file` now (it is read again at each start).
+fn check_env_file(
+    ctx: &mut Ctx<'_>,
+    file: &Spanned<String>,
+    dir: &Path,
+    table_vars: &BTreeSet<String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Option<PathBuf> {
+    let written = file.get_ref();
+    let path = dir.join(written);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            ctx.error(
+                file.span(),
+                format!("cannot read env_file `{written}`: {e}"),
+            );
+            return None;
+        }
+    };
+    let entries = match envfile::parse(&text) {
+        Ok(entries) => entries,
+        Err(e) => {
+            ctx.error(file.span(), format!("invalid env_file `{written}`: {e}"));
+            return None;
+        }
+    };
+    for entry in entries {
+        if table_vars.contains(&entry.key) {
+            ctx.error(
+                file.span(),
+                format!(
+                    "env_file `{written}` line {} sets `{}`, which is set by mesh",
+                    entry.line, entry.key
+                ),
+            );
+        }
+        if !entry.literal {
+            if let Err(e) = interpolate::expand(&entry.value, lookup) {
+                ctx.error(
+                    file.span(),
+                    format!("in env_file `{written}` line {}: {e}", entry.line),
+                );
+            }
+        }
+    }
+    Some(path)
+}
+
+fn check_health(
+    ctx: &mut Ctx<'_>,
+    health: &Spanned<RawHealth>,
+    p: &Parsed,
+    port: PortSpec,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Option<Health> {
+    let h = health.get_ref();
+    let mut kinds: Vec<(Range<usize>, HealthCheck)> = Vec::new();
+    if let Some(http) = &h.http {
+        let path = http.get_ref();
+        if !path.starts_with('/') && !path.starts_with('$') {
+            ctx.error(
+                http.span(),
+                format!("`health.http` must be a path starting with `/`, not \"{path}\""),
+            );
+        }
+        check_interpolation(ctx, http.span(), "health.http", path, lookup);
+        if port == PortSpec::None {
+            ctx.error(
+                http.span(),
+                "`health.http` needs a port, but the service has `port = \"none\"`",
+            );
+        }
+        kinds.push((http.span(), HealthCheck::Http(path.clone())));
+    }
+    if let Some(tcp) = h.tcp.as_ref().filter(|t| *t.get_ref()) {
+        if port == PortSpec::None {
+            ctx.error(
+                tcp.span(),
+                "`health.tcp` needs a port, but the service has `port = \"none\"`",
+            );
+        }
+        kinds.push((tcp.span(), HealthCheck::Tcp));
+    }
+    if let Some(exec) = &h.exec {
+        let words = check_command(ctx, exec, "health.exec", lookup);
+        kinds.push((exec.span(), HealthCheck::Exec(words)));
+    }
+    kinds.sort_by_key(|(span, _)| span.start);
+    let interval = duration_or(ctx, h.interval.as_ref(), "health.interval", secs(2));
+    let timeout = duration_or(ctx, h.timeout.as_ref(), "health.timeout", secs(1));
+    for (value, key) in [
+        (&h.interval, "health.interval"),
+        (&h.timeout, "health.timeout"),
+    ] {
+        if let Some(v) = value {
+            if parse_duration(&v.get_ref().0) == Ok(Duration::ZERO) {
+                ctx.error(v.span(), format!("`{key}` must be greater than 0s"));
+            }
+        }
+    }
+    let failures = match &h.failures {
+        None => 3,
+        Some(f) => match u32::try_from(*f.get_ref()) {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                ctx.error(f.span(), "`health.failures` must be at least 1");
+                3
+            }
+        },
+    };
+    let start_period = match &h.start_period {
+        None => Duration::ZERO,
+        Some(s) => duration(ctx, s, "health.start_period").unwrap_or_default(),
+    };
+    let restart_on_unhealthy = h.restart_on_unhealthy.unwrap_or(false);
+    let mut kinds = kinds.into_iter();
+    let Some((_, check)) = kinds.next() else {
+        let removed = ["http", "tcp", "exec"].iter().any(|k| {
+            p.removed.contains(&format!("health.{k}"))
+                || ctx
+                    .suggested
+                    .contains(&format!("services.{}.health.{k}", p.name))
+        });
+        if !removed {
+            ctx.error(
+                health.span(),
+                "`health` needs one of `http`, `tcp` or `exec`",
+            );
+        }
+        return None;
+    };
+    for (span, _) in kinds {
+        ctx.error(span, "`health` takes only one of `http`, `tcp` or `exec`");
+    }
+    Some(Health {
+        check,
+        interval,
+        timeout,
+        failures,
+        start_period,
+        restart_on_unhealthy,
+    })
+}
+
+fn check_signal(ctx: &mut Ctx<'_>, signal: &Spanned<String>) -> Option<Signal> {
+    let written = signal.get_ref();
+    let full = if written.starts_with("SIG") {
+        written.clone()
+    } else {
+        format!("SIG{written}")
+    };
+    if let Ok(parsed) = Signal::from_str(&full) {
+        return Some(parsed);
+    }
+    let upper = full.to_ascii_uppercase();
+    let help = if Signal::from_str(&upper).is_ok() {
+        Some(upper)
+    } else {
+        // Compare without the common `SIG`, which would make every name look close.
+        let bare = |s: &'static str| s.strip_prefix("SIG").unwrap_or(s);
+        let wanted = upper.strip_prefix("SIG").unwrap_or(&upper);
+        suggest(wanted, Signal::iterator().map(|s| bare(s.as_str()))).map(|s| format!("SIG{s}"))
+    };
+    ctx.report(
+        signal.span(),
+        format!("unknown signal \"{written}\" for `stop_signal`"),
+        help.map(|s| format!("did you mean `{s}`?")),
+    );
+    None
+}
+
+// === cross-service checks ===
+
+/// Reports every `depends_on` cycle found (one per back edge); true if there is one.
+pub(super) fn check_cycles(
+    ctx: &mut Ctx<'_>,
+    edges: &BTreeMap<String, BTreeMap<String, Range<usize>>>,
+) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(
+        node: &str,
+        edges: &BTreeMap<String, BTreeMap<String, Range<usize>>>,
+        marks: &mut BTreeMap<String, Mark>,
+        stack: &mut Vec<String>,
+        cycles: &mut Vec<Vec<String>>,
+    ) {
+        marks.insert(node.to_owned(), Mark::Active);
+        stack.push(node.to_owned());
+        for next in edges.get(node).into_iter().flat_map(BTreeMap::keys) {
+            match marks.get(next).copied().unwrap_or(Mark::New) {
+                Mark::New => visit(next, edges, marks, stack, cycles),
+                Mark::Active => {
+                    let start = stack.iter().position(|n| n == next).unwrap_or(0);
+                    cycles.push(stack[start..].to_vec());
+                }
+                Mark::Done => {}
+            }
+        }
+        stack.pop();
+        marks.insert(node.to_owned(), Mark::Done);
+    }
+    let mut marks = BTreeMap::new();
+    let mut cycles = Vec::new();
+    for node in edges.keys() {
+        if marks.get(node).copied().unwrap_or(Mark::New) == Mark::New {
+            visit(node, edges, &mut marks, &mut Vec::new(), &mut cycles);
+        }
+    }
+    for mut cycle in cycles.iter().cloned() {
+        // Start the cycle at its smallest name, and report it at that service's edge.
+        let min = (0..cycle.len()).min_by_key(|&i| &cycle[i]).unwrap_or(0);
+        cycle.rotate_left(min);
+        let span = edges
+            .get(&cycle[0])
+            .and_then(|targets| targets.get(&cycle[1 % cycle.len()]))
+            .cloned()
+            .unwrap_or(0..0);
+        let mut names = cycle.clone();
+        names.push(cycle[0].clone());
+        ctx.error(span, format!("dependency cycle: {}", names.join(" -> ")));
+    }
+    !cycles.is_empty()
+}
+
+/// `depends_on` edges strictly, then `upstreams` edges where they add no cycle (mutual
+/// upstreams are legal), ties broken by name.
+pub(super) fn start_order(services: &BTreeMap<String, Service>) -> Vec<String> {
+    // before[x] = services that must start before x.
+    let mut before: BTreeMap<&str, BTreeSet<&str>> = services
+        .values()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.depends_on.keys().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    for service in services.values() {
+        for upstream in &service.upstreams {
+            // Adding "upstream before service" closes a cycle if service already comes
+            // (transitively) before upstream.
+            if !reaches(&before, upstream, &service.name) {
+                if let Some(set) = before.get_mut(service.name.as_str()) {
+                    set.insert(upstream.as_str());
+                }
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(services.len());
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    while order.len() < services.len() {
+        let next = before
+            .iter()
+            .find(|(name, deps)| !placed.contains(*name) && deps.iter().all(|d| placed.contains(d)))
+            .map(|(name, _)| *name);
+        // `depends_on` cycles were rejected and upstream edges never add one, so there is
+        // always a next service; if not, stop rather than loop.
+        let Some(next) = next else { break };
+        placed.insert(next);
+        order.push(next.to_owned());
+    }
+    order
+}
+
+/// Whether `to` must start before `from`, following `before` edges from `from`.
+fn reaches(before: &BTreeMap<&str, BTreeSet<&str>>, from: &str, to: &str) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![from];
+    while let Some(node) = stack.pop() {
+        if node == to {
+            return true;
+        }
+        if seen.insert(node) {
+            stack.extend(before.get(node).into_iter().flatten().copied());
+        }
+    }
+    false
+}

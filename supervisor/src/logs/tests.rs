@@ -1,0 +1,312 @@
+#![allow(clippy::unwrap_used, reason = "a failing test panics")]
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::*;
+
+/// An in-memory terminal.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn sink(format: LogFormat, color: bool, logs_dir: Option<PathBuf>) -> (LogSink, Buffer) {
+    let buffer = Buffer::default();
+    let sink = LogSink::new(LogOptions {
+        format,
+        color,
+        writer: Box::new(buffer.clone()),
+        logs_dir,
+        ..LogOptions::default()
+    });
+    (sink, buffer)
+}
+
+#[tokio::test]
+async fn text_lines_are_prefixed() {
+    let (sink, out) = sink(LogFormat::Text, false, None);
+    sink.attach("web", 0, &b"hello\nworld\n"[..], &b""[..])
+        .await
+        .unwrap();
+    sink.mesh_line("started");
+    assert_eq!(
+        out.lines(),
+        ["web.0 | hello", "web.0 | world", "mesh | started"]
+    );
+}
+
+#[tokio::test]
+async fn colour_only_when_asked() {
+    let (plain, plain_out) = sink(LogFormat::Text, false, None);
+    plain.attach("api", 1, &b"x\n"[..], &b""[..]).await.unwrap();
+    assert!(!plain_out.lines()[0].contains('\x1b'));
+
+    let (coloured, out) = sink(LogFormat::Text, true, None);
+    coloured
+        .attach("api", 1, &b"x\n"[..], &b""[..])
+        .await
+        .unwrap();
+    coloured.mesh_line("m");
+    let colour = palette_colour("api");
+    assert_eq!(
+        out.lines(),
+        [
+            format!("\x1b[{colour}mapi.1 |\x1b[0m x"),
+            "\x1b[1mmesh |\x1b[0m m".to_owned(),
+        ]
+    );
+    // The same name always gets the same colour; different names spread over the palette.
+    assert_eq!(palette_colour("api"), colour);
+    let names = [
+        "web", "api", "db", "cache", "worker", "auth", "queue", "search",
+    ];
+    let distinct: std::collections::HashSet<_> = names.iter().map(|n| palette_colour(n)).collect();
+    assert!(distinct.len() > 2);
+}
+
+#[tokio::test]
+async fn json_lines_carry_every_field() {
+    let (sink, out) = sink(LogFormat::Json, true, None);
+    sink.attach("web", 2, &b"out \"quoted\"\n"[..], &b"err\n"[..])
+        .await
+        .unwrap();
+    sink.mesh_line("hello");
+    let mut values: Vec<serde_json::Value> = out
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(values.len(), 3);
+    for v in &values {
+        let ts = v["ts"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
+        assert!(
+            ts.ends_with('Z') && ts.len() == "2024-01-01T00:00:00.000Z".len(),
+            "{ts}"
+        );
+    }
+    let mesh = values.pop().unwrap();
+    assert_eq!(mesh["service"], "mesh");
+    assert!(mesh["replica"].is_null());
+    assert_eq!(mesh["line"], "hello");
+    values.sort_by_key(|v| v["stream"].as_str().unwrap().to_owned());
+    assert_eq!(values[0]["stream"], "stderr");
+    assert_eq!(values[0]["line"], "err");
+    assert_eq!(values[1]["service"], "web");
+    assert_eq!(values[1]["replica"], 2);
+    assert_eq!(values[1]["stream"], "stdout");
+    assert_eq!(values[1]["line"], "out \"quoted\"");
+}
+
+#[tokio::test]
+async fn partial_last_line_crlf_and_invalid_utf8() {
+    let (sink, out) = sink(LogFormat::Text, false, None);
+    sink.attach("app", 0, &b"one\r\ntwo\xff\nlast"[..], &b""[..])
+        .await
+        .unwrap();
+    assert_eq!(
+        out.lines(),
+        ["app.0 | one", "app.0 | two\u{fffd}", "app.0 | last"]
+    );
+}
+
+#[tokio::test]
+async fn long_lines_are_split() {
+    let buffer = Buffer::default();
+    let sink = LogSink::new(LogOptions {
+        writer: Box::new(buffer.clone()),
+        max_line_len: 8,
+        ..LogOptions::default()
+    });
+    // Exactly 8 bytes is one line; 20 bytes is 8 + 8 + 4; a multi-byte character is
+    // never cut in half.
+    let input = "12345678\nabcdefghijklmnopqrst\n1234567é9\n"
+        .as_bytes()
+        .to_vec();
+    sink.attach("app", 0, io::Cursor::new(input), &b""[..])
+        .await
+        .unwrap();
+    assert_eq!(
+        buffer.lines(),
+        [
+            "app.0 | 12345678",
+            "app.0 | abcdefgh",
+            "app.0 | ijklmnop",
+            "app.0 | qrst",
+            "app.0 | 1234567",
+            "app.0 | é9",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn lines_never_interleave() {
+    let (sink, out) = sink(LogFormat::Text, false, None);
+    let line = "x".repeat(1000);
+    let text = format!("{line}\n").repeat(200).into_bytes();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            sink.attach(
+                "svc",
+                i,
+                io::Cursor::new(text.clone()),
+                io::Cursor::new(text.clone()),
+            )
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let lines = out.lines();
+    assert_eq!(lines.len(), 4 * 2 * 200);
+    for l in lines {
+        let (_, rest) = l.split_once(" | ").unwrap();
+        assert_eq!(rest, line);
+    }
+}
+
+#[tokio::test]
+async fn files_get_timestamp_stream_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let (sink, _) = sink(LogFormat::Text, false, Some(logs.clone()));
+    sink.attach("web", 0, &b"out\n"[..], &b""[..])
+        .await
+        .unwrap();
+    sink.attach("web", 0, &b""[..], &b"err\n"[..])
+        .await
+        .unwrap();
+    sink.mesh_line("not in any file");
+    let text = fs::read_to_string(logs.join("web.0.log")).unwrap();
+    let records: Vec<_> = text.lines().map(|l| parse_file_line(l).unwrap()).collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        (records[0].stream, records[0].line.as_str()),
+        (Stream::Stdout, "out")
+    );
+    assert_eq!(
+        (records[1].stream, records[1].line.as_str()),
+        (Stream::Stderr, "err")
+    );
+    assert_eq!(fs::read_dir(&logs).unwrap().count(), 1);
+}
+
+#[tokio::test]
+async fn files_rotate_and_keep_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = Buffer::default();
+    let sink = LogSink::new(LogOptions {
+        writer: Box::new(buffer.clone()),
+        logs_dir: Some(dir.path().to_owned()),
+        max_file_size: 200,
+        ..LogOptions::default()
+    });
+    // Each record is 24 (ts) + 1 + 6 (stream) + 1 + 8 (line) + 1 = 41 bytes: four per file.
+    let input: String = (0..30).map(|i| format!("line{i:04}\n")).collect();
+    sink.attach("db", 0, io::Cursor::new(input.into_bytes()), &b""[..])
+        .await
+        .unwrap();
+
+    let mut names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["db.0.log", "db.0.log.1", "db.0.log.2", "db.0.log.3"]
+    );
+    for name in &names {
+        let len = fs::metadata(dir.path().join(name)).unwrap().len();
+        assert!(len <= 200, "{name} is {len} bytes");
+    }
+    // 30 lines in files of 4: the current file holds 28..29, .1 24..27 and .3 16..19.
+    let lines = |name: &str| -> Vec<String> {
+        fs::read_to_string(dir.path().join(name))
+            .unwrap()
+            .lines()
+            .map(|l| parse_file_line(l).unwrap().line)
+            .collect()
+    };
+    assert_eq!(lines("db.0.log"), ["line0028", "line0029"]);
+    assert_eq!(lines("db.0.log.1")[0], "line0024");
+    assert_eq!(lines("db.0.log.3")[0], "line0016");
+    // The terminal got everything.
+    assert_eq!(buffer.lines().len(), 30);
+
+    // read_tail crosses the rotated files, oldest first.
+    let tail = read_tail(dir.path(), "db", 0, 7).unwrap();
+    let want: Vec<_> = (23..30).map(|i| format!("line{i:04}")).collect();
+    assert_eq!(tail, want);
+    let all = read_tail(dir.path(), "db", 0, 100).unwrap();
+    let want: Vec<_> = (16..30).map(|i| format!("line{i:04}")).collect();
+    assert_eq!(all, want);
+    assert!(read_tail(dir.path(), "db", 0, 0).unwrap().is_empty());
+}
+
+#[test]
+fn read_tail_of_nothing_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(read_tail(dir.path(), "none", 0, 20).unwrap().is_empty());
+}
+
+#[test]
+fn tail_reads_backwards_across_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.log");
+    // Lines of 1000 bytes, more than one 64 KiB block, and no final newline.
+    let mut text: String = (0..200).map(|i| format!("{i:0999}\n")).collect();
+    text.push_str("partial");
+    fs::write(&path, text).unwrap();
+    let tail = tail_of_file(&path, 100).unwrap();
+    assert_eq!(tail.len(), 100);
+    assert_eq!(tail[0], format!("{:0999}", 101));
+    assert_eq!(tail[99], "partial");
+}
+
+#[tokio::test]
+async fn a_file_error_does_not_stop_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the logs directory should be makes every file write fail.
+    let logs = dir.path().join("logs");
+    fs::write(&logs, "").unwrap();
+    let (sink, out) = sink(LogFormat::Text, false, Some(logs));
+    sink.attach("web", 0, &b"a\nb\n"[..], &b""[..])
+        .await
+        .unwrap();
+    assert_eq!(out.lines(), ["web.0 | a", "web.0 | b"]);
+}
+
+#[tokio::test]
+async fn sinks_do_not_share_state() {
+    let (one, one_out) = sink(LogFormat::Text, false, None);
+    let (two, two_out) = sink(LogFormat::Text, false, None);
+    one.attach("a-very-long-name", 0, &b"x\n"[..], &b""[..])
+        .await
+        .unwrap();
+    two.attach("b", 0, &b"y\n"[..], &b""[..]).await.unwrap();
+    assert_eq!(one_out.lines(), ["a-very-long-name.0 | x"]);
+    assert_eq!(two_out.lines(), ["b.0 | y"]);
+}

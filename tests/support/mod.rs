@@ -1,0 +1,268 @@
+//! Shared helpers for black-box tests of the `mesh` binary.
+//!
+//! A test writes a `mesh.toml` into a private temporary directory, starts
+//! `mesh up -f …` as a real process, and waits on its output lines (never on sleeps).
+//! Every wait polls with a deadline; `MESH_TEST_PATIENCE` scales the deadlines for slow
+//! machines.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test file uses a different subset"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The `mesh` binary under test.
+pub fn mesh_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mesh")
+}
+
+/// A deadline scaled by `MESH_TEST_PATIENCE` (a factor, default 1).
+pub fn patience(d: Duration) -> Duration {
+    let factor: f64 = std::env::var("MESH_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    d.mul_f64(factor)
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after `limit`.
+pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience(limit);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::park_timeout(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A temporary project directory holding a mesh.toml and whatever scripts a test needs.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A project whose mesh.toml is `toml` (with `version = 1` and a `[mesh]` name
+    /// prepended unless the text has its own).
+    pub fn new(toml: &str) -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-test")
+            .tempdir()
+            .expect("tempdir");
+        let mut text = String::new();
+        if !toml.contains("version") {
+            text.push_str("version = 1\n");
+        }
+        if !toml.contains("[mesh]") {
+            text.push_str("[mesh]\nname = \"t\"\nshutdown_timeout = \"10s\"\n");
+        }
+        text.push_str(toml);
+        std::fs::write(dir.path().join("mesh.toml"), text).expect("write mesh.toml");
+        Project { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.file(name), text).expect("write file");
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.file(name)).unwrap_or_default()
+    }
+
+    /// Lines of a file, empty if it does not exist yet.
+    pub fn lines(&self, name: &str) -> Vec<String> {
+        self.read(name).lines().map(str::to_string).collect()
+    }
+
+    /// Start `mesh up` on this project with extra arguments.
+    pub fn up(&self, args: &[&str]) -> MeshProc {
+        let mut cmd = Command::new(mesh_bin());
+        cmd.arg("up")
+            .arg("-f")
+            .arg(self.file("mesh.toml"))
+            .args(args);
+        cmd.current_dir(self.path());
+        MeshProc::spawn(cmd)
+    }
+
+    /// Run `mesh check` and return (exit code, stdout, stderr).
+    pub fn check(&self) -> (i32, String, String) {
+        let out = Command::new(mesh_bin())
+            .arg("check")
+            .arg("-f")
+            .arg(self.file("mesh.toml"))
+            .output()
+            .expect("run mesh check");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// A running `mesh` process whose output is collected line by line.
+pub struct MeshProc {
+    child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    status: Option<ExitStatus>,
+}
+
+impl MeshProc {
+    pub fn spawn(mut cmd: Command) -> MeshProc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("NOTIFY_SOCKET")
+            .env("MESH_STATE_DIR", ".mesh");
+        let mut child = cmd.spawn().expect("spawn mesh");
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    let (lock, cvar) = &*lines;
+                    lock.lock().expect("lock").push(line);
+                    cvar.notify_all();
+                }
+            });
+        }
+        MeshProc {
+            child,
+            lines,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines.0.lock().expect("lock").clone()
+    }
+
+    /// Wait for a line containing `needle`; returns it.
+    pub fn wait_line(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + patience(limit);
+        let (lock, cvar) = &*self.lines;
+        let mut lines = lock.lock().expect("lock");
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let now = Instant::now();
+            if now > deadline {
+                panic!(
+                    "no line containing {needle:?} within {limit:?}; output:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = cvar.wait_timeout(lines, deadline - now).expect("wait").0;
+        }
+    }
+
+    /// How many lines contain `needle` so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.output().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Wait for mesh to exit; panics after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        let status = eventually("mesh to exit", limit, || {
+            child.try_wait().expect("try_wait")
+        });
+        self.status = Some(status);
+        // Let the reader threads drain what is left.
+        status
+    }
+
+    pub fn exit_code(&mut self, limit: Duration) -> i32 {
+        let status = self.wait_exit(limit);
+        status
+            .code()
+            .unwrap_or_else(|| panic!("mesh died of a signal: {status:?}"))
+    }
+}
+
+impl Drop for MeshProc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string));
+            state.as_deref() != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether a process exists at all (zombies included).
+pub fn exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Wait until none of `pids` exists any more (not even as a zombie).
+pub fn assert_gone(pids: &[i32], limit: Duration) {
+    eventually(&format!("processes {pids:?} to be gone"), limit, || {
+        pids.iter().all(|p| !exists(*p)).then_some(())
+    });
+}
+
+/// Read a pid written by a test app into a file of the project.
+pub fn read_pid(project: &Project, name: &str, limit: Duration) -> i32 {
+    eventually(&format!("pid file {name}"), limit, || {
+        project.read(name).trim().parse().ok()
+    })
+}
+
+/// Every pid listed one per line in a file.
+pub fn read_pids(project: &Project, name: &str) -> Vec<i32> {
+    project
+        .lines(name)
+        .iter()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
