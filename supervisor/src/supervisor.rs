@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::config::{Condition, Config, PortSpec, Service};
+use crate::config::{Condition, Config, PortSpec, RestartPolicy, Service};
 use crate::health::{self, CheckerKind, HealthEvent, Probe, Schedule};
 use crate::lifecycle::{Action, Event, Lifecycle, State};
 use crate::logs::LogSink;
@@ -463,6 +463,13 @@ impl ReplicaTask {
         let code = report.code();
         match &report {
             ExitReport::SpawnFailed(msg) => self.mesh_line(&format!("{}: {msg}", self.label)),
+            // A job that exits 0 and is not restarted is `completed` (SPEC §3).
+            ExitReport::Code(0)
+                if self.lifecycle.state() != State::Stopping
+                    && self.service.restart != RestartPolicy::Always =>
+            {
+                self.mesh_line(&format!("{} completed", self.label))
+            }
             ExitReport::Code(c) if self.lifecycle.state() != State::Stopping => {
                 self.mesh_line(&format!("{} exited with code {c}", self.label))
             }

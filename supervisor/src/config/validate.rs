@@ -455,16 +455,18 @@ fn check_mesh(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // Like docker compose's project name: the directory's name, normalised.
+            let name = normalise_name(&dir_name);
             // A `name` that was misspelt or had the wrong type is already reported.
             let attempted = removed.contains("name") || ctx.suggested.contains("mesh.name");
-            if !is_valid_name(&dir_name) && !attempted {
+            if name.is_empty() && !attempted {
                 ctx.report(
                     0..0,
-                    format!("the directory name `{dir_name}` cannot be the mesh name"),
+                    format!("the directory name `{dir_name}` cannot be made into a mesh name"),
                     Some(format!("set `name` in `[mesh]` ({NAME_RULE})")),
                 );
             }
-            dir_name
+            name
         }
     };
     let state_dir = match &raw.state_dir {
@@ -716,4 +718,36 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, before[line_start..].chars().count() + 1)
+}
+
+/// Turn a directory name into a valid mesh name: lowercase, every run of other characters
+/// made one `-`, leading characters up to the first letter dropped, at most 63 characters.
+/// Empty when nothing is left.
+pub(crate) fn normalise_name(dir_name: &str) -> String {
+    let mut out = String::new();
+    for c in dir_name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_lowercase() || (c.is_ascii_digit() && !out.is_empty()) {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.truncate(63);
+    out.trim_end_matches('-').to_string()
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::normalise_name;
+
+    #[test]
+    fn directory_names_are_normalised() {
+        assert_eq!(normalise_name("shop"), "shop");
+        assert_eq!(normalise_name("My_Shop.v2"), "my-shop-v2");
+        assert_eq!(normalise_name("2fast__4you"), "fast-4you");
+        assert_eq!(normalise_name(".tmpAb3"), "tmpab3");
+        assert_eq!(normalise_name("___"), "");
+        assert_eq!(normalise_name("123"), "");
+        assert_eq!(normalise_name(&"a".repeat(80)).len(), 63);
+    }
 }
