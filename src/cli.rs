@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_supervisor::config::{self, Config};
 use mesh_supervisor::logs::{LogFormat, LogOptions, LogSink};
 use mesh_supervisor::state_dir::{StateDir, StateDirError};
-use mesh_supervisor::supervisor::{Options, Outcome, Supervisor};
+use mesh_supervisor::supervisor::Outcome;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::plan;
+use crate::runtime::Runtime;
 
 /// Exit code for an invalid configuration (EX_CONFIG), so that systemd's
 /// `RestartPreventExitStatus=78` stops a restart loop.
@@ -228,18 +229,16 @@ async fn run_up(
         }
     };
     let name = config.mesh.name.clone();
-    let supervisor = match Supervisor::start(Options {
-        config,
-        base_env,
-        logs: logs.clone(),
-        only,
-    }) {
-        Ok(s) => s,
+    let mesh = match Runtime::start(config, base_env, only, logs.clone()).await {
+        Ok(m) => m,
         Err(e) => {
-            eprintln!("mesh: cannot start: {e}");
+            eprintln!("mesh: {e:#}");
             return ExitCode::from(1);
         }
     };
+    for (service, addr) in mesh.ingress_addrs() {
+        logs.mesh_line(&format!("ingress of `{service}` on {addr}"));
+    }
     logs.mesh_line(&format!(
         "mesh `{name}` starting (pid {})",
         std::process::id()
@@ -247,7 +246,7 @@ async fn run_up(
 
     let reason = loop {
         tokio::select! {
-            outcome = supervisor.finished() => break Stop::Finished(outcome),
+            outcome = mesh.finished() => break Stop::Finished(outcome),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             _ = sighup.recv() => {
@@ -265,7 +264,7 @@ async fn run_up(
         let _ = sigint.recv().await;
         forced.store(true, std::sync::atomic::Ordering::SeqCst);
     };
-    supervisor.shutdown(force).await;
+    mesh.shutdown(force).await;
     logs.mesh_line("stopped");
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         return ExitCode::from(EXIT_FORCED);

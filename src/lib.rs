@@ -5,3 +5,4 @@
 
 pub mod cli;
 mod plan;
+mod runtime;

@@ -77,7 +77,7 @@ fn stdin_is_closed_and_stderr_is_relayed() {
     let p = Project::new(
         r#"
 [services.job]
-command = ["sh", "-c", "cat; echo stdin-eof; echo to-stderr >&2"]
+command = ["sh", "-c", "cat; echo stdin-eof; echo to-stderr >&2; grep '^SigBlk' /proc/self/status"]
 port = "none"
 restart = "never"
 "#,
@@ -91,6 +91,11 @@ restart = "never"
     let out = mesh.output();
     assert!(out.iter().any(|l| l == "job.0 | stdin-eof"), "{out:?}");
     assert!(out.iter().any(|l| l == "job.0 | to-stderr"), "{out:?}");
+    // No signal blocked or ignored: the shim's own mask does not leak into applications.
+    assert!(
+        out.iter().any(|l| l == "job.0 | SigBlk:\t0000000000000000"),
+        "{out:?}"
+    );
     // Also kept in state_dir/logs.
     let log = p.read(".mesh/logs/job.0.log");
     assert!(log.contains("stdin-eof"), "log file: {log:?}");

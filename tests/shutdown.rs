@@ -214,3 +214,40 @@ fn procs_in(dir: &std::path::Path) -> Vec<i32> {
         })
         .collect()
 }
+
+#[test]
+fn stray_signals_to_the_shim_do_not_orphan_the_app() {
+    let p = Project::new(
+        r#"
+[services.a]
+command = ["sh", "polite.sh", "a"]
+port = "none"
+"#,
+    );
+    p.write("polite.sh", POLITE);
+    let mut mesh = p.up(&[]);
+    mesh.wait_line("a.0 | a-up", T);
+    let app = read_pids(&p, "pids.log")[0];
+    let shim = ppid(app);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{shim}/comm"))
+            .expect("comm")
+            .trim(),
+        "mesh-shim",
+        "`pkill -x mesh` must not match the shims"
+    );
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), sig).expect("signal the shim");
+    }
+    // The shim is still there to deliver the graceful stop: the app sees its SIGTERM.
+    assert!(alive(shim) && alive(app));
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+    assert_eq!(p.lines("stops.log"), ["stop-a"]);
+    assert_gone(&[app, shim], Duration::from_secs(2));
+}

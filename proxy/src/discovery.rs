@@ -17,10 +17,13 @@ pub struct Endpoint {
     pub addr: SocketAddr,
 }
 
+/// The publishing side of one service's endpoint set.
+type Publisher = watch::Sender<Arc<[Endpoint]>>;
+
 /// The set of ready endpoints of every service. Cheap to clone; clones share state.
 #[derive(Clone, Default, Debug)]
 pub struct Registry {
-    services: Arc<Mutex<HashMap<String, watch::Sender<Arc<[Endpoint]>>>>>,
+    services: Arc<Mutex<HashMap<String, Publisher>>>,
 }
 
 impl Registry {
@@ -48,7 +51,7 @@ impl Registry {
         self.sender(service).subscribe()
     }
 
-    fn sender(&self, service: &str) -> watch::Sender<Arc<[Endpoint]>> {
+    fn sender(&self, service: &str) -> Publisher {
         self.services
             .lock()
             .entry(service.to_string())

@@ -26,6 +26,7 @@
 pub mod balance;
 pub mod discovery;
 pub mod errors;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;

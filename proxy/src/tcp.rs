@@ -1,1 +1,234 @@
-//! In progress.
+//! Opaque TCP through the mesh: a caller's outbound listener for a `tcp` upstream, and the
+//! inbound listener of a `tcp` replica.
+//!
+//! Bytes are copied both ways with half-close respected: when one side shuts down its
+//! write half, the other side's write half is shut down too and the other direction
+//! keeps flowing until it ends, so request/response protocols that signal the end of a
+//! request with EOF work.
+//!
+//! A connection the mesh cannot serve (no endpoint within `queue_timeout`, or every
+//! connect failed) is closed without data and the kind is logged (SPEC §1).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::Traffic;
+use crate::balance::{Balancer, Outcome};
+
+/// How many endpoints one outbound connection tries before giving up with
+/// `connect-failed`.
+const MAX_CONNECT_TRIES: usize = 3;
+/// The bound on one connect attempt. On loopback a connect fails or succeeds at once;
+/// this only matters for a peer that drops SYNs.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The pause after a failed `accept` (e.g. out of file descriptors), so the loop does not
+/// spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Serve a caller's outbound listener for the `tcp` service `service`: each accepted
+/// connection is piped to an endpoint chosen by `balancer`.
+///
+/// On `shutdown` it stops accepting at once, then returns when the open connections have
+/// ended. Dropping the returned future closes the connections still open.
+pub async fn serve_outbound(
+    listener: TcpListener,
+    service: String,
+    balancer: Balancer,
+    traffic: Traffic,
+    shutdown: CancellationToken,
+) {
+    let service: Arc<str> = service.into();
+    let local = listener.local_addr().ok();
+    serve(listener, shutdown, "outbound", |client, peer, force| {
+        let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
+        let service = Arc::clone(&service);
+        let balancer = balancer.clone();
+        let queue_timeout = traffic.queue_timeout;
+        async move { proxy_outbound(client, &service, &balancer, queue_timeout, force).await }
+            .instrument(span)
+    })
+    .instrument(tracing::info_span!("tcp_outbound_listener", service = %service, listener = ?local))
+    .await;
+}
+
+/// Serve a replica's inbound listener: each connection from a sidecar is piped to the
+/// app at `app`.
+///
+/// On `shutdown` it stops accepting at once, then returns when the open connections have
+/// ended. Dropping the returned future closes the connections still open.
+pub async fn serve_inbound(listener: TcpListener, app: SocketAddr, shutdown: CancellationToken) {
+    let local = listener.local_addr().ok();
+    serve(listener, shutdown, "inbound", |client, peer, force| {
+        let span = tracing::info_span!("tcp_inbound", %app, %peer);
+        async move { proxy_inbound(client, app, force).await }.instrument(span)
+    })
+    .instrument(tracing::info_span!("tcp_inbound_listener", %app, listener = ?local))
+    .await;
+}
+
+/// The accept loop both directions share. `connection` makes the (instrumented) task of
+/// one accepted connection; `force` in its arguments is cancelled when this future ends
+/// or is dropped.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    direction: &'static str,
+    mut connection: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tracker = TaskTracker::new();
+    // The caller bounds the drain with a timeout by dropping this future; the guard then
+    // tells the connections to close, since spawned tasks would otherwise outlive it.
+    let force = CancellationToken::new();
+    let _force_on_drop = force.clone().drop_guard();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(connection(stream, peer, force.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "tcp {direction} accept failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                }
+            }
+        }
+    }
+    // Close the listening socket now: new connections are refused rather than queued
+    // in the backlog while the open ones drain.
+    drop(listener);
+    tracker.close();
+    if !tracker.is_empty() {
+        tracing::debug!(open = tracker.len(), "tcp {direction} draining connections");
+    }
+    tracker.wait().await;
+    tracing::debug!("tcp {direction} shutdown complete");
+}
+
+/// Connect `client` to an endpoint of `service` and pipe bytes until both directions end.
+async fn proxy_outbound(
+    mut client: TcpStream,
+    service: &str,
+    balancer: &Balancer,
+    queue_timeout: Duration,
+    force: CancellationToken,
+) {
+    let deadline = Instant::now() + queue_timeout;
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let mut last_error: Option<String> = None;
+    let mut connected = None;
+    while tried.len() < MAX_CONNECT_TRIES {
+        let pick = tokio::select! {
+            pick = balancer.pick(&tried, deadline) => pick,
+            () = force.cancelled() => return,
+        };
+        let Some(pick) = pick else { break };
+        let started = Instant::now();
+        let error =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(pick.endpoint.addr))
+                .await
+            {
+                Ok(Ok(upstream)) => {
+                    // The connect time is the latency p2c compares; the pick stays in
+                    // flight for the life of the connection, so open connections count as
+                    // load.
+                    pick.observe(Outcome::Response(started.elapsed()));
+                    connected = Some((pick, upstream));
+                    break;
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("connect timed out after {CONNECT_TIMEOUT:?}"),
+            };
+        tracing::debug!(endpoint = %pick.endpoint.id, addr = %pick.endpoint.addr, %error, "connect failed");
+        last_error = Some(format!("{}: {error}", pick.endpoint.addr));
+        tried.push(Arc::clone(&pick.endpoint.id));
+        pick.record(Outcome::ConnectFailed);
+    }
+
+    let Some((pick, mut upstream)) = connected else {
+        // Dropping `client` closes it without data.
+        let (kind, detail) = match last_error {
+            Some(error) => ("connect-failed", error),
+            None => (
+                "no-endpoints",
+                format!("no ready endpoint within queue_timeout {queue_timeout:?}"),
+            ),
+        };
+        let tried_list = if tried.is_empty() {
+            "none".to_string()
+        } else {
+            tried.join(",")
+        };
+        tracing::warn!(
+            kind,
+            service,
+            tried = %tried_list,
+            attempts = tried.len(),
+            "mesh: {kind}: service={service} tried={tried_list} attempts={}: {detail}",
+            tried.len(),
+        );
+        return;
+    };
+    let endpoint = pick.endpoint.id.clone();
+    let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
+    pipe(&mut client, &mut upstream, &force)
+        .instrument(span)
+        .await;
+    drop(pick);
+}
+
+/// Connect `client` to the app at `app` and pipe bytes until both directions end.
+async fn proxy_inbound(mut client: TcpStream, app: SocketAddr, force: CancellationToken) {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app));
+    let mut upstream = tokio::select! {
+        connected = connect => match connected {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(error)) => {
+                tracing::warn!(kind = "connect-failed", %error, "app connect failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(kind = "connect-failed", "app connect timed out after {CONNECT_TIMEOUT:?}");
+                return;
+            }
+        },
+        () = force.cancelled() => return,
+    };
+    pipe(&mut client, &mut upstream, &force).await;
+}
+
+/// Copy both ways until both directions have ended (or `force` is cancelled).
+async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, force: &CancellationToken) {
+    // Opaque streams are often interactive; do not let Nagle hold back small writes.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // `copy_bidirectional` forwards a read EOF as a write shutdown on the other side and
+    // keeps copying the other direction: exactly the half-close semantics we need.
+    let result = tokio::select! {
+        result = tokio::io::copy_bidirectional(client, upstream) => result,
+        () = force.cancelled() => Err(io::Error::other("closed at shutdown")),
+    };
+    match result {
+        Ok((sent, received)) => tracing::debug!(sent, received, "connection closed"),
+        Err(error) => tracing::debug!(%error, "connection ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

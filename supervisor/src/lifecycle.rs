@@ -264,6 +264,8 @@ impl Lifecycle {
                 self.spawn(now)
             }
             (Starting | Running, E::Stop) => {
+                // A stopping replica leaves discovery at once (SPEC §4 Signals).
+                self.ready = false;
                 self.after_stop = AfterStop::Stay;
                 self.state = Stopping;
                 Action::Stop
@@ -277,6 +279,7 @@ impl Lifecycle {
                 Action::None
             }
             (Starting | Running, E::Restart) => {
+                self.ready = false;
                 self.clear_failures();
                 self.after_stop = AfterStop::Respawn;
                 self.state = Stopping;

@@ -103,14 +103,29 @@ impl Shim {
 
     fn run(self) -> i32 {
         // SIGCHLD is taken through a signalfd, so it must be blocked for this thread. The
-        // application does not inherit the mask: std resets it in the child before exec.
-        let mut mask = SigSet::empty();
-        mask.add(Signal::SIGCHLD);
-        if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None) {
-            eprintln!("mesh __shim: cannot block SIGCHLD: {e}");
+        // application does not inherit the mask: it is cleared in `pre_exec` below.
+        let mut chld = SigSet::empty();
+        chld.add(Signal::SIGCHLD);
+        // The shim must die only with mesh or after its application: a `pkill mesh`, a
+        // terminal's SIGHUP or a stray SIGTERM must not orphan the application. Blocking
+        // (not ignoring) matters: std resets the signal mask in the child before exec,
+        // while an ignored disposition would be inherited by the application.
+        let mut blocked = chld;
+        for sig in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ] {
+            blocked.add(sig);
+        }
+        if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
+            eprintln!("mesh __shim: cannot block signals: {e}");
             return 1;
         }
-        let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        // Named apart from mesh itself, so that `pkill -x mesh` means mesh.
+        let _ = nix::sys::prctl::set_name(c"mesh-shim");
+        let sfd = match SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         {
             Ok(fd) => fd,
             Err(e) => {
@@ -127,6 +142,22 @@ impl Shim {
         cmd.args(&self.argv[1..])
             .stdin(Stdio::null())
             .process_group(0);
+        // The application must start with no signal blocked: std resets SIGPIPE's
+        // disposition for a child but keeps the signal mask, which would leave it deaf to
+        // its stop signal. The set is built before the fork.
+        let empty = SigSet::empty();
+        #[allow(
+            unsafe_code,
+            reason = "pre_exec: only sigprocmask, which is async-signal-safe"
+        )]
+        // SAFETY: the closure runs between fork and exec and only calls sigprocmask(2) on a
+        // set built beforehand: no allocation, no locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                sigprocmask(SigmaskHow::SIG_SETMASK, Some(&empty), None)
+                    .map_err(std::io::Error::from)
+            });
+        }
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
         }

@@ -29,9 +29,33 @@ pub struct Options {
     /// `mesh`'s own environment, the base of every application's environment.
     pub base_env: BTreeMap<String, String>,
     pub logs: LogSink,
-    /// Start only these services and what they reach through `depends_on` and
-    /// `upstreams`; `None` starts all.
-    pub only: Option<Vec<String>>,
+    /// The services to run, in start order (see [`selected`]).
+    pub services: Vec<String>,
+    /// Each replica's application port (see [`allocate_ports`]).
+    pub ports: Ports,
+    /// For each (caller, upstream), the address the caller is given as
+    /// `<UPSTREAM>_ADDR`: the caller's outbound listener for that upstream.
+    pub upstream_addrs: BTreeMap<(String, String), SocketAddr>,
+}
+
+/// Each replica's application port (`None` for `port = "none"`), by (service, replica).
+pub type Ports = BTreeMap<(String, u32), Option<u16>>;
+
+/// What the owner of the sidecars does around each service's stop (SPEC §4 Signals).
+pub trait ShutdownHooks {
+    /// Before a service's processes are signalled: take its replicas out of discovery,
+    /// stop its inbounds accepting and let them drain.
+    fn before_stop(&self, service: &str) -> impl Future<Output = ()> + Send;
+    /// After every process of the service has exited: close its outbounds.
+    fn after_stop(&self, service: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// Hooks that do nothing, for a supervisor without sidecars.
+pub struct NoHooks;
+
+impl ShutdownHooks for NoHooks {
+    async fn before_stop(&self, _service: &str) {}
+    async fn after_stop(&self, _service: &str) {}
 }
 
 /// The status of one replica, as `mesh ps` shows it.
@@ -91,40 +115,19 @@ struct Shared {
     base_env: BTreeMap<String, String>,
     logs: LogSink,
     status: watch::Sender<Statuses>,
-    /// Address of each service for its dependents (until sidecars exist: replica 0's
-    /// port, reached directly).
-    addrs: BTreeMap<String, SocketAddr>,
+    /// `<UPSTREAM>_ADDR` by (caller, upstream).
+    upstream_addrs: BTreeMap<(String, String), SocketAddr>,
 }
 
 // === impl Supervisor ===
 
 impl Supervisor {
-    /// Allocate ports and start every selected replica's task. Replicas start as their
-    /// `depends_on` conditions allow. Must be called within a Tokio runtime.
-    pub fn start(opts: Options) -> std::io::Result<Supervisor> {
+    /// Start every selected replica's task. Replicas start as their `depends_on`
+    /// conditions allow. Must be called within a Tokio runtime.
+    pub fn start(opts: Options) -> Supervisor {
         let config = Arc::new(opts.config);
-        let order = selected(&config, opts.only.as_deref());
-
-        // A replica keeps its port for the life of the supervisor: allocate once.
-        let mut ports = BTreeMap::new();
-        for name in &order {
-            let svc = &config.services[name];
-            for i in 0..svc.replicas {
-                let port = match svc.port {
-                    PortSpec::None => None,
-                    PortSpec::Fixed(p) => Some(p),
-                    PortSpec::Assigned => Some(free_port()?),
-                };
-                ports.insert((name.clone(), i), port);
-            }
-        }
-        let addrs = ports
-            .iter()
-            .filter(|((_, i), _)| *i == 0)
-            .filter_map(|((s, _), p)| {
-                p.map(|p| (s.clone(), SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
-            })
-            .collect();
+        let order = opts.services;
+        let ports = opts.ports;
 
         let mut initial = Statuses::new();
         for ((service, replica), port) in &ports {
@@ -151,7 +154,7 @@ impl Supervisor {
             base_env: opts.base_env,
             logs: opts.logs.clone(),
             status: status_tx,
-            addrs,
+            upstream_addrs: opts.upstream_addrs,
         });
 
         let mut tasks = JoinSet::new();
@@ -180,14 +183,14 @@ impl Supervisor {
             tasks.spawn(task.run().instrument(span));
         }
 
-        Ok(Supervisor {
+        Supervisor {
             config,
             logs: opts.logs,
             status: status_rx,
             controls,
             tasks,
             order,
-        })
+        }
     }
 
     /// A receiver of every status change.
@@ -236,7 +239,7 @@ impl Supervisor {
     /// Stop everything in reverse start order (SPEC §4 Signals), bounded by
     /// `shutdown_timeout`; after it, or when `force` resolves (a second SIGINT), every
     /// remaining process group is SIGKILLed at once.
-    pub async fn shutdown(mut self, force: impl Future<Output = ()>) {
+    pub async fn shutdown(mut self, force: impl Future<Output = ()>, hooks: &impl ShutdownHooks) {
         let deadline = Instant::now() + self.config.mesh.shutdown_timeout;
         let graceful = async {
             for service in self.order.iter().rev() {
@@ -246,6 +249,7 @@ impl Supervisor {
                     .filter(|(s, _)| s == service)
                     .cloned()
                     .collect();
+                hooks.before_stop(service).await;
                 for key in &keys {
                     let _ = self.controls[key].send(Control::Stop);
                 }
@@ -256,6 +260,7 @@ impl Supervisor {
                             .all(|k| all.get(k).is_none_or(|r| !r.state.has_process()))
                     })
                     .await;
+                hooks.after_stop(service).await;
             }
         };
         tokio::select! {
@@ -282,8 +287,9 @@ impl Supervisor {
     }
 }
 
-/// The services to run, in start order: all, or `only` and what they reach.
-fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
+/// The services to run, in start order: all, or `only` and what they reach through
+/// `depends_on` and `upstreams`.
+pub fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
     let Some(only) = only else {
         return config.start_order.clone();
     };
@@ -305,6 +311,24 @@ fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
         .filter(|s| keep.contains(s))
         .cloned()
         .collect()
+}
+
+/// Pick each replica's application port once: a replica keeps it for the life of the
+/// supervisor, across restarts.
+pub fn allocate_ports(config: &Config, services: &[String]) -> std::io::Result<Ports> {
+    let mut ports = Ports::new();
+    for name in services {
+        let svc = &config.services[name];
+        for i in 0..svc.replicas {
+            let port = match svc.port {
+                PortSpec::None => None,
+                PortSpec::Fixed(p) => Some(p),
+                PortSpec::Assigned => Some(free_port()?),
+            };
+            ports.insert((name.clone(), i), port);
+        }
+    }
+    Ok(ports)
 }
 
 /// A free loopback port, found by binding port 0. Sidecars will hold their listeners
@@ -580,7 +604,13 @@ impl ReplicaTask {
             .service
             .upstreams
             .iter()
-            .filter_map(|u| self.shared.addrs.get(u).map(|a| (u.clone(), *a)))
+            .filter_map(|u| {
+                let key = (self.service.name.clone(), u.clone());
+                self.shared
+                    .upstream_addrs
+                    .get(&key)
+                    .map(|a| (u.clone(), *a))
+            })
             .collect();
         let env = self.service.app_env(
             &self.shared.config,

@@ -266,3 +266,132 @@ pub fn read_pids(project: &Project, name: &str) -> Vec<i32> {
         .filter_map(|l| l.trim().parse().ok())
         .collect()
 }
+
+/// The configurable test application (see tests/test-app/README.md).
+pub fn test_app() -> &'static str {
+    env!("CARGO_BIN_EXE_mesh-test-app")
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), bounded in time.
+/// `Err` when the connection fails or closes before a whole response.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<Response> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(patience(Duration::from_secs(10))))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {text:?}")))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(addr: &str, path: &str) -> std::io::Result<Response> {
+    http(addr, "GET", path, &[], "")
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value after `key=` in a line such as `caller.0 | url=http://…`.
+pub fn field_of(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        .to_string()
+}
+
+/// Pids of live processes whose environment has `MESH_SERVICE=service` and
+/// `MESH_REPLICA=replica` and whose command line names `program`.
+pub fn pids_of(program: &str, service: &str, replica: u32) -> Vec<i32> {
+    let want_s = format!("MESH_SERVICE={service}");
+    let want_r = format!("MESH_REPLICA={replica}");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                    let has = |hay: &[u8], needle: &str| {
+                        hay.split(|b| *b == 0).any(|w| w == needle.as_bytes())
+                    };
+                    String::from_utf8_lossy(&cmd).contains(program)
+                        && !String::from_utf8_lossy(&cmd).contains("__shim")
+                        && has(&env, &want_s)
+                        && has(&env, &want_r)
+                        && alive(*pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -61,6 +61,34 @@ pub struct Service {
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub health: Option<Health>,
+    /// `expose`: where the service's ingress listens (`PORT` means 127.0.0.1:PORT).
+    pub expose: Option<std::net::SocketAddr>,
+    /// `[services.NAME.traffic]`: how callers' sidecars call this service.
+    pub traffic: Traffic,
+}
+
+/// `[services.NAME.traffic]`, the parts built so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    pub load_balancer: LoadBalancer,
+    /// How long a request waits for a ready endpoint (default 3 s).
+    pub queue_timeout: Duration,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            load_balancer: LoadBalancer::P2cEwma,
+            queue_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// `traffic.load_balancer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadBalancer {
+    P2cEwma,
+    RoundRobin,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

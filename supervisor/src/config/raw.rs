@@ -294,7 +294,7 @@ pub(crate) const SERVICE: &[Field] = &[
     key("replicas"),
     key("protocol"),
     key("port"),
-    not_yet(key("expose")),
+    key("expose"),
     key("upstreams"),
     key("depends_on"),
     key("restart"),
@@ -305,7 +305,7 @@ pub(crate) const SERVICE: &[Field] = &[
     not_yet(key("watch")),
     not_yet(key("allow")),
     table("health", HEALTH),
-    not_yet(table("traffic", TRAFFIC)),
+    table("traffic", TRAFFIC),
     not_yet(Field {
         name: "routes",
         shape: Shape::ArrayOf(&Shape::Table(ROUTE)),
@@ -329,12 +329,12 @@ pub(crate) const HEALTH: &[Field] = &[
 ];
 
 pub(crate) const TRAFFIC: &[Field] = &[
-    key("timeout"),
+    not_yet(key("timeout")),
     key("load_balancer"),
-    table("retries", RETRIES),
-    table("circuit_breaker", CIRCUIT_BREAKER),
-    table("rate_limit", RATE_LIMIT),
-    key("max_concurrent"),
+    not_yet(table("retries", RETRIES)),
+    not_yet(table("circuit_breaker", CIRCUIT_BREAKER)),
+    not_yet(table("rate_limit", RATE_LIMIT)),
+    not_yet(key("max_concurrent")),
     key("queue_timeout"),
 ];
 

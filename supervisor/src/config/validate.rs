@@ -247,7 +247,16 @@ fn walk_table(ctx: &mut Ctx<'_>, table: &mut DeTable<'_>, fields: &[Field], head
             continue;
         };
         if !field.supported {
-            ctx.error(key.span(), format!("`{name}` is not supported yet"));
+            // Inside a service, name the key as in `traffic.timeout` so it is unambiguous.
+            let qualified = match header
+                .path
+                .split_once('.')
+                .and_then(|(_, rest)| rest.split_once('.'))
+            {
+                Some((_, within)) => format!("{within}.{name}"),
+                None => name.to_owned(),
+            };
+            ctx.error(key.span(), format!("`{qualified}` is not supported yet"));
         }
         walk_value(ctx, value, &field.shape, &header.child(name, false));
     }

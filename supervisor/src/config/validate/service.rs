@@ -215,8 +215,8 @@ pub(super) fn check_service(
         .as_ref()
         .and_then(|h| check_health(ctx, h, p, port, &lookup));
 
+    let expose = check_expose(ctx, raw, name, port, bindings);
     // Not supported yet (rejected by the key walk); checked so that enabling them is a flip.
-    check_expose(ctx, raw, name, port, bindings);
     for pattern in raw.watch.iter().flatten() {
         if pattern.get_ref().is_empty() {
             ctx.error(pattern.span(), "empty `watch` pattern");
@@ -225,9 +225,11 @@ pub(super) fn check_service(
     for caller in raw.allow.iter().flatten() {
         check_reference(ctx, caller, "allow", scope);
     }
-    if let Some(traffic) = &raw.traffic {
-        check_traffic(ctx, traffic);
-    }
+    let traffic = raw
+        .traffic
+        .as_ref()
+        .map(|t| check_traffic(ctx, t))
+        .unwrap_or_default();
     for route in raw.routes.iter().flatten() {
         check_route(ctx, route, protocol, scope);
     }
@@ -254,6 +256,8 @@ pub(super) fn check_service(
         stop_signal,
         stop_timeout,
         health,
+        expose,
+        traffic,
     };
     (Some(service), dep_edges)
 }
@@ -302,10 +306,8 @@ fn check_expose(
     name: &str,
     port: PortSpec,
     bindings: &mut Vec<Binding>,
-) {
-    let Some(expose) = &raw.expose else {
-        return;
-    };
+) -> Option<SocketAddr> {
+    let expose = raw.expose.as_ref()?;
     if port == PortSpec::None {
         ctx.error(
             expose.span(),
@@ -317,7 +319,7 @@ fn check_expose(
             Ok(p) => (p, None),
             Err(_) => {
                 ctx.error(expose.span(), format!("port {n} is out of range (0-65535)"));
-                return;
+                return None;
             }
         },
         RawExpose::Addr(addr) => match addr.parse::<SocketAddr>() {
@@ -329,7 +331,7 @@ fn check_expose(
                         "invalid `expose` address \"{addr}\": expected a port or \"ADDR:PORT\""
                     ),
                 );
-                return;
+                return None;
             }
         },
     };
@@ -339,6 +341,10 @@ fn check_expose(
         span: expose.span(),
         owner: format!("`expose` of service `{name}`"),
     });
+    Some(SocketAddr::new(
+        ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        port,
+    ))
 }
 
 pub(super) fn check_port_clashes(ctx: &mut Ctx<'_>, mut bindings: Vec<Binding>) {

@@ -1,20 +1,28 @@
-//! Checks of `traffic` and `routes`. Both are rejected as "not supported yet" by the key
-//! walk; their values are checked in full anyway, so that enabling them is only a flip.
+//! Checks of `traffic` and `routes`. The parts not built yet are rejected as "not
+//! supported yet" by the key walk; their values are checked in full anyway, so that
+//! enabling them is only a flip.
 
 // The parent's types and helpers are this module's vocabulary.
 use super::*;
+use crate::config::model::{LoadBalancer, Traffic};
 
-pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) {
+pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) -> Traffic {
+    let mut traffic = Traffic::default();
     if let Some(timeout) = &t.timeout {
         duration(ctx, timeout, "traffic.timeout");
     }
     if let Some(lb) = &t.load_balancer {
-        one_of(
+        if let Some(lb) = one_of(
             ctx,
             lb,
             "traffic.load_balancer",
-            &[("p2c-ewma", ()), ("round-robin", ())],
-        );
+            &[
+                ("p2c-ewma", LoadBalancer::P2cEwma),
+                ("round-robin", LoadBalancer::RoundRobin),
+            ],
+        ) {
+            traffic.load_balancer = lb;
+        }
     }
     if let Some(r) = &t.retries {
         at_least(ctx, r.attempts.as_ref(), 1, "traffic.retries.attempts");
@@ -78,8 +86,11 @@ pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) {
     }
     at_least(ctx, t.max_concurrent.as_ref(), 1, "traffic.max_concurrent");
     if let Some(q) = &t.queue_timeout {
-        duration(ctx, q, "traffic.queue_timeout");
+        if let Some(q) = duration(ctx, q, "traffic.queue_timeout") {
+            traffic.queue_timeout = q;
+        }
     }
+    traffic
 }
 
 fn check_retry_condition(ctx: &mut Ctx<'_>, condition: &Spanned<String>) {

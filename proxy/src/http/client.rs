@@ -1,0 +1,321 @@
+//! The client side of a sidecar: one shared HTTP/2 connection per peer (sidecar to
+//! sidecar, and inbound to an h2c app), a keep-alive pool of HTTP/1.1 connections (inbound
+//! to an HTTP/1.1 app), a dedicated HTTP/1.1 connection per upgrade, and the splice of
+//! upgraded streams.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::Body;
+use super::server::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::errors::ForwardError;
+
+/// A failed send: the error, and the request when it was never handed to a connection
+/// (its body untouched, so it can be sent elsewhere).
+pub type SendError = (ForwardError, Option<Request<Body>>);
+
+/// One shared HTTP/2 connection per peer address, reused by every request and replaced
+/// when it breaks. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct H2Pool {
+    builder: http2::Builder<TokioExecutor>,
+    conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
+}
+
+/// A peer's connection, behind an async lock so concurrent first requests share one
+/// connect instead of racing to open several.
+type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+
+impl Default for H2Pool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for H2Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Pool").finish_non_exhaustive()
+    }
+}
+
+impl H2Pool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            // Until the peer's SETTINGS arrive hyper assumes 100 concurrent streams and
+            // queues beyond that; the peer (an inbound, or an app) states its real limit
+            // in its first frame, so do not add a lower cap of our own meanwhile.
+            .initial_max_send_streams(1000)
+            // Every cancelled request (a caller hung up, a retry dropped a 5xx) resets a
+            // stream, and h2 remembers reset streams to ignore their late frames. With
+            // h2's default of 10, a burst of cancellations evicts them early, and a late
+            // frame then is a connection error that fails every other request
+            // multiplexed on this shared connection.
+            .max_concurrent_reset_streams(10_000)
+            // Response heads from apps: hyper's 16 KiB default rejects large cookies;
+            // 256 KiB is generous and still bounded.
+            .max_header_list_size(256 * 1024)
+            // Find dead peers on idle and busy connections alike, so a vanished peer
+            // gives a reconnect instead of requests hanging on a half-open socket.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        H2Pool {
+            builder,
+            conns: Arc::default(),
+        }
+    }
+
+    /// Send `req` to `addr` over the shared connection, connecting (again) if needed.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut req = req;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut sender = match self.sender(addr).await {
+                Ok(sender) => sender,
+                Err(error) => return Err((error, Some(req))),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    // The shared connection closed between the check and the send, and
+                    // hyper handed the request back untouched: one fresh connection is
+                    // worth a try before reporting it.
+                    Some(unsent) => {
+                        let source = error.into_error();
+                        if tries >= 2 {
+                            return Err((ForwardError::NotSent { addr, source }, Some(unsent)));
+                        }
+                        tracing::debug!(%addr, error = %source, "shared connection closed, reconnecting");
+                        req = unsent;
+                    }
+                    None => {
+                        return Err((ForwardError::from_send(addr, error.into_error()), None));
+                    }
+                },
+            }
+        }
+    }
+
+    /// The live connection to `addr`, or a new one.
+    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ForwardError> {
+        let slot = Arc::clone(self.conns.lock().entry(addr).or_default());
+        let mut current = slot.lock().await;
+        if let Some(sender) = current.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        *current = None;
+        let stream = connect(addr).await?;
+        let (sender, conn) = self
+            .builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ForwardError::Handshake { addr, source })?;
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "http/2 connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("h2-client", %addr)),
+        );
+        *current = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// A keep-alive pool of HTTP/1.1 connections to one address (an app). Requests take an
+/// idle connection or open a new one; a connection returns to the pool once its response
+/// body has been read to the end. Cheap to clone; clones share connections.
+#[derive(Clone, Debug)]
+pub struct H1Pool {
+    addr: SocketAddr,
+    idle: Arc<Mutex<Vec<http1::SendRequest<Body>>>>,
+}
+
+/// Idle connections kept per app: enough for bursts of keep-alive reuse, few enough not
+/// to pin many sockets of a small app.
+const MAX_IDLE: usize = 32;
+
+impl H1Pool {
+    /// An empty pool for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        H1Pool {
+            addr,
+            idle: Arc::default(),
+        }
+    }
+
+    /// Send `req` on an idle connection or a new one.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
+        let addr = self.addr;
+        let mut req = req;
+        loop {
+            let reused = self.take_idle();
+            let fresh = reused.is_none();
+            let mut sender = match reused {
+                Some(sender) => sender,
+                None => handshake_http1(addr, false).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.release_when_ready(sender);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    // An idle connection the app closed meanwhile: try the next one.
+                    Some(unsent) if !fresh => req = unsent,
+                    Some(_) => {
+                        return Err(ForwardError::NotSent {
+                            addr,
+                            source: error.into_error(),
+                        });
+                    }
+                    None => return Err(ForwardError::from_send(addr, error.into_error())),
+                },
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock();
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Put the connection back once the exchange finished (the response body was read);
+    /// a connection that closes instead is dropped.
+    fn release_when_ready(&self, mut sender: http1::SendRequest<Body>) {
+        let idle = Arc::clone(&self.idle);
+        tokio::spawn(
+            async move {
+                if sender.ready().await.is_ok() {
+                    let mut idle = idle.lock();
+                    if idle.len() < MAX_IDLE {
+                        idle.push(sender);
+                    }
+                }
+            }
+            .instrument(tracing::trace_span!("h1-release", addr = %self.addr)),
+        );
+    }
+}
+
+/// Send an upgrade request over a dedicated HTTP/1.1 connection (an upgraded connection
+/// cannot be shared). On `101` the caller takes the upgraded stream with
+/// [`hyper::upgrade::on`] on the response.
+pub async fn send_upgrade(
+    addr: SocketAddr,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, ForwardError> {
+    let mut sender = handshake_http1(addr, true).await?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|source| ForwardError::from_send(addr, source))
+}
+
+/// Splice the upgraded client and upgraded server streams of one upgrade, both ways,
+/// until either side closes or the listener shuts down (an upgraded stream has no
+/// requests to drain).
+pub fn splice(
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+) {
+    tracker.spawn(
+        async move {
+            let (down, up) = match tokio::try_join!(downstream, upstream) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::debug!(%error, "upgrade failed");
+                    return;
+                }
+            };
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            tokio::select! {
+                result = tokio::io::copy_bidirectional(&mut down, &mut up) => match result {
+                    Ok((sent, received)) => tracing::debug!(sent, received, "upgraded stream closed"),
+                    Err(error) => tracing::debug!(%error, "upgraded stream failed"),
+                },
+                () = shutdown.cancelled() => tracing::debug!("upgraded stream cut by shutdown"),
+            }
+        }
+        .instrument(tracing::debug_span!("upgraded")),
+    );
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ForwardError::Connect { addr, source })?;
+    // Small frames and request heads must not wait for Nagle.
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "set TCP_NODELAY failed");
+    }
+    Ok(stream)
+}
+
+async fn handshake_http1(
+    addr: SocketAddr,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ForwardError> {
+    let stream = connect(addr).await?;
+    let (sender, conn) = http1::Builder::new()
+        // Response heads from apps: like the HTTP/2 side, generous but bounded.
+        .max_buf_size(256 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ForwardError::Handshake { addr, source })?;
+    let span = tracing::debug_span!("h1-client", %addr);
+    if upgrades {
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.with_upgrades().await {
+                    tracing::debug!(%error, "http/1.1 connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    } else {
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "http/1.1 connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(sender)
+}
