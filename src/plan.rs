@@ -58,7 +58,18 @@ pub(crate) fn render(config: &Config) -> String {
             let _ = writeln!(out, "       depends_on: {}", deps.join(", "));
         }
         if !svc.upstreams.is_empty() {
-            let _ = writeln!(out, "       upstreams: {}", svc.upstreams.join(", "));
+            let _ = writeln!(
+                out,
+                "       upstreams: {} (each through an outbound sidecar on an assigned port)",
+                svc.upstreams.join(", ")
+            );
+        }
+        if let Some(addr) = svc.expose {
+            let _ = writeln!(
+                out,
+                "       expose: ingress on {addr} (identity spiffe://{}/ingress)",
+                config.mesh.name
+            );
         }
         if let Some(h) = &svc.health {
             let check = match &h.check {
