@@ -127,6 +127,8 @@ impl Project {
 pub struct MeshProc {
     child: Child,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// How many of the two output readers reached end of file.
+    eof: Arc<std::sync::atomic::AtomicUsize>,
     status: Option<ExitStatus>,
 }
 
@@ -139,11 +141,13 @@ impl MeshProc {
             .env("MESH_STATE_DIR", ".mesh");
         let mut child = cmd.spawn().expect("spawn mesh");
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let eof = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for stream in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
         ] {
             let lines = lines.clone();
+            let eof = eof.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
@@ -151,11 +155,13 @@ impl MeshProc {
                     lock.lock().expect("lock").push(line);
                     cvar.notify_all();
                 }
+                eof.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
         MeshProc {
             child,
             lines,
+            eof,
             status: None,
         }
     }
@@ -205,7 +211,11 @@ impl MeshProc {
             child.try_wait().expect("try_wait")
         });
         self.status = Some(status);
-        // Let the reader threads drain what is left.
+        // Everything mesh printed is read before anyone looks at the output.
+        let eof = &self.eof;
+        eventually("mesh's output to be read", limit, || {
+            (eof.load(std::sync::atomic::Ordering::SeqCst) == 2).then_some(())
+        });
         status
     }
 
