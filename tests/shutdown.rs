@@ -174,7 +174,7 @@ replicas = 2
     mesh.wait_line("plain.1 | plain-up", T);
     let app = read_pid(&p, "app.pid", T);
     let grandchild = read_pid(&p, "grandchild.pid", T);
-    let shim = ppid(app);
+    let shim = parent_of(app).expect("the app's parent");
     assert!(alive(grandchild));
     mesh.signal(Signal::SIGKILL);
     let status = mesh.wait_exit(T);
@@ -190,16 +190,6 @@ replicas = 2
         Duration::from_secs(2),
         || procs_in(p.path()).is_empty().then_some(()),
     );
-}
-
-fn ppid(pid: i32) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let rest = &stat[stat.rfind(')').expect(")") + 1..];
-    rest.split_whitespace()
-        .nth(1)
-        .expect("ppid")
-        .parse()
-        .expect("number")
 }
 
 /// Pids of live processes whose cwd is `dir`.
@@ -228,7 +218,7 @@ port = "none"
     let mut mesh = p.up(&[]);
     mesh.wait_line("a.0 | a-up", T);
     let app = read_pids(&p, "pids.log")[0];
-    let shim = ppid(app);
+    let shim = parent_of(app).expect("the app's parent");
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{shim}/comm"))
             .expect("comm")

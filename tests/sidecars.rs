@@ -141,7 +141,7 @@ fn killing_a_replica_under_traffic_costs_no_get() {
         (seen.len() == 2).then_some(())
     });
     let victim = eventually("api.1's pid", T, || {
-        pids_of("mesh-test-app", "api", 1).pop()
+        pids_of(&mesh, "mesh-test-app", "api", 1).pop()
     });
     let mut statuses = Vec::new();
     for i in 0..300 {

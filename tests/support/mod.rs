@@ -380,28 +380,49 @@ pub fn field_of(line: &str, key: &str) -> String {
         .to_string()
 }
 
-/// Pids of live processes whose environment has `MESH_SERVICE=service` and
-/// `MESH_REPLICA=replica` and whose command line names `program`.
-pub fn pids_of(program: &str, service: &str, replica: u32) -> Vec<i32> {
+/// Pids of live processes started by this test's `mesh` (descendants of it: other tests
+/// run apps with the same service names at the same time) whose environment has
+/// `MESH_SERVICE=service` and `MESH_REPLICA=replica` and whose command line names
+/// `program`.
+pub fn pids_of(mesh: &MeshProc, program: &str, service: &str, replica: u32) -> Vec<i32> {
     let want_s = format!("MESH_SERVICE={service}");
     let want_r = format!("MESH_REPLICA={replica}");
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-                    let has = |hay: &[u8], needle: &str| {
-                        hay.split(|b| *b == 0).any(|w| w == needle.as_bytes())
-                    };
-                    String::from_utf8_lossy(&cmd).contains(program)
-                        && !String::from_utf8_lossy(&cmd).contains("__shim")
-                        && has(&env, &want_s)
-                        && has(&env, &want_r)
-                        && alive(*pid)
-                })
-                .collect()
+    let has = |hay: &[u8], needle: &str| hay.split(|b| *b == 0).any(|w| w == needle.as_bytes());
+    let descends = |pid: i32| {
+        let mut p = pid;
+        while let Some(parent) = parent_of(p) {
+            if parent == mesh.pid() {
+                return true;
+            }
+            if parent <= 1 {
+                return false;
+            }
+            p = parent;
+        }
+        false
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains(program)
+                && !cmd.contains("__shim")
+                && has(&env, &want_s)
+                && has(&env, &want_r)
+                && alive(*pid)
+                && descends(*pid)
         })
-        .unwrap_or_default()
+        .collect()
+}
+
+/// The parent pid of a process.
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
 }
