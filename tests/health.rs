@@ -1,5 +1,7 @@
 //! Health probes run through the real shim (SPEC §3 Readiness: `exec` checks).
 
+mod support;
+
 use std::time::Duration;
 
 use mesh_supervisor::health::{Probe, probe_once};
@@ -33,5 +35,51 @@ async fn check_exec_probe() {
     assert_eq!(
         probe_once(&spec("sleep 10"), Duration::from_millis(200)).await,
         Err("timed out after 200ms".into())
+    );
+}
+
+/// An HTTP check reads the whole response and closes in order: a server that logs
+/// connection resets (Python's http.server prints a traceback) never sees one.
+#[test]
+fn http_checks_close_connections_cleanly() {
+    use nix::sys::signal::Signal;
+    use support::*;
+
+    let p = Project::new(
+        r#"
+[services.py]
+command = ["python3", "-u", "server.py"]
+health = { http = "/healthz", interval = "100ms" }
+"#,
+    );
+    p.write(
+        "server.py",
+        r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"ok" * 2000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, fmt, *args):
+        print("request", self.path, flush=True)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#,
+    );
+    let mut mesh = p.up(&[]);
+    let limit = Duration::from_secs(20);
+    eventually("ten health checks", limit, || {
+        (mesh.count("py.0 | request /healthz") >= 10).then_some(())
+    });
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(limit), 0);
+    let out = mesh.output();
+    assert!(
+        !out.iter()
+            .any(|l| l.contains("Traceback") || l.contains("Error")),
+        "the app saw a broken connection: {out:?}"
     );
 }

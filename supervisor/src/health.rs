@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::header::{HOST, USER_AGENT};
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
 use hyper::{Request, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -319,6 +319,33 @@ async fn probe_tcp(port: u16) -> Result<(), String> {
     connect(port).await.map(drop)
 }
 
+/// Read a probe's response body (up to [`MAX_PROBE_BODY`]) while driving its connection.
+/// Dropping a connection with unread bytes makes the kernel reset it, which many servers
+/// log as an error (Python's http.server prints a traceback) on every check.
+async fn drain<F>(mut body: hyper::body::Incoming, conn: std::pin::Pin<&mut F>)
+where
+    F: Future,
+{
+    use http_body_util::BodyExt;
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > MAX_PROBE_BODY {
+                break;
+            }
+        }
+    };
+    let mut conn = conn;
+    tokio::select! {
+        _ = read => {}
+        _ = &mut conn => {}
+    }
+}
+
+/// How much of a health response body is read before the connection is dropped anyway.
+const MAX_PROBE_BODY: usize = 64 * 1024;
+
 async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
     let authority = format!("127.0.0.1:{port}");
     let target = if path.starts_with('/') {
@@ -336,7 +363,9 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
     .map_err(|_| format!("invalid path {path:?}"))?;
     let mut request = Request::get(uri).header(USER_AGENT, HEALTH_USER_AGENT);
     if !h2c {
-        request = request.header(HOST, &authority);
+        // One request per connection, said up front, so the app closes it in an orderly
+        // way instead of waiting for a next request that never comes.
+        request = request.header(HOST, &authority).header(CONNECTION, "close");
     }
     let request = request
         .body(Empty::<Bytes>::new())
@@ -348,23 +377,28 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
             .await
             .map_err(http_error)?;
         let mut conn = std::pin::pin!(conn);
-        tokio::select! {
+        let response = tokio::select! {
             biased;
-            r = sender.send_request(request) => r.map_err(http_error)?.status(),
+            r = sender.send_request(request) => r.map_err(http_error)?,
             r = &mut conn => return Err(closed_early(r)),
-        }
+        };
+        let status = response.status();
+        drain(response.into_body(), conn).await;
+        status
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(http_error)?;
         let mut conn = std::pin::pin!(conn);
-        tokio::select! {
+        let response = tokio::select! {
             biased;
-            r = sender.send_request(request) => r.map_err(http_error)?.status(),
+            r = sender.send_request(request) => r.map_err(http_error)?,
             r = &mut conn => return Err(closed_early(r)),
-        }
+        };
+        let status = response.status();
+        drain(response.into_body(), conn).await;
+        status
     };
-    // The body is not read: dropping the connection is cheaper and the status is enough.
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
