@@ -30,6 +30,7 @@ pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;
+pub mod tls;
 
 use std::time::Duration;
 
