@@ -319,27 +319,26 @@ async fn probe_tcp(port: u16) -> Result<(), String> {
     connect(port).await.map(drop)
 }
 
-/// Read a probe's response body (up to [`MAX_PROBE_BODY`]) while driving its connection.
-/// Dropping a connection with unread bytes makes the kernel reset it, which many servers
-/// log as an error (Python's http.server prints a traceback) on every check.
-async fn drain<F>(mut body: hyper::body::Incoming, conn: std::pin::Pin<&mut F>)
-where
-    F: Future,
-{
+/// Read a probe's response body (up to [`MAX_PROBE_BODY`]). Dropping a connection with
+/// unread bytes makes the kernel reset it, which many servers log as an error (Python's
+/// http.server prints a traceback) on every check.
+async fn drain(mut body: hyper::body::Incoming) {
     use http_body_util::BodyExt;
-    let read = async {
-        let mut seen = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > MAX_PROBE_BODY {
-                break;
-            }
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > MAX_PROBE_BODY {
+            break;
         }
-    };
-    let mut conn = conn;
-    tokio::select! {
-        _ = read => {}
-        _ = &mut conn => {}
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -372,33 +371,37 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
         .map_err(|e| format!("invalid request: {e}"))?;
 
     let io = TokioIo::new(connect(port).await?);
-    let status = if h2c {
+    // The connection is driven by a task of its own (aborted when this probe ends), so a
+    // server that answers and closes at once cannot race the response.
+    let (_conn, response) = if h2c {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(http_error)?;
-        let mut conn = std::pin::pin!(conn);
-        let response = tokio::select! {
-            biased;
-            r = sender.send_request(request) => r.map_err(http_error)?,
-            r = &mut conn => return Err(closed_early(r)),
-        };
-        let status = response.status();
-        drain(response.into_body(), conn).await;
-        status
+        let conn = AbortOnDrop(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        (
+            conn,
+            sender.send_request(request).await.map_err(http_error)?,
+        )
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(http_error)?;
-        let mut conn = std::pin::pin!(conn);
-        let response = tokio::select! {
-            biased;
-            r = sender.send_request(request) => r.map_err(http_error)?,
-            r = &mut conn => return Err(closed_early(r)),
-        };
-        let status = response.status();
-        drain(response.into_body(), conn).await;
-        status
+        let conn = AbortOnDrop(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        (
+            conn,
+            sender.send_request(request).await.map_err(http_error)?,
+        )
     };
+    let status = response.status();
+    drain(response.into_body()).await;
+    verdict(status)
+}
+
+fn verdict(status: hyper::StatusCode) -> Result<(), String> {
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
@@ -408,13 +411,6 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
 
 fn http_error(e: hyper::Error) -> String {
     format!("http error: {e}")
-}
-
-fn closed_early(r: Result<(), hyper::Error>) -> String {
-    match r {
-        Ok(()) => "connection closed before response".to_owned(),
-        Err(e) => http_error(e),
-    }
 }
 
 async fn probe_exec(spec: &SpawnSpec, timeout: Duration) -> Result<(), String> {

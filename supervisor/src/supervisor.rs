@@ -78,6 +78,9 @@ pub struct ReplicaStatus {
     pub since: Option<Instant>,
 }
 
+/// How long an ended process's output may take to be relayed before its end is reported.
+const RELAY_DRAIN: Duration = Duration::from_secs(2);
+
 /// Every replica's status, by (service, replica).
 pub type Statuses = BTreeMap<(String, u32), ReplicaStatus>;
 
@@ -177,6 +180,7 @@ impl Supervisor {
                 timer: None,
                 kill_at: None,
                 pending: None,
+                relay: None,
                 rng: seed_for(&service, replica),
             };
             let span = info_span!("replica", service = %service, replica);
@@ -317,13 +321,26 @@ pub fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
 /// supervisor, across restarts.
 pub fn allocate_ports(config: &Config, services: &[String]) -> std::io::Result<Ports> {
     let mut ports = Ports::new();
+    // Fixed ports, and every port handed out, are never handed out again.
+    let mut taken: std::collections::BTreeSet<u16> = config
+        .services
+        .values()
+        .filter_map(|s| match s.port {
+            PortSpec::Fixed(p) => Some(p),
+            _ => None,
+        })
+        .collect();
     for name in services {
         let svc = &config.services[name];
         for i in 0..svc.replicas {
             let port = match svc.port {
                 PortSpec::None => None,
                 PortSpec::Fixed(p) => Some(p),
-                PortSpec::Assigned => Some(free_port()?),
+                PortSpec::Assigned => {
+                    let p = free_port(&taken)?;
+                    taken.insert(p);
+                    Some(p)
+                }
             };
             ports.insert((name.clone(), i), port);
         }
@@ -331,12 +348,52 @@ pub fn allocate_ports(config: &Config, services: &[String]) -> std::io::Result<P
     Ok(ports)
 }
 
-/// A free loopback port, found by binding port 0. Sidecars will hold their listeners
-/// open; an application's port must be free for the application itself to bind, so it is
-/// released here and the (small) window for another process to take it is accepted.
-fn free_port() -> std::io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+/// A free loopback port for an application, outside the kernel's ephemeral range.
+///
+/// The port is released again for the application to bind. A port from the ephemeral
+/// range (what binding port 0 gives) can be taken in that window by any outgoing
+/// connection on the machine — the sidecars' own among them — and the application would
+/// then crash-loop on "address in use". Ports below the range are only taken by explicit
+/// binds, so the window is harmless in practice. Falls back to port 0 when no port below
+/// the range is free.
+fn free_port(taken: &std::collections::BTreeSet<u16>) -> std::io::Result<u16> {
+    let (low, _) = ephemeral_range();
+    // Stay above the well-known and registered ports that other daemons commonly use.
+    let floor: u16 = 10_000;
+    if low > floor + 100 {
+        let span = u32::from(low - floor);
+        let mut x = seed_for("port", std::process::id());
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = floor + (x % u64::from(span)) as u16;
+            if taken.contains(&port) {
+                continue;
+            }
+            if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+                return Ok(listener.local_addr()?.port());
+            }
+        }
+    }
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        if !taken.contains(&port) {
+            return Ok(port);
+        }
+    }
+}
+
+/// The kernel's ephemeral port range (Linux defaults when it cannot be read).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 /// A per-replica seed for backoff jitter, varied by time so that replicas and runs differ.
@@ -398,6 +455,8 @@ struct ReplicaTask {
     kill_at: Option<Instant>,
     /// An event produced while carrying out an action (a failed spawn), handled next.
     pending: Option<Event>,
+    /// The task relaying the current process's output.
+    relay: Option<tokio::task::JoinHandle<()>>,
     rng: u64,
 }
 
@@ -448,6 +507,12 @@ impl ReplicaTask {
                 },
                 report = wait_child(&mut self.child) => {
                     self.child = None;
+                    // Print the process's last lines before anything reports its end (and
+                    // before `mesh up` may exit). The shim has killed every holder of the
+                    // pipes by now, so end of file is near; the bound is a safety net.
+                    if let Some(relay) = self.relay.take() {
+                        let _ = tokio::time::timeout(RELAY_DRAIN, relay).await;
+                    }
                     self.stop_checker();
                     self.kill_at = None;
                     self.exited(report).await;
@@ -574,9 +639,11 @@ impl ReplicaTask {
             }
         };
         if let (Some(out), Some(err)) = (child.take_stdout(), child.take_stderr()) {
-            self.shared
-                .logs
-                .attach(&self.service.name, self.replica, out, err);
+            self.relay = Some(
+                self.shared
+                    .logs
+                    .attach(&self.service.name, self.replica, out, err),
+            );
         }
         if let Some(kind) = self.checker_kind(&spec) {
             let (tx, rx) = mpsc::channel(4);
@@ -746,5 +813,25 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assigned_ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let (low, _) = ephemeral_range();
+        let mut taken = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let port = free_port(&taken).expect("a port");
+            assert!(taken.insert(port), "port {port} handed out twice");
+            if low > 10_100 {
+                assert!((10_000..low).contains(&port), "{port} not below {low}");
+            }
+            // Free at the time it was handed out: it can be bound now.
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("free");
+        }
     }
 }
