@@ -33,10 +33,11 @@ pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) -> Traffic {
             check_retry_condition(ctx, condition);
         }
         if let Some(budget) = &r.budget {
-            if !(budget.get_ref().is_finite() && *budget.get_ref() >= 0.0) {
+            let b = *budget.get_ref();
+            if !(b.is_finite() && (0.0..=1.0).contains(&b)) {
                 ctx.error(
                     budget.span(),
-                    "`traffic.retries.budget` must be a number >= 0",
+                    format!("`traffic.retries.budget` must be between 0 and 1, not {b}"),
                 );
             }
         }
