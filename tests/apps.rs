@@ -187,3 +187,32 @@ command = "true"
     let mut mesh = p.up(&["nosuch"]);
     assert_eq!(mesh.exit_code(T), 2);
 }
+
+#[test]
+fn relative_program_paths_are_relative_to_working_dir() {
+    let p = Project::new(
+        r#"
+[services.job]
+command = "./run.sh from-sub"
+working_dir = "sub"
+port = "none"
+restart = "never"
+"#,
+    );
+    std::fs::create_dir(p.file("sub")).expect("mkdir");
+    p.write(
+        "sub/run.sh",
+        "#!/bin/sh\necho \"ran $1 in $(basename \"$PWD\")\"\n",
+    );
+    let mut perms = std::fs::metadata(p.file("sub/run.sh"))
+        .expect("meta")
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(p.file("sub/run.sh"), perms).expect("chmod");
+    let (code, _, err) = p.check();
+    assert_eq!(code, 0);
+    assert!(!err.contains("not found"), "{err}");
+    let mut mesh = p.up(&[]);
+    assert_eq!(mesh.exit_code(T), 0);
+    mesh.wait_line("job.0 | ran from-sub in sub", T);
+}
