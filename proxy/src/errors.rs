@@ -13,14 +13,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
 use crate::Protocol;
 
 /// Response header naming the kind of a mesh-produced failure.
-pub const HDR_ERROR: &str = "x-mesh-error";
+pub const HDR_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
 
 /// The kind of a failure the mesh produced itself, with its HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

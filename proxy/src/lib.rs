@@ -34,10 +34,12 @@ pub mod tls;
 
 use std::time::Duration;
 
+use ::http::header::HeaderName;
+
 /// Internal header: the identity (`spiffe://…`) of the calling sidecar.
-pub const HDR_SOURCE: &str = "x-mesh-source";
+pub const HDR_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
 /// Internal header: the HTTP version the calling app used (`1.1` or `2`).
-pub const HDR_VERSION: &str = "x-mesh-http-version";
+pub const HDR_VERSION: HeaderName = HeaderName::from_static("x-mesh-http-version");
 
 /// The protocol of a service (mirrors `protocol` in mesh.toml).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

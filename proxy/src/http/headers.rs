@@ -7,11 +7,13 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Version};
 
 /// The try number (1-based) a request reaches the app with.
-pub const HDR_ATTEMPT: &str = "x-mesh-attempt";
+pub const HDR_ATTEMPT: HeaderName = HeaderName::from_static("x-mesh-attempt");
 /// The caller's identity, set by the inbound for the app.
-pub const HDR_CLIENT_ID: &str = "x-mesh-client-id";
+pub const HDR_CLIENT_ID: HeaderName = HeaderName::from_static("x-mesh-client-id");
 /// The W3C trace context header.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `Keep-Alive` (hop-by-hop; `http` has no constant for it).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// The prefix of every mesh header, which an ingress removes from outside requests.
 pub const MESH_PREFIX: &str = "x-mesh-";
 
@@ -53,7 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     headers.remove(CONNECTION);
-    headers.remove("keep-alive");
+    headers.remove(KEEP_ALIVE);
     headers.remove(TRANSFER_ENCODING);
     let proxy: Vec<HeaderName> = headers
         .keys()
