@@ -149,8 +149,8 @@ impl H2Pool {
 }
 
 /// A keep-alive pool of HTTP/1.1 connections to one address (an app). Requests take an
-/// idle connection or open a new one; a connection returns to the pool once its response
-/// body has been read to the end. Cheap to clone; clones share connections.
+/// idle connection or open a new one; a connection goes back to the pool with its response
+/// and is handed out again once its response body has been read to the end. Cheap to clone; clones share connections.
 #[derive(Clone, Debug)]
 pub struct H1Pool {
     addr: SocketAddr,
@@ -183,7 +183,7 @@ impl H1Pool {
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.release_when_ready(sender);
+                    self.release(sender);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -201,31 +201,32 @@ impl H1Pool {
         }
     }
 
+    /// An idle connection, if one is ready. Connections still finishing an exchange (their
+    /// response body is being read) stay in the pool; closed ones are dropped.
     fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock();
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].is_ready() {
+                return Some(idle.swap_remove(i));
+            }
+            if idle[i].is_closed() {
+                idle.swap_remove(i);
             }
         }
         None
     }
 
-    /// Put the connection back once the exchange finished (the response body was read);
-    /// a connection that closes instead is dropped.
-    fn release_when_ready(&self, mut sender: http1::SendRequest<Body>) {
-        let idle = Arc::clone(&self.idle);
-        tokio::spawn(
-            async move {
-                if sender.ready().await.is_ok() {
-                    let mut idle = idle.lock();
-                    if idle.len() < MAX_IDLE {
-                        idle.push(sender);
-                    }
-                }
-            }
-            .instrument(tracing::trace_span!("h1-release", addr = %self.addr)),
-        );
+    /// Put the connection back at once: it becomes ready again when its response body has
+    /// been read, and [`take_idle`](Self::take_idle) only hands out ready connections. (A
+    /// task waiting for readiness would cost a spawn and a wake-up per request.) Beyond
+    /// `MAX_IDLE` the connection is dropped, and closes after its exchange.
+    fn release(&self, sender: http1::SendRequest<Body>) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
     }
 }
 
