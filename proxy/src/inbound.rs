@@ -120,7 +120,8 @@ impl Inbound {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let request = Request::from_parts(parts, boxed(body));
-                self.upgrade(downstream, request).await
+                // Boxed: the rare path would otherwise enlarge every request's future.
+                Box::pin(self.upgrade(downstream, request)).await
             }
             (None, AppVersion::Http1) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);

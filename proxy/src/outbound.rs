@@ -125,7 +125,8 @@ impl Outbound {
         let arrival = Instant::now();
         let deadline = arrival + self.cfg.traffic.queue_timeout;
         if headers::is_upgrade(&req) {
-            return self.upgrade(peer, req, deadline).await;
+            // Boxed: the rare path would otherwise enlarge every request's future.
+            return Box::pin(self.upgrade(peer, req, deadline)).await;
         }
         let (mut parts, body) = req.into_parts();
         self.hop_headers(&mut parts.headers, peer, parts.version);

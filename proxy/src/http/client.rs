@@ -129,6 +129,15 @@ impl H2Pool {
             }
         }
         *current = None;
+        // Boxed: the handshake is the rare path, and inline it would make every request's
+        // future (moved several times between hyper and tokio) twice as large.
+        let sender = Box::pin(self.connect(addr)).await?;
+        *current = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// A new HTTP/2 connection to `addr`, driven by its own task.
+    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ForwardError> {
         let stream = connect(addr).await?;
         let (sender, conn) = self
             .builder
@@ -143,7 +152,6 @@ impl H2Pool {
             }
             .instrument(tracing::debug_span!("h2-client", %addr)),
         );
-        *current = Some(sender.clone());
         Ok(sender)
     }
 }
@@ -179,7 +187,8 @@ impl H1Pool {
             let fresh = reused.is_none();
             let mut sender = match reused {
                 Some(sender) => sender,
-                None => handshake_http1(addr, false).await?,
+                // Boxed: the rare path; see `H2Pool::sender`.
+                None => Box::pin(handshake_http1(addr, false)).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {

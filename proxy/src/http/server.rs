@@ -173,7 +173,10 @@ pub(crate) async fn serve<H, F>(
                 },
             };
             let service = service_fn(move |req| {
-                let fut = handle(peer, req);
+                // Boxed once here: a request's future is a few KiB, and hyper and tokio
+                // move it several times (into the service call, the h1 dispatcher or h2
+                // stream, the spawned task); moving a pointer instead saves copying it.
+                let fut = Box::pin(handle(peer, req));
                 async move { Ok::<_, Infallible>(fut.await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
