@@ -282,3 +282,64 @@ env = {{ TEST_APP_LOG = "1" }}
     assert_eq!(r.body, "slept 1500");
     assert_eq!(mesh.exit_code(T), 0);
 }
+
+#[test]
+fn a_stalled_terminal_does_not_freeze_the_sidecars() {
+    use std::io::BufRead;
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+expose = "127.0.0.1:0"
+
+[services.chatty]
+command = ["sh", "-c", "yes 'a line of chatter that nobody reads' | head -c 3000000; exec sleep 1000"]
+port = "none"
+replicas = 3
+"#,
+        app = test_app()
+    ));
+    // mesh's stdout is a pipe that stops being read once the ingress is known: it fills
+    // up and every terminal write of mesh blocks from then on.
+    /// Kills mesh if the test fails half-way (its shims then stop everything else).
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(mesh_bin())
+        .args(["up", "-f"])
+        .arg(p.file("mesh.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mesh");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut child = Guard(child);
+    let mut line = String::new();
+    let ingress = loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).expect("read") > 0,
+            "mesh ended early"
+        );
+        if let Some(addr) = line.trim().split("ingress of `api` on ").nth(1) {
+            break addr.to_string();
+        }
+    };
+    // The chatter now fills the pipe; the data path must keep working regardless.
+    for _ in 0..20 {
+        let r = eventually("a response through the ingress", T, || {
+            get(&ingress, "/whoami").ok().filter(|r| r.status == 200)
+        });
+        assert_eq!(r.body, "api.0");
+    }
+    let _ = kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM);
+    // Drain what mesh wrote so it can finish its shutdown.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let status = eventually("mesh to exit", T, || child.0.try_wait().expect("try_wait"));
+    assert_eq!(status.code(), Some(0));
+}

@@ -421,11 +421,21 @@ impl Inner {
             }
         };
         out.push('\n');
-        let mut writer = self.writer.lock();
-        let result = writer
-            .write_all(out.as_bytes())
-            .and_then(|()| writer.flush());
-        drop(writer);
+        let write = || {
+            let mut writer = self.writer.lock();
+            writer
+                .write_all(out.as_bytes())
+                .and_then(|()| writer.flush())
+        };
+        // A stalled terminal (`mesh up | less`, a paused pipe) blocks this write. On a
+        // multi-thread runtime, tell tokio first: it hands this worker's other tasks (the
+        // sidecars among them) to another thread instead of freezing them behind the log.
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write)
+            }
+            _ => write(),
+        };
         match result {
             Ok(()) => {}
             Err(e) => {
