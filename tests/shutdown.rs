@@ -241,3 +241,31 @@ port = "none"
     assert_eq!(p.lines("stops.log"), ["stop-a"]);
     assert_gone(&[app, shim], Duration::from_secs(2));
 }
+
+#[test]
+fn the_stop_signal_arrives_exactly_once() {
+    let p = Project::new(
+        r#"
+[services.counter]
+command = ["sh", "count.sh"]
+port = "none"
+"#,
+    );
+    // Counts SIGTERMs; after the first it stays a moment to catch a duplicate.
+    p.write(
+        "count.sh",
+        r#"
+n=0
+trap 'n=$((n+1))' TERM
+echo counter-up
+sleep 1000 & wait $!
+sleep 0.3 & wait $!
+echo "terms=$n"
+"#,
+    );
+    let mut mesh = p.up(&[]);
+    mesh.wait_line("counter.0 | counter-up", T);
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+    mesh.wait_line("counter.0 | terms=1", T);
+}

@@ -307,14 +307,18 @@ fn reap(app: Pid) -> Option<Ended> {
     }
 }
 
-/// Send `sig` to the application's process group and to every process re-parented to us.
+/// Send `sig` to the application's process group and to every process re-parented to us
+/// that left that group (daemons that called `setsid`). Each process gets it once: a
+/// second stop signal means "stop now" to many programs.
 fn signal_all(app: Pid, sig: i32) {
     let Ok(sig) = Signal::try_from(sig) else {
         return;
     };
     let _ = kill(Pid::from_raw(-app.as_raw()), sig);
     for pid in adopted() {
-        let _ = kill(pid, sig);
+        if nix::unistd::getpgid(Some(pid)).is_ok_and(|group| group != app) {
+            let _ = kill(pid, sig);
+        }
     }
 }
 
