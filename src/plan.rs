@@ -41,7 +41,7 @@ pub(crate) fn render(config: &Config) -> String {
             svc.replicas,
             config.mesh.name
         );
-        let _ = writeln!(out, "       command: {}", shell_join(&svc.command));
+        let _ = writeln!(out, "       command: {}", shell_words::join(&svc.command));
         if !svc.depends_on.is_empty() {
             let deps: Vec<String> = svc
                 .depends_on
@@ -75,7 +75,7 @@ pub(crate) fn render(config: &Config) -> String {
             let check = match &h.check {
                 HealthCheck::Http(p) => format!("http {p}"),
                 HealthCheck::Tcp => "tcp".into(),
-                HealthCheck::Exec(w) => format!("exec {}", shell_join(w)),
+                HealthCheck::Exec(w) => format!("exec {}", shell_words::join(w)),
             };
             let _ = writeln!(
                 out,
@@ -126,8 +126,4 @@ fn program_exists(program: &str, cwd: &Path, path: Option<&str>) -> bool {
     path.unwrap_or("/usr/local/bin:/usr/bin:/bin")
         .split(':')
         .any(|dir| Path::new(dir).join(program).is_file())
-}
-
-fn shell_join(words: &[String]) -> String {
-    shell_words::join(words)
 }

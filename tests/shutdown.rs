@@ -18,6 +18,29 @@ sleep 1000 &
 wait
 "#;
 
+/// Start a mesh running [`STUBBORN`] with `stop_timeout`, and `mesh_settings` in `[mesh]`;
+/// returns once the app runs, with its pid.
+fn stubborn(mesh_settings: &str, stop_timeout: &str) -> (Project, MeshProc, Vec<i32>) {
+    let p = Project::new(&format!(
+        r#"
+version = 1
+[mesh]
+name = "t"
+{mesh_settings}
+
+[services.stubborn]
+command = ["sh", "stubborn.sh"]
+port = "none"
+stop_timeout = "{stop_timeout}"
+"#
+    ));
+    p.write("stubborn.sh", STUBBORN);
+    let mesh = p.up(&[]);
+    mesh.wait_line("stubborn-up", T);
+    let pids = read_pids(&p, "pids.log");
+    (p, mesh, pids)
+}
+
 /// An app that ignores SIGTERM (and SIGINT).
 const STUBBORN: &str = r#"
 trap '' TERM INT
@@ -58,18 +81,7 @@ depends_on = ["b"]
 
 #[test]
 fn sigkill_after_stop_timeout() {
-    let p = Project::new(
-        r#"
-[services.stubborn]
-command = ["sh", "stubborn.sh"]
-port = "none"
-stop_timeout = "300ms"
-"#,
-    );
-    p.write("stubborn.sh", STUBBORN);
-    let mut mesh = p.up(&[]);
-    mesh.wait_line("stubborn-up", T);
-    let pids = read_pids(&p, "pids.log");
+    let (_p, mut mesh, pids) = stubborn("", "300ms");
     mesh.signal(Signal::SIGINT);
     assert_eq!(mesh.exit_code(T), 0);
     mesh.wait_line("did not stop within 300ms: sending SIGKILL", T);
@@ -78,23 +90,7 @@ stop_timeout = "300ms"
 
 #[test]
 fn shutdown_timeout_bounds_the_whole_sequence() {
-    let p = Project::new(
-        r#"
-version = 1
-[mesh]
-name = "t"
-shutdown_timeout = "500ms"
-
-[services.stubborn]
-command = ["sh", "stubborn.sh"]
-port = "none"
-stop_timeout = "60s"
-"#,
-    );
-    p.write("stubborn.sh", STUBBORN);
-    let mut mesh = p.up(&[]);
-    mesh.wait_line("stubborn-up", T);
-    let pids = read_pids(&p, "pids.log");
+    let (_p, mut mesh, pids) = stubborn("shutdown_timeout = \"500ms\"", "60s");
     mesh.signal(Signal::SIGTERM);
     assert_eq!(mesh.exit_code(T), 0);
     mesh.wait_line("shutdown_timeout reached", T);
@@ -103,18 +99,7 @@ stop_timeout = "60s"
 
 #[test]
 fn second_sigint_kills_at_once_and_exits_130() {
-    let p = Project::new(
-        r#"
-[services.stubborn]
-command = ["sh", "stubborn.sh"]
-port = "none"
-stop_timeout = "60s"
-"#,
-    );
-    p.write("stubborn.sh", STUBBORN);
-    let mut mesh = p.up(&[]);
-    mesh.wait_line("stubborn-up", T);
-    let pids = read_pids(&p, "pids.log");
+    let (_p, mut mesh, pids) = stubborn("", "60s");
     mesh.signal(Signal::SIGINT);
     mesh.wait_line("press Ctrl-C again", T);
     mesh.signal(Signal::SIGINT);

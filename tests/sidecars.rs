@@ -26,6 +26,18 @@ fn outbound(mesh: &MeshProc, caller: &str) -> String {
         .to_string()
 }
 
+/// Wait until both replicas of `api` are endpoints: successful answers come from each.
+fn both_replicas_answer(out: &str) {
+    eventually("both replicas to answer", T, || {
+        let seen: std::collections::BTreeSet<String> = (0..6)
+            .filter_map(|_| get(out, "/whoami").ok())
+            .filter(|r| r.status == 200)
+            .map(|r| r.body)
+            .collect();
+        (seen.len() == 2).then_some(())
+    });
+}
+
 fn two_replicas_and_a_caller(extra: &str) -> Project {
     Project::new(&format!(
         r#"
@@ -53,14 +65,7 @@ fn http_through_ingress_and_outbound_reaches_every_replica() {
     let out = outbound(&mesh, "caller");
 
     // Both replicas become endpoints; round-robin then alternates exactly.
-    eventually("both replicas to answer", T, || {
-        let seen: std::collections::BTreeSet<String> = (0..6)
-            .filter_map(|_| get(&out, "/whoami").ok())
-            .filter(|r| r.status == 200)
-            .map(|r| r.body)
-            .collect();
-        (seen.len() == 2).then_some(())
-    });
+    both_replicas_answer(&out);
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..20 {
         let r = get(&out, "/whoami").expect("request");
@@ -133,13 +138,7 @@ fn killing_a_replica_under_traffic_costs_no_get() {
     let p = two_replicas_and_a_caller("");
     let mut mesh = p.up(&[]);
     let out = outbound(&mesh, "caller");
-    eventually("both replicas to answer", T, || {
-        let seen: std::collections::BTreeSet<String> = (0..6)
-            .filter_map(|_| get(&out, "/whoami").ok())
-            .map(|r| r.body)
-            .collect();
-        (seen.len() == 2).then_some(())
-    });
+    both_replicas_answer(&out);
     let victim = eventually("api.1's pid", T, || {
         pids_of(&mesh, "mesh-test-app", "api", 1).pop()
     });

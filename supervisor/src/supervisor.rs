@@ -181,7 +181,7 @@ impl Supervisor {
                 kill_at: None,
                 pending: None,
                 relay: None,
-                rng: seed_for(&service, replica),
+                rng: XorShift::seeded(&service, replica),
             };
             let span = info_span!("replica", service = %service, replica);
             tasks.spawn(task.run().instrument(span));
@@ -362,12 +362,9 @@ fn free_port(taken: &std::collections::BTreeSet<u16>) -> std::io::Result<u16> {
     let floor: u16 = 10_000;
     if low > floor + 100 {
         let span = u32::from(low - floor);
-        let mut x = seed_for("port", std::process::id());
+        let mut rng = XorShift::seeded("port", std::process::id());
         for _ in 0..64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let port = floor + (x % u64::from(span)) as u16;
+            let port = floor + (rng.next() % u64::from(span)) as u16;
             if taken.contains(&port) {
                 continue;
             }
@@ -396,17 +393,35 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
-/// A per-replica seed for backoff jitter, varied by time so that replicas and runs differ.
-fn seed_for(service: &str, replica: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in service.bytes().chain(replica.to_le_bytes()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+/// A xorshift generator: backoff jitter and port picking need spread, not quality.
+struct XorShift(u64);
+
+impl XorShift {
+    /// Seeded from a name, a number and the time, so that replicas and runs differ.
+    fn seeded(name: &str, n: u32) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes().chain(n.to_le_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        // Never zero: xorshift would stay at zero forever.
+        XorShift((h ^ now) | 1)
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    h ^ now | 1
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A sample in [-1, 1].
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
 }
 
 /// The gate of a waiting replica: whether its `depends_on` conditions hold.
@@ -457,7 +472,7 @@ struct ReplicaTask {
     pending: Option<Event>,
     /// The task relaying the current process's output.
     relay: Option<tokio::task::JoinHandle<()>>,
-    rng: u64,
+    rng: XorShift,
 }
 
 // === impl ReplicaTask ===
@@ -750,12 +765,9 @@ impl ReplicaTask {
         self.shared.logs.mesh_line(line);
     }
 
-    /// A sample in [-1, 1] from a xorshift generator (jitter needs no better randomness).
+    /// A jitter sample in [-1, 1].
     fn jitter(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        self.rng.unit()
     }
 }
 
