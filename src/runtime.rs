@@ -17,6 +17,7 @@ use mesh_supervisor::supervisor::{self, Options, Outcome, ShutdownHooks, Statuse
 use parking_lot::Mutex;
 use proxy::balance::{Algorithm, Balancer};
 use proxy::discovery::{Endpoint, Registry};
+use proxy::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -70,6 +71,7 @@ impl Runtime {
         let ports = supervisor::allocate_ports(&config, &services)
             .context("cannot allocate application ports")?;
         let registry = Registry::new();
+        let metrics = Metrics::new();
         let mesh_name = config.mesh.name.clone();
 
         let mut inbounds: BTreeMap<String, Vec<Server>> = BTreeMap::new();
@@ -85,9 +87,18 @@ impl Runtime {
             let stop = CancellationToken::new();
             let span = tracing::info_span!("inbound", service = %service, replica);
             let task = match svc.protocol {
-                Protocol::Tcp => tokio::spawn(
-                    proxy::tcp::serve_inbound(listener, app, stop.clone()).instrument(span),
-                ),
+                Protocol::Tcp => {
+                    let cfg = proxy::tcp::TcpInboundConfig {
+                        mesh_name: mesh_name.clone(),
+                        service: service.clone(),
+                        replica: *replica,
+                        app,
+                        metrics: metrics.clone(),
+                    };
+                    tokio::spawn(
+                        proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
+                    )
+                }
                 protocol => {
                     let cfg = proxy::inbound::InboundConfig {
                         mesh_name: mesh_name.clone(),
@@ -95,6 +106,7 @@ impl Runtime {
                         replica: *replica,
                         protocol: proxy_protocol(protocol),
                         app,
+                        metrics: metrics.clone(),
                     };
                     tokio::spawn(
                         proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span),
@@ -115,7 +127,9 @@ impl Runtime {
                     format!("cannot bind the outbound of `{caller}` to `{upstream}`")
                 })?;
                 upstream_addrs.insert((caller.clone(), upstream.clone()), listener.local_addr()?);
-                let server = serve_outbound(&config, &registry, listener, caller, upstream, false);
+                let server = serve_outbound(
+                    &config, &registry, listener, &metrics, caller, upstream, false,
+                );
                 outbounds.entry(caller.clone()).or_default().push(server);
             }
         }
@@ -131,7 +145,7 @@ impl Runtime {
             })?;
             ingress_addrs.insert(service.clone(), listener.local_addr()?);
             ingresses.push(serve_outbound(
-                &config, &registry, listener, INGRESS, service, true,
+                &config, &registry, listener, &metrics, INGRESS, service, true,
             ));
         }
 
@@ -227,6 +241,7 @@ fn serve_outbound(
     config: &Config,
     registry: &Registry,
     listener: TcpListener,
+    metrics: &Metrics,
     caller: &str,
     service: &str,
     ingress: bool,
@@ -245,16 +260,18 @@ fn serve_outbound(
     let kind = if ingress { "ingress" } else { "outbound" };
     let span = tracing::info_span!("sidecar", kind, caller = %caller, service = %service);
     let task = match svc.protocol {
-        Protocol::Tcp => tokio::spawn(
-            proxy::tcp::serve_outbound(
-                listener,
-                service.to_string(),
-                balancer,
+        Protocol::Tcp => {
+            let cfg = proxy::tcp::TcpOutboundConfig {
+                mesh_name: config.mesh.name.clone(),
+                caller: caller.to_string(),
+                service: service.to_string(),
                 traffic,
-                stop.clone(),
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(
+                proxy::tcp::serve_outbound(listener, cfg, balancer, stop.clone()).instrument(span),
             )
-            .instrument(span),
-        ),
+        }
         protocol => {
             let cfg = proxy::outbound::OutboundConfig {
                 mesh_name: config.mesh.name.clone(),
@@ -263,6 +280,7 @@ fn serve_outbound(
                 protocol: proxy_protocol(protocol),
                 traffic,
                 ingress,
+                metrics: metrics.clone(),
             };
             tokio::spawn(
                 proxy::outbound::serve(listener, cfg, balancer, stop.clone()).instrument(span),

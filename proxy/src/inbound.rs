@@ -38,6 +38,8 @@ pub struct InboundConfig {
     pub protocol: Protocol,
     /// The app's address (`127.0.0.1:$PORT`).
     pub app: SocketAddr,
+    /// Where the mesh's metrics are recorded.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,

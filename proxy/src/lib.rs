@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod errors;
 pub mod http;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod tcp;
 pub mod tls;

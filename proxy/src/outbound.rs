@@ -52,6 +52,8 @@ pub struct OutboundConfig {
     /// Ingress mode (SPEC §1 Ingress): strip incoming `x-mesh-*` headers, add
     /// `X-Forwarded-For` / `X-Forwarded-Proto`.
     pub ingress: bool,
+    /// Where the mesh's metrics are recorded.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -100,7 +102,19 @@ pub async fn serve_with(
     );
     let handle = move |peer, req| {
         let outbound = Arc::clone(&outbound);
-        async move { outbound.handle(peer, req).await }
+        async move {
+            let arrival = Instant::now();
+            let response = outbound.handle(peer, req).await;
+            let cfg = &outbound.cfg;
+            cfg.metrics.request(
+                &cfg.caller,
+                &cfg.service,
+                "",
+                response.status().as_u16(),
+                arrival.elapsed(),
+            );
+            response
+        }
     };
     async move {
         server::serve(listener, builder, limits, tracker, shutdown, handle).await;
@@ -355,6 +369,9 @@ impl Outbound {
             detail,
         };
         tracing::info!(error = %error, "request failed");
+        self.cfg
+            .metrics
+            .mesh_error(&self.cfg.caller, &self.cfg.service, kind.as_str());
         error.to_response(self.cfg.protocol).map(boxed)
     }
 }

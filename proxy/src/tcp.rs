@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::Traffic;
 use crate::balance::{Balancer, Outcome};
+use crate::metrics::Metrics;
 
 /// How many endpoints one outbound connection tries before giving up with
 /// `connect-failed`.
@@ -33,27 +34,55 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Serve a caller's outbound listener for the `tcp` service `service`: each accepted
-/// connection is piped to an endpoint chosen by `balancer`.
+/// What a caller's outbound listener for a `tcp` service serves.
+#[derive(Clone, Debug)]
+pub struct TcpOutboundConfig {
+    /// The mesh name, the trust domain of identities.
+    pub mesh_name: String,
+    /// The caller's identity name (a service, or "ingress" / "test").
+    pub caller: String,
+    /// The called service.
+    pub service: String,
+    /// Traffic settings for calls to the service.
+    pub traffic: Traffic,
+    /// Where the mesh's metrics are recorded.
+    pub metrics: Metrics,
+}
+
+/// What the inbound listener of one `tcp` replica serves.
+#[derive(Clone, Debug)]
+pub struct TcpInboundConfig {
+    /// The mesh name.
+    pub mesh_name: String,
+    /// The replica's service.
+    pub service: String,
+    /// The replica's index.
+    pub replica: u32,
+    /// The app's address (`127.0.0.1:$PORT`).
+    pub app: SocketAddr,
+    /// Where the mesh's metrics are recorded.
+    pub metrics: Metrics,
+}
+
+/// Serve a caller's outbound listener for a `tcp` service: each accepted connection is
+/// piped to an endpoint chosen by `balancer`.
 ///
 /// On `shutdown` it stops accepting at once, then returns when the open connections have
 /// ended. Dropping the returned future closes the connections still open.
 pub async fn serve_outbound(
     listener: TcpListener,
-    service: String,
+    cfg: TcpOutboundConfig,
     balancer: Balancer,
-    traffic: Traffic,
     shutdown: CancellationToken,
 ) {
-    let service: Arc<str> = service.into();
+    let service: Arc<str> = cfg.service.as_str().into();
+    let cfg = Arc::new(cfg);
     let local = listener.local_addr().ok();
     serve(listener, shutdown, "outbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
-        let service = Arc::clone(&service);
+        let cfg = Arc::clone(&cfg);
         let balancer = balancer.clone();
-        let queue_timeout = traffic.queue_timeout;
-        async move { proxy_outbound(client, &service, &balancer, queue_timeout, force).await }
-            .instrument(span)
+        async move { proxy_outbound(client, &cfg, &balancer, force).await }.instrument(span)
     })
     .instrument(tracing::info_span!("tcp_outbound_listener", service = %service, listener = ?local))
     .await;
@@ -64,7 +93,12 @@ pub async fn serve_outbound(
 ///
 /// On `shutdown` it stops accepting at once, then returns when the open connections have
 /// ended. Dropping the returned future closes the connections still open.
-pub async fn serve_inbound(listener: TcpListener, app: SocketAddr, shutdown: CancellationToken) {
+pub async fn serve_inbound(
+    listener: TcpListener,
+    cfg: TcpInboundConfig,
+    shutdown: CancellationToken,
+) {
+    let app = cfg.app;
     let local = listener.local_addr().ok();
     serve(listener, shutdown, "inbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_inbound", %app, %peer);
@@ -124,11 +158,12 @@ async fn serve<F, Fut>(
 /// Connect `client` to an endpoint of `service` and pipe bytes until both directions end.
 async fn proxy_outbound(
     mut client: TcpStream,
-    service: &str,
+    cfg: &TcpOutboundConfig,
     balancer: &Balancer,
-    queue_timeout: Duration,
     force: CancellationToken,
 ) {
+    let service = cfg.service.as_str();
+    let queue_timeout = cfg.traffic.queue_timeout;
     let deadline = Instant::now() + queue_timeout;
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last_error: Option<String> = None;
@@ -175,6 +210,7 @@ async fn proxy_outbound(
         } else {
             tried.join(",")
         };
+        cfg.metrics.mesh_error(&cfg.caller, service, kind);
         tracing::warn!(
             kind,
             service,

@@ -45,7 +45,14 @@ async fn echo_app(prefix: &'static str) -> SocketAddr {
 async fn inbound(app: SocketAddr, shutdown: &CancellationToken) -> (SocketAddr, JoinHandle<()>) {
     let listener = bind().await;
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(serve_inbound(listener, app, shutdown.clone()));
+    let cfg = TcpInboundConfig {
+        mesh_name: "m".into(),
+        service: "api".into(),
+        replica: 0,
+        app,
+        metrics: Metrics::new(),
+    };
+    let task = tokio::spawn(serve_inbound(listener, cfg, shutdown.clone()));
     (addr, task)
 }
 
@@ -65,13 +72,14 @@ async fn outbound(
     };
     let listener = bind().await;
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(serve_outbound(
-        listener,
-        "api".to_string(),
-        balancer,
+    let cfg = TcpOutboundConfig {
+        mesh_name: "m".into(),
+        caller: "web".into(),
+        service: "api".into(),
         traffic,
-        shutdown.clone(),
-    ));
+        metrics: Metrics::new(),
+    };
+    let task = tokio::spawn(serve_outbound(listener, cfg, balancer, shutdown.clone()));
     (addr, task)
 }
 

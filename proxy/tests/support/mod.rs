@@ -21,6 +21,7 @@ use mesh_proxy::balance::{Algorithm, Balancer};
 use mesh_proxy::discovery::{Endpoint, Registry};
 use mesh_proxy::http::{Body, Limits};
 use mesh_proxy::inbound::{self, InboundConfig};
+use mesh_proxy::metrics::Metrics;
 use mesh_proxy::outbound::{self, OutboundConfig};
 use mesh_proxy::{Protocol, Traffic};
 use tokio::net::{TcpListener, TcpStream};
@@ -103,6 +104,7 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         replica,
         protocol,
         app,
+        metrics: Metrics::new(),
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {
@@ -147,6 +149,7 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
             queue_timeout: opts.queue_timeout,
         },
         ingress: opts.ingress,
+        metrics: Metrics::new(),
     };
     let task = tokio::spawn(outbound::serve_with(
         listener,

@@ -1,0 +1,334 @@
+//! The sidecars' metrics (SPEC §5), in one registry per mesh.
+//!
+//! Sidecars record through a cheap, cloneable [`Metrics`] handle; the admin server renders
+//! [`Metrics::encode`] as Prometheus text. Families are keyed by label sets of owned
+//! strings; the label values are bounded by the configuration (service names, status
+//! classes, error kinds), never by request content.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Which side of a hop between sidecars saw a TLS handshake fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// A caller's outbound (or an ingress) connecting to an inbound.
+    Client,
+    /// An inbound accepting a connection.
+    Server,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    caller: String,
+    service: String,
+    route: String,
+    status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairLabels {
+    caller: String,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    caller: String,
+    service: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    service: String,
+    side: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    service: String,
+    replica: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs .. ~100 s.
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 100.0,
+    ])
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<PairLabels, Histogram, fn() -> Histogram>,
+    retries: Family<PairLabels, Counter>,
+    ejections: Family<PairLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
+    restarts: Family<ReplicaLabels, Counter>,
+    cert_expiry: Family<ReplicaLabels, Gauge>,
+}
+
+/// The metrics of one mesh. Clones share the same families.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mesh");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let durations = Family::<PairLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let retries = Family::<PairLabels, Counter>::default();
+        let ejections = Family::<PairLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let restarts = Family::<ReplicaLabels, Counter>::default();
+        let cert_expiry = Family::<ReplicaLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests answered by callers' outbounds and ingresses",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival at the outbound or ingress to its response headers",
+            durations.clone(),
+        );
+        registry.register("retries", "Retries made by outbounds", retries.clone());
+        registry.register(
+            "ejections",
+            "Endpoints taken out of a caller's balancer (connect failures, circuit breaker)",
+            ejections.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failures the mesh produced itself, by kind (SPEC §1)",
+            errors.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes between sidecars that failed",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "process_restarts",
+            "Restarts of each replica's process",
+            restarts.clone(),
+        );
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "Not-after of each replica's leaf certificate, as a Unix timestamp",
+            cert_expiry.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                durations,
+                retries,
+                ejections,
+                errors,
+                handshake_failures,
+                restarts,
+                cert_expiry,
+            }),
+        }
+    }
+
+    /// A request answered to `caller` for `service` (through `route`, "" for none).
+    pub fn request(&self, caller: &str, service: &str, route: &str, status: u16, took: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                caller: caller.to_string(),
+                service: service.to_string(),
+                route: route.to_string(),
+                status_class: class.to_string(),
+            })
+            .inc();
+        self.inner
+            .durations
+            .get_or_create(&pair(caller, service))
+            .observe(took.as_secs_f64());
+    }
+
+    /// One retry by `caller`'s outbound towards `service`.
+    pub fn retry(&self, caller: &str, service: &str) {
+        self.inner
+            .retries
+            .get_or_create(&pair(caller, service))
+            .inc();
+    }
+
+    /// One endpoint of `service` ejected from `caller`'s balancer.
+    pub fn ejection(&self, caller: &str, service: &str) {
+        self.inner
+            .ejections
+            .get_or_create(&pair(caller, service))
+            .inc();
+    }
+
+    /// A failure the mesh produced itself (SPEC §1 kind: `no-endpoints`, `reset`, …),
+    /// whatever the protocol; for tcp this is the only trace besides the log.
+    pub fn mesh_error(&self, caller: &str, service: &str, kind: &str) {
+        self.inner
+            .errors
+            .get_or_create(&ErrorLabels {
+                caller: caller.to_string(),
+                service: service.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// A TLS handshake between sidecars failed; `service` is the inbound's service for
+    /// [`Side::Server`] and the called service for [`Side::Client`].
+    pub fn tls_handshake_failure(&self, service: &str, side: Side) {
+        self.inner
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                service: service.to_string(),
+                side: side.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    /// Raise a replica's restart counter to `total` (restarts are counted by the
+    /// supervisor; this mirrors them).
+    pub fn set_restarts(&self, service: &str, replica: u32, total: u64) {
+        let counter = self.inner.restarts.get_or_create_owned(&ReplicaLabels {
+            service: service.to_string(),
+            replica: replica.to_string(),
+        });
+        let now = counter.get();
+        if total > now {
+            counter.inc_by(total - now);
+        }
+    }
+
+    /// The not-after of a replica's current leaf certificate.
+    pub fn set_cert_expiry(&self, service: &str, replica: u32, unix_secs: i64) {
+        self.inner
+            .cert_expiry
+            .get_or_create(&ReplicaLabels {
+                service: service.to_string(),
+                replica: replica.to_string(),
+            })
+            .set(unix_secs);
+    }
+
+    /// The total of `mesh_tls_handshake_failures_total` over all labels (for tests and
+    /// status lines).
+    pub fn tls_handshake_failures_total(&self) -> u64 {
+        let text = self.encode();
+        sum_of(&text, "mesh_tls_handshake_failures_total")
+    }
+
+    /// Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) =
+            prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+        {
+            tracing::warn!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+fn pair(caller: &str, service: &str) -> PairLabels {
+    PairLabels {
+        caller: caller.to_string(),
+        service: service.to_string(),
+    }
+}
+
+/// The sum of every sample of `name` in Prometheus text.
+pub fn sum_of(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next())
+        .filter_map(|value| value.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_appear_in_the_text_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics.request("web", "api", "", 200, Duration::from_millis(3));
+        metrics.request("web", "api", "", 503, Duration::from_millis(3));
+        metrics.retry("web", "api");
+        metrics.tls_handshake_failure("api", Side::Server);
+        metrics.tls_handshake_failure("api", Side::Server);
+        metrics.set_restarts("api", 0, 3);
+        metrics.set_restarts("api", 0, 2);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"mesh_requests_total{caller="web",service="api",route="",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_retries_total{caller="web",service="api"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_process_restarts_total{service="api",replica="0"} 3"#),
+            "{text}"
+        );
+        assert_eq!(metrics.tls_handshake_failures_total(), 2);
+        assert_eq!(sum_of(&text, "mesh_requests_total"), 2);
+    }
+}
