@@ -83,7 +83,10 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         "/live" => text(StatusCode::OK, "live\n".to_string()),
         "/ready" => ready(state),
         "/api/status" => {
-            let mut response = text(StatusCode::OK, status_json(&state.status.borrow()));
+            let mut response = text(
+                StatusCode::OK,
+                status_json(&state.status.borrow(), &state.metrics),
+            );
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -150,10 +153,18 @@ fn mirror_restarts(state: &AdminState) {
 }
 
 /// One JSON object per replica, as `mesh ps --json` prints them (SPEC §4).
-pub(crate) fn status_json(statuses: &Statuses) -> String {
+/// Besides SPEC's fields, each carries the replica's recent traffic through its inbound
+/// (`rps`, `success_rate`, `p99_ms`, over the last 10 s; null without an inbound or
+/// without requests).
+pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
     let rows: Vec<serde_json::Value> = statuses
         .values()
         .map(|r| {
+            let traffic = metrics.replica_summary(&r.service, r.replica);
+            let round = |x: f64, places: i32| {
+                let scale = 10f64.powi(places);
+                (x * scale).round() / scale
+            };
             serde_json::json!({
                 "service": r.service,
                 "replica": r.replica,
@@ -164,6 +175,9 @@ pub(crate) fn status_json(statuses: &Statuses) -> String {
                 "restarts": r.restarts,
                 "port": r.port,
                 "uptime_s": r.since.map(|since| since.elapsed().as_secs()),
+                "rps": traffic.map(|t| round(t.rps, 1)),
+                "success_rate": traffic.and_then(|t| t.success_rate).map(|s| round(s, 4)),
+                "p99_ms": traffic.and_then(|t| t.p99).map(|p| round(p.as_secs_f64() * 1000.0, 2)),
             })
         })
         .collect();

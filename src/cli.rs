@@ -236,6 +236,7 @@ fn control_call(
 fn ps_table(data: &serde_json::Value) -> String {
     let header = [
         "SERVICE", "REPLICA", "STATE", "HEALTH", "PID", "EXIT", "RESTARTS", "PORT", "UPTIME",
+        "RPS", "SUCCESS", "P99",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let field = |row: &serde_json::Value, key: &str| match row.get(key) {
@@ -258,6 +259,15 @@ fn ps_table(data: &serde_json::Value) -> String {
             field(row, "restarts"),
             field(row, "port"),
             uptime,
+            field(row, "rps"),
+            match row.get("success_rate").and_then(|v| v.as_f64()) {
+                Some(s) => format!("{:.1}%", s * 100.0),
+                None => "-".to_string(),
+            },
+            match row.get("p99_ms").and_then(|v| v.as_f64()) {
+                Some(ms) => format!("{ms}ms"),
+                None => "-".to_string(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -388,6 +398,7 @@ async fn run_up(
         control,
         Arc::new(Answers {
             status: mesh.status(),
+            metrics: mesh.metrics().clone(),
         }),
         requests_tx,
     ));
@@ -437,12 +448,13 @@ async fn run_up(
 /// The control socket's reading commands.
 struct Answers {
     status: tokio::sync::watch::Receiver<mesh_supervisor::supervisor::Statuses>,
+    metrics: mesh_proxy::metrics::Metrics,
 }
 
 impl control::Answer for Answers {
     fn answer(&self, cmd: &str) -> Result<serde_json::Value, String> {
         match cmd {
-            "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow()))
+            "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow(), &self.metrics))
                 .map_err(|e| e.to_string()),
             other => Err(format!("unknown command `{other}`")),
         }

@@ -101,6 +101,15 @@ fn admin_serves_metrics_status_and_readiness() {
         assert!(row["uptime_s"].as_u64().is_some(), "{row}");
         assert!(row["exit_code"].is_null(), "{row}");
     }
+    // The three requests went to the replicas' inbounds and count in their traffic.
+    let served: f64 = rows.iter().map(|r| r["rps"].as_f64().unwrap_or(0.0)).sum();
+    assert!(served > 0.0, "{rows:?}");
+    assert!(
+        rows.iter()
+            .filter(|r| !r["p99_ms"].is_null())
+            .all(|r| r["success_rate"] == 1.0),
+        "{rows:?}"
+    );
 
     let page = get(&admin, "/").expect("dashboard");
     assert_eq!(page.status, 200);
