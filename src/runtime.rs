@@ -95,6 +95,7 @@ impl Runtime {
                         replica: *replica,
                         app,
                         metrics: metrics.clone(),
+                        rate_limit: rate_limit(svc),
                     };
                     tokio::spawn(
                         proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
@@ -108,6 +109,7 @@ impl Runtime {
                         protocol: proxy_protocol(protocol),
                         app,
                         metrics: metrics.clone(),
+                        rate_limit: rate_limit(svc),
                     };
                     tokio::spawn(
                         proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span),
@@ -259,15 +261,8 @@ fn serve_outbound(
     ingress: bool,
 ) -> Server {
     let svc = &config.services[service];
-    let algorithm = match svc.traffic.load_balancer {
-        LoadBalancer::P2cEwma => Algorithm::P2cEwma,
-        LoadBalancer::RoundRobin => Algorithm::RoundRobin,
-    };
-    let traffic = proxy::Traffic {
-        load_balancer: algorithm,
-        queue_timeout: svc.traffic.queue_timeout,
-    };
-    let balancer = Balancer::new(service, algorithm, registry.watch(service));
+    let (traffic, balancer) = balancer_for(config, registry, service);
+    let routes = routes_for(config, registry, caller, service, &balancer);
     let stop = CancellationToken::new();
     let kind = if ingress { "ingress" } else { "outbound" };
     let span = tracing::info_span!("sidecar", kind, caller = %caller, service = %service);
@@ -279,6 +274,7 @@ fn serve_outbound(
                 service: service.to_string(),
                 traffic,
                 metrics: metrics.clone(),
+                routes,
             };
             tokio::spawn(
                 proxy::tcp::serve_outbound(listener, cfg, balancer, stop.clone()).instrument(span),
@@ -293,6 +289,7 @@ fn serve_outbound(
                 traffic,
                 ingress,
                 metrics: metrics.clone(),
+                routes,
             };
             tokio::spawn(
                 proxy::outbound::serve(listener, cfg, balancer, stop.clone()).instrument(span),
@@ -300,6 +297,88 @@ fn serve_outbound(
         }
     };
     Server { stop, task }
+}
+
+/// A caller's balancer over `service`'s endpoints, and the traffic settings it follows
+/// (the service's own: also when `service` is reached as a route backend, SPEC §3).
+fn balancer_for(config: &Config, registry: &Registry, service: &str) -> (proxy::Traffic, Balancer) {
+    let svc = &config.services[service];
+    let algorithm = match svc.traffic.load_balancer {
+        LoadBalancer::P2cEwma => Algorithm::P2cEwma,
+        LoadBalancer::RoundRobin => Algorithm::RoundRobin,
+    };
+    let traffic = proxy::Traffic {
+        load_balancer: algorithm,
+        queue_timeout: svc.traffic.queue_timeout,
+    };
+    let balancer = Balancer::new(service, algorithm, registry.watch(service));
+    (traffic, balancer)
+}
+
+/// `service`'s routes as `caller`'s outbound (or ingress) applies them: one balancer
+/// per distinct backend, the caller's own balancer of `service` when a route names the
+/// service itself, and a generator seeded per (caller, service).
+fn routes_for(
+    config: &Config,
+    registry: &Registry,
+    caller: &str,
+    service: &str,
+    own: &Balancer,
+) -> proxy::routes::Routes {
+    let svc = &config.services[service];
+    let mut backends: BTreeMap<&str, proxy::routes::Backend> = BTreeMap::new();
+    let mut routes = Vec::with_capacity(svc.routes.len());
+    for route in &svc.routes {
+        let mut weighted = Vec::with_capacity(route.backends.len());
+        for (name, weight) in &route.backends {
+            let backend = backends.entry(name).or_insert_with(|| {
+                let (queue_timeout, balancer) = if name == service {
+                    (svc.traffic.queue_timeout, own.clone())
+                } else {
+                    let (traffic, balancer) = balancer_for(config, registry, name);
+                    (traffic.queue_timeout, balancer)
+                };
+                proxy::routes::Backend {
+                    service: name.as_str().into(),
+                    balancer,
+                    queue_timeout,
+                }
+            });
+            weighted.push((backend.clone(), *weight));
+        }
+        let headers = route
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                // Validated as header names and values; a failure here is a bug, and
+                // the condition is dropped rather than the mesh.
+                let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).ok()?;
+                let value = hyper::header::HeaderValue::from_str(value).ok()?;
+                Some((name, value))
+            })
+            .collect();
+        let fault = route.fault.as_ref().map(|f| proxy::routes::Fault {
+            delay: f.delay,
+            delay_percent: f.delay_percent,
+            abort: f.abort.and_then(|s| hyper::StatusCode::from_u16(s).ok()),
+            abort_percent: f.abort_percent,
+        });
+        routes.push(proxy::routes::Route {
+            path_prefix: route.path_prefix.clone(),
+            headers,
+            backends: weighted,
+            timeout: route.timeout,
+            fault,
+        });
+    }
+    proxy::routes::Routes::new(routes, config.mesh.seed, &format!("{caller}>{service}"))
+}
+
+fn rate_limit(svc: &mesh_supervisor::config::Service) -> Option<proxy::ratelimit::RateLimit> {
+    svc.traffic.rate_limit.map(|r| proxy::ratelimit::RateLimit {
+        rps: r.rps,
+        burst: r.burst,
+    })
 }
 
 /// Keep the registry equal to the set of running, ready replicas (minus draining

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::errors::{ForwardError, HDR_ERROR, MeshError};
+use crate::errors::{ErrorKind, ForwardError, HDR_ERROR, MeshError};
 use crate::http::client::{self, H1Pool, H2Pool};
 use crate::http::headers::{self, HDR_CLIENT_ID};
 use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed};
+use crate::ratelimit::{self, RateLimit, TokenBucket};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol};
 
 /// What an inbound listener serves.
@@ -40,6 +41,8 @@ pub struct InboundConfig {
     pub app: SocketAddr,
     /// Where the mesh's metrics are recorded.
     pub metrics: crate::metrics::Metrics,
+    /// The service's `traffic.rate_limit`: this replica's token bucket.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -66,6 +69,9 @@ pub async fn serve_with(
         id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
         h1: H1Pool::new(cfg.app),
         h2: H2Pool::new(),
+        bucket: cfg
+            .rate_limit
+            .map(|limit| TokenBucket::new(limit, tokio::time::Instant::now())),
         cfg,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
@@ -99,6 +105,8 @@ struct Inbound {
     id: Arc<str>,
     h1: H1Pool,
     h2: H2Pool,
+    /// This replica's `rate_limit` bucket.
+    bucket: Option<TokenBucket>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -112,6 +120,10 @@ enum AppVersion {
 
 impl Inbound {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        // SPEC §3: the rate limit applies after authorization, to every caller.
+        if let Some(refused) = self.rate_limit(&req) {
+            return refused;
+        }
         let version = self.app_version(&req);
         let upgrade = headers::is_upgrade(&req);
         let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -195,6 +207,32 @@ impl Inbound {
         Ok(response)
     }
 
+    /// The rate-limit step: `None` when the request may go on, else the `rate-limited`
+    /// answer (429 with `Retry-After`; grpc-status 8 for grpc).
+    fn rate_limit(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let bucket = self.bucket.as_ref()?;
+        let wait = bucket.try_take(tokio::time::Instant::now()).err()?;
+        let limit = bucket.limit();
+        let error = MeshError {
+            kind: ErrorKind::RateLimited {
+                retry_after_secs: ratelimit::retry_after_secs(wait),
+            },
+            service: self.cfg.service.clone(),
+            tried: vec![Arc::clone(&self.id)],
+            attempts: 1,
+            detail: format!(
+                "rate limit of {} rps (burst {}) exceeded",
+                limit.rps, limit.burst
+            ),
+        };
+        // Debug, not info: a client hammering a limited service would flood the log.
+        tracing::debug!(error = %error, "request refused");
+        self.cfg
+            .metrics
+            .mesh_error(caller_name(req), &self.cfg.service, error.kind.as_str());
+        Some(error.to_response(self.cfg.protocol).map(boxed))
+    }
+
     fn error(&self, error: &ForwardError) -> Response<Body> {
         let error = MeshError {
             kind: error.kind(),
@@ -206,4 +244,14 @@ impl Inbound {
         tracing::info!(error = %error, "request to the app failed");
         error.to_response(self.cfg.protocol).map(boxed)
     }
+}
+
+/// The calling identity's name (`web`, `ingress`) for metrics, from the identity its
+/// sidecar sent; "unknown" without one.
+fn caller_name(req: &Request<Incoming>) -> &str {
+    req.headers()
+        .get(HDR_SOURCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|id| id.rsplit('/').next())
+        .unwrap_or("unknown")
 }

@@ -30,6 +30,8 @@ pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod ratelimit;
+pub mod routes;
 pub mod tcp;
 pub mod tls;
 

@@ -10,11 +10,15 @@
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
 //! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`.
+//!
+//! Before any of that, the route step ([`crate::routes`]) picks the balancer (the
+//! service's, or a route backend's), the route's timeout and its fault.
 
 mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -31,6 +35,7 @@ use crate::http::client::{self, H2Pool};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
 use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed, full};
+use crate::routes::{Decision, Routes};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
 use retry::{ReqBody, TRIES};
@@ -54,6 +59,8 @@ pub struct OutboundConfig {
     pub ingress: bool,
     /// Where the mesh's metrics are recorded.
     pub metrics: crate::metrics::Metrics,
+    /// The service's routes (SPEC §3 Routes), with a balancer per route backend.
+    pub routes: Routes,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -100,16 +107,18 @@ pub async fn serve_with(
         service = %outbound.cfg.service,
         ingress = outbound.cfg.ingress,
     );
-    let handle = move |peer, req| {
+    let handle = move |peer, req: Request<Incoming>| {
         let outbound = Arc::clone(&outbound);
         async move {
             let arrival = Instant::now();
-            let response = outbound.handle(peer, req).await;
             let cfg = &outbound.cfg;
+            let decision = cfg.routes.decide(req.uri().path(), req.headers());
+            let route = decision.label;
+            let response = outbound.handle(peer, req, decision).await;
             cfg.metrics.request(
                 &cfg.caller,
                 &cfg.service,
-                "",
+                route,
                 response.status().as_u16(),
                 arrival.elapsed(),
             );
@@ -134,14 +143,75 @@ struct Outbound {
     shutdown: CancellationToken,
 }
 
+/// The tries of one request so far. The route timeout cancels the tries and still
+/// names them in its error.
+#[derive(Debug, Default)]
+struct Tries {
+    tried: Vec<Arc<str>>,
+    attempts: u32,
+}
+
 impl Outbound {
-    async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    /// The route step, then the request: `decision` names the balancer (a route
+    /// backend's, else the service's), the timeout and the fault. Upgrades are exempt
+    /// from timeouts and faults (SPEC §3 Timeouts).
+    async fn handle(
+        &self,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        decision: Decision<'_>,
+    ) -> Response<Body> {
         let arrival = Instant::now();
-        let deadline = arrival + self.cfg.traffic.queue_timeout;
+        let (balancer, queue_timeout) = match decision.backend {
+            Some(backend) => (&backend.balancer, backend.queue_timeout),
+            None => (&self.balancer, self.cfg.traffic.queue_timeout),
+        };
         if headers::is_upgrade(&req) {
+            let deadline = arrival + queue_timeout;
             // Boxed: the rare path would otherwise enlarge every request's future.
-            return Box::pin(self.upgrade(peer, req, deadline)).await;
+            return Box::pin(self.upgrade(peer, req, balancer, queue_timeout, deadline)).await;
         }
+        let mut tries = Tries::default();
+        let routed = async {
+            // An injected delay stands for a slow upstream: it counts toward the timeout.
+            if let Some(delay) = decision.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = decision.abort {
+                return self.fault(status, decision.label);
+            }
+            self.forward(peer, req, balancer, queue_timeout, &mut tries)
+                .await
+        };
+        let Some(timeout) = decision.timeout else {
+            return routed.await;
+        };
+        let outcome = tokio::time::timeout_at(arrival + timeout, routed).await;
+        match outcome {
+            Ok(response) => response,
+            Err(_) => self.error(
+                ErrorKind::Timeout,
+                tries.tried,
+                tries.attempts,
+                format!(
+                    "route {} timeout {} elapsed before response headers",
+                    decision.label,
+                    as_written(timeout)
+                ),
+            ),
+        }
+    }
+
+    /// One request through `balancer`: tries and the default retry rule.
+    async fn forward(
+        &self,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        balancer: &Balancer,
+        queue_timeout: Duration,
+        tries: &mut Tries,
+    ) -> Response<Body> {
+        let deadline = Instant::now() + queue_timeout;
         let (mut parts, body) = req.into_parts();
         self.hop_headers(&mut parts.headers, peer, parts.version);
         headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -165,31 +235,27 @@ impl Outbound {
         };
         let safe = retry::is_safe(&parts.method) && body.is_empty();
 
-        let mut tried: Vec<Arc<str>> = Vec::new();
-        let mut attempts: u32 = 0;
+        let Tries { tried, attempts } = tries;
         // The failure of the last try, answered if no further try happens.
         let mut last: Option<(ErrorKind, String)> = None;
         loop {
-            let Some(pick) = self.balancer.pick(&tried, deadline).await else {
+            let Some(pick) = balancer.pick(tried, deadline).await else {
                 let (kind, detail) = last.unwrap_or_else(|| {
                     (
                         ErrorKind::NoEndpoints,
-                        format!(
-                            "no ready endpoint within queue_timeout {:?}",
-                            self.cfg.traffic.queue_timeout
-                        ),
+                        format!("no ready endpoint within queue_timeout {queue_timeout:?}"),
                     )
                 });
-                return self.error(kind, tried, attempts, detail);
+                return self.error(kind, std::mem::take(tried), *attempts, detail);
             };
             let Some(try_body) = body.take() else {
                 // A streaming body already went out with an earlier try; the retry rules
                 // below never start another try then.
                 let (kind, detail) =
                     last.unwrap_or((ErrorKind::Reset, "request body consumed".into()));
-                return self.error(kind, tried, attempts, detail);
+                return self.error(kind, std::mem::take(tried), *attempts, detail);
             };
-            attempts += 1;
+            *attempts += 1;
             let id = Arc::clone(&pick.endpoint.id);
             tried.push(Arc::clone(&id));
             let mut request = Request::new(try_body);
@@ -199,7 +265,7 @@ impl Outbound {
             *request.headers_mut() = parts.headers.clone();
             request
                 .headers_mut()
-                .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
+                .insert(HDR_ATTEMPT, HeaderValue::from(*attempts));
 
             let started = Instant::now();
             let retryable = match self.pool.send(pick.endpoint.addr, request).await {
@@ -234,7 +300,7 @@ impl Outbound {
                                     | StatusCode::SERVICE_UNAVAILABLE
                                     | StatusCode::GATEWAY_TIMEOUT
                             );
-                            if gateway && safe && attempts < TRIES {
+                            if gateway && safe && *attempts < TRIES {
                                 tracing::debug!(endpoint = %id, status = %response.status(), "retrying gateway error");
                                 continue;
                             }
@@ -261,9 +327,9 @@ impl Outbound {
                 Retryable::NotProcessed => body.replayable(),
                 Retryable::MaybeProcessed => safe,
             };
-            if !again || attempts >= TRIES {
+            if !again || *attempts >= TRIES {
                 let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
-                return self.error(kind, tried, attempts, detail);
+                return self.error(kind, std::mem::take(tried), *attempts, detail);
             }
         }
     }
@@ -274,6 +340,8 @@ impl Outbound {
         &self,
         peer: SocketAddr,
         mut req: Request<Incoming>,
+        balancer: &Balancer,
+        queue_timeout: Duration,
         deadline: Instant,
     ) -> Response<Body> {
         let downstream = hyper::upgrade::on(&mut req);
@@ -283,11 +351,8 @@ impl Outbound {
         parts
             .headers
             .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
-        let Some(pick) = self.balancer.pick(&[], deadline).await else {
-            let detail = format!(
-                "no ready endpoint within queue_timeout {:?}",
-                self.cfg.traffic.queue_timeout
-            );
+        let Some(pick) = balancer.pick(&[], deadline).await else {
+            let detail = format!("no ready endpoint within queue_timeout {queue_timeout:?}");
             return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
         };
         let id = Arc::clone(&pick.endpoint.id);
@@ -354,6 +419,17 @@ impl Outbound {
         headers.insert(HDR_VERSION, HeaderValue::from_static(version));
     }
 
+    /// An injected abort (SPEC §3 Routes `fault`): the `fault` mesh error with the
+    /// configured status. Produced here, so never retried.
+    fn fault(&self, status: StatusCode, route: &str) -> Response<Body> {
+        self.error(
+            ErrorKind::Fault { status },
+            Vec::new(),
+            0,
+            format!("aborted by the fault of route {route}"),
+        )
+    }
+
     fn error(
         &self,
         kind: ErrorKind,
@@ -383,4 +459,13 @@ fn hop_error(response: &Response<Incoming>) -> Option<ErrorKind> {
         .get(HDR_ERROR)
         .and_then(|v| v.to_str().ok())
         .and_then(ErrorKind::parse_simple)
+}
+
+/// A duration as a user writes it in mesh.toml (`250ms`, `2s`).
+fn as_written(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }

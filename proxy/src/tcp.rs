@@ -23,6 +23,8 @@ use tracing::Instrument;
 use crate::Traffic;
 use crate::balance::{Balancer, Outcome};
 use crate::metrics::Metrics;
+use crate::ratelimit::{RateLimit, TokenBucket};
+use crate::routes::Routes;
 
 /// How many endpoints one outbound connection tries before giving up with
 /// `connect-failed`.
@@ -47,6 +49,8 @@ pub struct TcpOutboundConfig {
     pub traffic: Traffic,
     /// Where the mesh's metrics are recorded.
     pub metrics: Metrics,
+    /// The service's routes: each connection goes to a backend drawn by weight.
+    pub routes: Routes,
 }
 
 /// What the inbound listener of one `tcp` replica serves.
@@ -62,6 +66,8 @@ pub struct TcpInboundConfig {
     pub app: SocketAddr,
     /// Where the mesh's metrics are recorded.
     pub metrics: Metrics,
+    /// The service's `traffic.rate_limit`: new connections per second of this replica.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Serve a caller's outbound listener for a `tcp` service: each accepted connection is
@@ -81,8 +87,13 @@ pub async fn serve_outbound(
     serve(listener, shutdown, "outbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
         let cfg = Arc::clone(&cfg);
-        let balancer = balancer.clone();
-        async move { proxy_outbound(client, &cfg, &balancer, force).await }.instrument(span)
+        // The route step (SPEC §3 Routes): a backend drawn per connection.
+        let (balancer, queue_timeout) = match cfg.routes.decide_connection().backend {
+            Some(backend) => (backend.balancer.clone(), backend.queue_timeout),
+            None => (balancer.clone(), cfg.traffic.queue_timeout),
+        };
+        async move { proxy_outbound(client, &cfg, &balancer, queue_timeout, force).await }
+            .instrument(span)
     })
     .instrument(tracing::info_span!("tcp_outbound_listener", service = %service, listener = ?local))
     .await;
@@ -100,9 +111,22 @@ pub async fn serve_inbound(
 ) {
     let app = cfg.app;
     let local = listener.local_addr().ok();
+    let bucket = cfg
+        .rate_limit
+        .map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
+    let cfg = Arc::new(cfg);
     serve(listener, shutdown, "inbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_inbound", %app, %peer);
-        async move { proxy_inbound(client, app, force).await }.instrument(span)
+        let cfg = Arc::clone(&cfg);
+        let bucket = bucket.clone();
+        async move {
+            // SPEC §3: the rate limit applies after authorization, to every caller.
+            if !admit_rate(&cfg, bucket.as_deref()) {
+                return;
+            }
+            proxy_inbound(client, app, force).await;
+        }
+        .instrument(span)
     })
     .instrument(tracing::info_span!("tcp_inbound_listener", %app, listener = ?local))
     .await;
@@ -155,15 +179,40 @@ async fn serve<F, Fut>(
     tracing::debug!("tcp {direction} shutdown complete");
 }
 
-/// Connect `client` to an endpoint of `service` and pipe bytes until both directions end.
+/// The rate-limit step of a tcp inbound: whether a new connection may go on. A refused
+/// one is dropped, which closes it without data; the kind is logged and counted.
+fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>) -> bool {
+    let Some(bucket) = bucket else {
+        return true;
+    };
+    let Err(wait) = bucket.try_take(Instant::now()) else {
+        return true;
+    };
+    let limit = bucket.limit();
+    let service = cfg.service.as_str();
+    // Until mTLS names the peer, the inbound does not know which service called.
+    cfg.metrics.mesh_error("unknown", service, "rate-limited");
+    tracing::warn!(
+        kind = "rate-limited",
+        service,
+        "mesh: rate-limited: service={service} tried={service}.{} attempts=1: rate limit of {} rps (burst {}) exceeded, next connection in {wait:?}",
+        cfg.replica,
+        limit.rps,
+        limit.burst,
+    );
+    false
+}
+
+/// Connect `client` to an endpoint through `balancer` and pipe bytes until both
+/// directions end.
 async fn proxy_outbound(
     mut client: TcpStream,
     cfg: &TcpOutboundConfig,
     balancer: &Balancer,
+    queue_timeout: Duration,
     force: CancellationToken,
 ) {
     let service = cfg.service.as_str();
-    let queue_timeout = cfg.traffic.queue_timeout;
     let deadline = Instant::now() + queue_timeout;
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last_error: Option<String> = None;

@@ -292,7 +292,7 @@ impl Supervisor {
 }
 
 /// The services to run, in start order: all, or `only` and what they reach through
-/// `depends_on` and `upstreams`.
+/// `depends_on`, `upstreams` and route backends.
 pub fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
     let Some(only) = only else {
         return config.start_order.clone();
@@ -306,6 +306,12 @@ pub fn selected(config: &Config, only: Option<&[String]>) -> Vec<String> {
         if let Some(svc) = config.services.get(&name) {
             stack.extend(svc.depends_on.keys().cloned());
             stack.extend(svc.upstreams.iter().cloned());
+            // SPEC §3 Routes: mesh starts a service's route backends with it.
+            stack.extend(
+                svc.routes
+                    .iter()
+                    .flat_map(|r| r.backends.iter().map(|(b, _)| b.clone())),
+            );
         }
         keep.push(name);
     }

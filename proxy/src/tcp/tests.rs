@@ -51,6 +51,7 @@ async fn inbound(app: SocketAddr, shutdown: &CancellationToken) -> (SocketAddr, 
         replica: 0,
         app,
         metrics: Metrics::new(),
+        rate_limit: None,
     };
     let task = tokio::spawn(serve_inbound(listener, cfg, shutdown.clone()));
     (addr, task)
@@ -78,6 +79,7 @@ async fn outbound(
         service: "api".into(),
         traffic,
         metrics: Metrics::new(),
+        routes: Default::default(),
     };
     let task = tokio::spawn(serve_outbound(listener, cfg, balancer, shutdown.clone()));
     (addr, task)

@@ -105,6 +105,7 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         protocol,
         app,
         metrics: Metrics::new(),
+        rate_limit: None,
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {
@@ -150,6 +151,7 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
         },
         ingress: opts.ingress,
         metrics: Metrics::new(),
+        routes: Default::default(),
     };
     let task = tokio::spawn(outbound::serve_with(
         listener,

@@ -4,7 +4,7 @@
 //! Values that are expanded per replica at each start (`command`, `env`, `env_file`
 //! values, `health.http`, `health.exec`) are kept unexpanded here, as written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ pub struct MeshSettings {
     /// Where the admin server listens (`/metrics`, `/ready`, …); `None` for "off".
     pub admin: Option<std::net::SocketAddr>,
     pub shutdown_timeout: Duration,
+    /// Seed of the random draws of routes (weighted backends, faults): `MESH_SEED` in
+    /// mesh's environment, else `[mesh] seed`; `None` draws from a random seed.
+    pub seed: Option<u64>,
 }
 
 /// One `[services.NAME]` table.
@@ -67,6 +70,8 @@ pub struct Service {
     pub expose: Option<std::net::SocketAddr>,
     /// `[services.NAME.traffic]`: how callers' sidecars call this service.
     pub traffic: Traffic,
+    /// `[[services.NAME.routes]]`, in file order (first match wins).
+    pub routes: Vec<Route>,
 }
 
 /// `[services.NAME.traffic]`, the parts built so far.
@@ -75,6 +80,8 @@ pub struct Traffic {
     pub load_balancer: LoadBalancer,
     /// How long a request waits for a ready endpoint (default 3 s).
     pub queue_timeout: Duration,
+    /// `traffic.rate_limit`, applied by each replica's inbound.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for Traffic {
@@ -82,8 +89,47 @@ impl Default for Traffic {
         Traffic {
             load_balancer: LoadBalancer::P2cEwma,
             queue_timeout: Duration::from_secs(3),
+            rate_limit: None,
         }
     }
+}
+
+/// `traffic.rate_limit`: a token bucket in each replica's inbound.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second (finite, greater than 0).
+    pub rps: f64,
+    /// Tokens the bucket holds, and starts with (at least 1).
+    pub burst: u32,
+}
+
+// `rps` is validated finite, so equality is reflexive.
+impl Eq for RateLimit {}
+
+/// One `[[services.NAME.routes]]` entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    /// Matches whole path segments; stored without a trailing `/` (except `/` itself).
+    pub path_prefix: Option<String>,
+    /// Header conditions: names lowercased, values matched exactly.
+    pub headers: Vec<(String, String)>,
+    /// Backend services and their relative weights, in file order (not all zero).
+    pub backends: Vec<(String, u32)>,
+    /// Replaces the service's `traffic.timeout` for matched requests.
+    pub timeout: Option<Duration>,
+    pub fault: Option<Fault>,
+}
+
+/// `fault` of a route: injected by the caller's outbound (or ingress).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub delay: Option<Duration>,
+    /// Share of matched requests delayed, 0–100 (100 when only `delay` is given).
+    pub delay_percent: f64,
+    /// The status of an abort.
+    pub abort: Option<u16>,
+    /// Share of matched requests aborted, 0–100 (100 when only `abort` is given).
+    pub abort_percent: f64,
 }
 
 /// `traffic.load_balancer`.
@@ -156,6 +202,52 @@ pub enum HealthCheck {
     Tcp,
     /// Run this command (words not yet expanded); exit 0 passes.
     Exec(Vec<String>),
+}
+
+// === impl Config ===
+
+impl Config {
+    /// The identity names (`<caller service>`, `ingress`) whose calls `service`'s
+    /// inbounds admit: callers that list it in `upstreams`, the ingress when it is
+    /// exposed, and (SPEC §3 Routes) every caller admitted that way to a service whose
+    /// routes name `service` as a backend. Route admission is one step, not transitive:
+    /// a backend's own routes are not applied to traffic that reached it by a route.
+    pub fn admitted_callers(&self, service: &str) -> BTreeSet<String> {
+        let mut admitted = self.direct_callers(service);
+        for (name, svc) in &self.services {
+            if name != service && svc.routes.iter().any(|r| r.routes_to(service)) {
+                admitted.extend(self.direct_callers(name));
+            }
+        }
+        admitted
+    }
+
+    /// Callers admitted to `service` itself, without routes.
+    fn direct_callers(&self, service: &str) -> BTreeSet<String> {
+        let mut callers: BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| s.upstreams.iter().any(|u| u == service))
+            .map(|s| s.name.clone())
+            .collect();
+        if self
+            .services
+            .get(service)
+            .is_some_and(|s| s.expose.is_some())
+        {
+            callers.insert("ingress".to_owned());
+        }
+        callers
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// Whether `service` is one of this route's backends (with any weight).
+    pub fn routes_to(&self, service: &str) -> bool {
+        self.backends.iter().any(|(b, _)| b == service)
+    }
 }
 
 // === impl Service ===

@@ -30,7 +30,8 @@ pub(crate) struct RawMesh {
     pub(crate) ca: Option<Spanned<RawCa>>,
     pub(crate) listen: Option<Spanned<String>>,
     pub(crate) etcd: Option<Spanned<RawEtcd>>,
-    /// Seed for fault injection and jitter, so that test runs can be reproduced.
+    /// Seed for the random draws of routes (weighted backends, faults), so that test
+    /// runs can be reproduced.
     pub(crate) seed: Option<Spanned<i64>>,
 }
 
@@ -157,7 +158,7 @@ pub(crate) struct RawTraffic {
     pub(crate) load_balancer: Option<Spanned<String>>,
     pub(crate) retries: Option<RawRetries>,
     pub(crate) circuit_breaker: Option<RawCircuitBreaker>,
-    pub(crate) rate_limit: Option<RawRateLimit>,
+    pub(crate) rate_limit: Option<Spanned<RawRateLimit>>,
     pub(crate) max_concurrent: Option<Spanned<i64>>,
     pub(crate) queue_timeout: Option<Spanned<DurationStr>>,
 }
@@ -195,7 +196,7 @@ pub(crate) struct RawRoute {
     pub(crate) headers: Option<OrderedMap<Spanned<String>, Spanned<String>>>,
     pub(crate) backends: Option<OrderedMap<Spanned<String>, Spanned<i64>>>,
     pub(crate) timeout: Option<Spanned<DurationStr>>,
-    pub(crate) fault: Option<RawFault>,
+    pub(crate) fault: Option<Spanned<RawFault>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,7 +278,7 @@ pub(crate) const MESH: &[Field] = &[
     not_yet(table("ca", CA)),
     not_yet(key("listen")),
     not_yet(table("etcd", ETCD)),
-    not_yet(key("seed")),
+    key("seed"),
 ];
 
 pub(crate) const CA: &[Field] = &[key("cert"), key("key")];
@@ -306,11 +307,11 @@ pub(crate) const SERVICE: &[Field] = &[
     not_yet(key("allow")),
     table("health", HEALTH),
     table("traffic", TRAFFIC),
-    not_yet(Field {
+    Field {
         name: "routes",
         shape: Shape::ArrayOf(&Shape::Table(ROUTE)),
         supported: true,
-    }),
+    },
 ];
 
 pub(crate) const BACKOFF: &[Field] = &[key("initial"), key("max")];
@@ -333,7 +334,7 @@ pub(crate) const TRAFFIC: &[Field] = &[
     key("load_balancer"),
     not_yet(table("retries", RETRIES)),
     not_yet(table("circuit_breaker", CIRCUIT_BREAKER)),
-    not_yet(table("rate_limit", RATE_LIMIT)),
+    table("rate_limit", RATE_LIMIT),
     not_yet(key("max_concurrent")),
     key("queue_timeout"),
 ];

@@ -10,6 +10,8 @@ use std::time::Duration;
 use super::validate::{line_col, parse_duration};
 use super::*;
 
+mod routes;
+
 fn no_env() -> BTreeMap<String, String> {
     BTreeMap::new()
 }

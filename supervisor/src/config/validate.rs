@@ -568,9 +568,25 @@ fn check_mesh(
             ctx.error(etcd.span(), "`etcd` cannot be used with `tls = \"off\"`");
         }
     }
-    if let Some(seed) = &raw.seed {
-        if *seed.get_ref() < 0 {
+    let mut seed = raw.seed.as_ref().and_then(|seed| {
+        let n = u64::try_from(*seed.get_ref()).ok();
+        if n.is_none() {
             ctx.error(seed.span(), "`seed` must not be negative");
+        }
+        n
+    });
+    // `MESH_SEED` overrides the file, so that a run can be repeated (or varied) without
+    // editing it.
+    if let Some(value) = env.get("MESH_SEED") {
+        match value.trim().parse::<u64>() {
+            Ok(n) => seed = Some(n),
+            Err(_) => ctx.report(
+                0..0,
+                format!(
+                    "`MESH_SEED` in mesh's environment is not a non-negative integer: \"{value}\""
+                ),
+                Some("unset it, or set it to a number such as `MESH_SEED=42`".to_owned()),
+            ),
         }
     }
     Some(MeshSettings {
@@ -578,6 +594,7 @@ fn check_mesh(
         state_dir,
         admin,
         shutdown_timeout,
+        seed,
     })
 }
 

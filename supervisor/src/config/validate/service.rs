@@ -230,9 +230,12 @@ pub(super) fn check_service(
         .as_ref()
         .map(|t| check_traffic(ctx, t))
         .unwrap_or_default();
-    for route in raw.routes.iter().flatten() {
-        check_route(ctx, route, protocol, scope);
-    }
+    let routes: Vec<_> = raw
+        .routes
+        .iter()
+        .flatten()
+        .filter_map(|route| check_route(ctx, route, name, protocol, scope))
+        .collect();
 
     if ctx.diags.len() > errors_before {
         return (None, dep_edges);
@@ -258,6 +261,7 @@ pub(super) fn check_service(
         health,
         expose,
         traffic,
+        routes,
     };
     (Some(service), dep_edges)
 }
@@ -816,8 +820,8 @@ pub(super) fn check_cycles(
     !cycles.is_empty()
 }
 
-/// `depends_on` edges strictly, then `upstreams` edges where they add no cycle (mutual
-/// upstreams are legal), ties broken by name.
+/// `depends_on` edges strictly, then `upstreams` (and route backend) edges where they
+/// add no cycle (mutual upstreams are legal), ties broken by name.
 pub(super) fn start_order(services: &BTreeMap<String, Service>) -> Vec<String> {
     // before[x] = services that must start before x.
     let mut before: BTreeMap<&str, BTreeSet<&str>> = services
@@ -830,7 +834,13 @@ pub(super) fn start_order(services: &BTreeMap<String, Service>) -> Vec<String> {
         })
         .collect();
     for service in services.values() {
-        for upstream in &service.upstreams {
+        // A service's route backends are reached through it like upstreams, so they
+        // start before it on the same terms (B == S adds nothing: it reaches itself).
+        let route_backends = service
+            .routes
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|(b, _)| b));
+        for upstream in service.upstreams.iter().chain(route_backends) {
             // Adding "upstream before service" closes a cycle if service already comes
             // (transitively) before upstream.
             if !reaches(&before, upstream, &service.name) {

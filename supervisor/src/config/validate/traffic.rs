@@ -4,7 +4,8 @@
 
 // The parent's types and helpers are this module's vocabulary.
 use super::*;
-use crate::config::model::{LoadBalancer, Traffic};
+use crate::config::model::{Fault, LoadBalancer, RateLimit, Route, Traffic};
+use crate::config::raw::{RawFault, RawRateLimit};
 
 pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) -> Traffic {
     let mut traffic = Traffic::default();
@@ -75,15 +76,7 @@ pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) -> Traffic {
         );
     }
     if let Some(rl) = &t.rate_limit {
-        if let Some(rps) = &rl.rps {
-            if !(rps.get_ref().is_finite() && *rps.get_ref() > 0.0) {
-                ctx.error(
-                    rps.span(),
-                    "`traffic.rate_limit.rps` must be greater than 0",
-                );
-            }
-        }
-        at_least(ctx, rl.burst.as_ref(), 1, "traffic.rate_limit.burst");
+        traffic.rate_limit = check_rate_limit(ctx, rl.get_ref(), rl.span());
     }
     at_least(ctx, t.max_concurrent.as_ref(), 1, "traffic.max_concurrent");
     if let Some(q) = &t.queue_timeout {
@@ -92,6 +85,43 @@ pub(super) fn check_traffic(ctx: &mut Ctx<'_>, t: &RawTraffic) -> Traffic {
         }
     }
     traffic
+}
+
+/// `rate_limit = { rps, burst }`: `rps` is required; `burst` defaults to one second's
+/// worth of tokens (`rps` rounded up, at least 1).
+fn check_rate_limit(ctx: &mut Ctx<'_>, rl: &RawRateLimit, span: Range<usize>) -> Option<RateLimit> {
+    let rps = match &rl.rps {
+        Some(rps) if rps.get_ref().is_finite() && *rps.get_ref() > 0.0 => Some(*rps.get_ref()),
+        Some(rps) => {
+            ctx.error(
+                rps.span(),
+                "`traffic.rate_limit.rps` must be greater than 0",
+            );
+            None
+        }
+        None => {
+            ctx.error(span, "`rate_limit` needs `rps`");
+            None
+        }
+    };
+    let burst = match &rl.burst {
+        None => None,
+        Some(b) if *b.get_ref() < 1 => {
+            ctx.error(b.span(), "`traffic.rate_limit.burst` must be at least 1");
+            return None;
+        }
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                ctx.error(b.span(), "`traffic.rate_limit.burst` is too large");
+                return None;
+            }
+        },
+    };
+    let rps = rps?;
+    // Saturating float-to-int cast: a huge rps gives the largest burst.
+    let burst = burst.unwrap_or((rps.ceil() as u32).max(1));
+    Some(RateLimit { rps, burst })
 }
 
 fn check_retry_condition(ctx: &mut Ctx<'_>, condition: &Spanned<String>) {
@@ -130,30 +160,56 @@ const GRPC_CODES: &[&str] = &[
     "unauthenticated",
 ];
 
+/// Checks one route of `service`; returns it when valid.
 pub(super) fn check_route(
     ctx: &mut Ctx<'_>,
     route: &Spanned<RawRoute>,
+    service: &str,
     protocol: Protocol,
     scope: &Scope<'_>,
-) {
+) -> Option<Route> {
+    let errors_before = ctx.diags.len();
     let r = route.get_ref();
-    if protocol == Protocol::Tcp
-        && (r.path_prefix.is_some()
-            || r.headers.is_some()
-            || r.timeout.is_some()
-            || r.fault.is_some())
-    {
-        ctx.error(
-            route.span(),
-            "routes of a tcp service may only set `backends`",
-        );
-    }
-    if let Some(prefix) = &r.path_prefix {
-        if !prefix.get_ref().starts_with('/') {
-            ctx.error(prefix.span(), "`path_prefix` must start with `/`");
+    if protocol == Protocol::Tcp {
+        let header_span = r
+            .headers
+            .as_ref()
+            .map(|h| h.0.first().map_or(route.span(), |(name, _)| name.span()));
+        let set = [
+            ("path_prefix", r.path_prefix.as_ref().map(Spanned::span)),
+            ("headers", header_span),
+            ("timeout", r.timeout.as_ref().map(Spanned::span)),
+            ("fault", r.fault.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in set {
+            if let Some(span) = span {
+                ctx.error(
+                    span,
+                    format!("`{key}` is not allowed in a route of tcp service `{service}`: tcp routes may only set `backends`"),
+                );
+            }
         }
     }
-    for (name, _) in r.headers.iter().flat_map(|h| h.0.iter()) {
+    let path_prefix = r.path_prefix.as_ref().map(|prefix| {
+        let p = prefix.get_ref();
+        if !p.starts_with('/') {
+            ctx.error(prefix.span(), "`path_prefix` must start with `/`");
+        } else if p.contains(['?', '#']) || p.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            ctx.error(
+                prefix.span(),
+                "`path_prefix` must be a path, without spaces, query or fragment",
+            );
+        }
+        // Whole segments: "/v2/" means the same as "/v2".
+        let trimmed = p.trim_end_matches('/');
+        if trimmed.is_empty() {
+            "/".to_owned()
+        } else {
+            trimmed.to_owned()
+        }
+    });
+    let mut headers = Vec::new();
+    for (name, value) in r.headers.iter().flat_map(|h| h.0.iter()) {
         if name.get_ref().is_empty()
             || !name
                 .get_ref()
@@ -165,62 +221,160 @@ pub(super) fn check_route(
                 format!("invalid header name `{}`", name.get_ref()),
             );
         }
+        if value
+            .get_ref()
+            .bytes()
+            .any(|c| (c.is_ascii_control() && c != b'\t') || c == 0x7f)
+        {
+            ctx.error(
+                value.span(),
+                format!(
+                    "the value of header `{}` has control characters, which no request carries",
+                    name.get_ref()
+                ),
+            );
+        }
+        headers.push((name.get_ref().to_ascii_lowercase(), value.get_ref().clone()));
     }
+    let mut backends = Vec::new();
     match &r.backends {
         None => ctx.error(route.span(), "a route needs `backends`"),
-        Some(backends) => {
-            if backends.0.is_empty() {
+        Some(backends_raw) => {
+            if backends_raw.0.is_empty() {
                 ctx.error(route.span(), "`backends` is empty");
             }
-            for (backend, weight) in &backends.0 {
-                if *weight.get_ref() < 0 {
+            for (backend, weight) in &backends_raw.0 {
+                let w = *weight.get_ref();
+                let weight_ok = if w < 0 {
                     ctx.error(weight.span(), "route weights must not be negative");
-                }
+                    false
+                } else if w > i64::from(MAX_WEIGHT) {
+                    ctx.error(
+                        weight.span(),
+                        format!("route weights must be at most {MAX_WEIGHT}"),
+                    );
+                    false
+                } else {
+                    true
+                };
                 if !check_reference(ctx, backend, "backends", scope) {
                     continue;
                 }
-                if scope.facts.get(backend.get_ref()).and_then(|f| f.port) == Some(PortSpec::None) {
+                let name = backend.get_ref();
+                let facts = scope.facts.get(name);
+                if facts.and_then(|f| f.port) == Some(PortSpec::None) {
                     ctx.error(
                         backend.span(),
                         format!(
-                            "service `{}` has `port = \"none\"` and cannot be a route backend",
-                            backend.get_ref()
+                            "service `{name}` has `port = \"none\"` and cannot be a route backend",
                         ),
                     );
+                } else if let Some(theirs) = facts.and_then(|f| f.protocol) {
+                    if theirs != protocol {
+                        ctx.error(
+                            backend.span(),
+                            format!(
+                                "route backend `{name}` speaks {}, but `{service}` speaks {}",
+                                protocol_name(theirs),
+                                protocol_name(protocol)
+                            ),
+                        );
+                    }
+                }
+                if weight_ok {
+                    backends.push((name.clone(), w as u32));
                 }
             }
-        }
-    }
-    if let Some(timeout) = &r.timeout {
-        duration(ctx, timeout, "routes.timeout");
-    }
-    if let Some(fault) = &r.fault {
-        if let Some(delay) = &fault.delay {
-            duration(ctx, delay, "fault.delay");
-        }
-        percent(
-            ctx,
-            fault
-                .delay_percent
-                .as_ref()
-                .map(|p| (p.span(), *p.get_ref())),
-            "fault.delay_percent",
-        );
-        percent(
-            ctx,
-            fault
-                .abort_percent
-                .as_ref()
-                .map(|p| (p.span(), *p.get_ref())),
-            "fault.abort_percent",
-        );
-        if let Some(abort) = &fault.abort {
-            if !(200..=599).contains(abort.get_ref()) {
+            let all_zero =
+                !backends_raw.0.is_empty() && backends_raw.0.iter().all(|(_, w)| *w.get_ref() == 0);
+            if all_zero {
                 ctx.error(
-                    abort.span(),
-                    "`fault.abort` must be an HTTP status between 200 and 599",
+                    route.span(),
+                    "every weight in `backends` is 0: no request could be routed",
                 );
             }
         }
     }
+    let timeout = r.timeout.as_ref().and_then(|timeout| {
+        let d = duration(ctx, timeout, "routes.timeout")?;
+        if d.is_zero() {
+            ctx.error(timeout.span(), "`routes.timeout` must be greater than 0s");
+        }
+        Some(d)
+    });
+    let fault = r.fault.as_ref().and_then(|fault| check_fault(ctx, fault));
+    if ctx.diags.len() > errors_before {
+        return None;
+    }
+    Some(Route {
+        path_prefix,
+        headers,
+        backends,
+        timeout,
+        fault,
+    })
+}
+
+/// The largest route weight: weights are relative, so this is precision enough, and
+/// sums stay far from overflowing.
+const MAX_WEIGHT: u32 = 1_000_000;
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Http => "http",
+        Protocol::Grpc => "grpc",
+        Protocol::Tcp => "tcp",
+    }
+}
+
+/// `fault = { delay, delay_percent, abort, abort_percent }`. A percent without its
+/// `delay` / `abort` is an error; a `delay` / `abort` without its percent applies to
+/// every matched request.
+fn check_fault(ctx: &mut Ctx<'_>, fault: &Spanned<RawFault>) -> Option<Fault> {
+    let f = fault.get_ref();
+    let delay = f
+        .delay
+        .as_ref()
+        .and_then(|delay| duration(ctx, delay, "fault.delay"));
+    percent(
+        ctx,
+        f.delay_percent.as_ref().map(|p| (p.span(), *p.get_ref())),
+        "fault.delay_percent",
+    );
+    percent(
+        ctx,
+        f.abort_percent.as_ref().map(|p| (p.span(), *p.get_ref())),
+        "fault.abort_percent",
+    );
+    let abort = f.abort.as_ref().and_then(|abort| {
+        if (200..=599).contains(abort.get_ref()) {
+            u16::try_from(*abort.get_ref()).ok()
+        } else {
+            ctx.error(
+                abort.span(),
+                "`fault.abort` must be an HTTP status between 200 and 599",
+            );
+            None
+        }
+    });
+    if let (None, Some(p)) = (&f.delay, &f.delay_percent) {
+        ctx.error(p.span(), "`fault.delay_percent` needs `fault.delay`");
+    }
+    if let (None, Some(p)) = (&f.abort, &f.abort_percent) {
+        ctx.error(p.span(), "`fault.abort_percent` needs `fault.abort`");
+    }
+    if f.delay.is_none()
+        && f.abort.is_none()
+        && f.delay_percent.is_none()
+        && f.abort_percent.is_none()
+    {
+        ctx.error(fault.span(), "`fault` needs `delay` or `abort`");
+    }
+    let pct = |p: &Option<Spanned<f64>>| p.as_ref().map_or(100.0, |p| *p.get_ref());
+    Some(Fault {
+        delay,
+        delay_percent: pct(&f.delay_percent),
+        abort,
+        abort_percent: pct(&f.abort_percent),
+    })
 }
