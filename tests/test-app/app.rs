@@ -299,7 +299,7 @@ async fn route(
     if path != "/count" && path != "/healthz" {
         state.served.fetch_add(1, Ordering::Relaxed);
     }
-    let res = match path {
+    let mut res = match path {
         "/" | "/whoami" => {
             let mut r = text(StatusCode::OK, state.id.clone());
             r.headers_mut().insert("x-replica", state.id_header.clone());
@@ -350,6 +350,9 @@ async fn route(
             }
         }
     };
+    // Every answer says who gave it, so tests can see where any path was routed.
+    res.headers_mut()
+        .insert("x-replica", state.id_header.clone());
     Ok(res)
 }
 
