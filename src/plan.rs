@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy};
+use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy, Service};
 
 /// The plan as `mesh check` prints it: start order, ports, identities.
 pub(crate) fn render(config: &Config) -> String {
@@ -71,6 +71,14 @@ pub(crate) fn render(config: &Config) -> String {
                 config.mesh.name
             );
         }
+        if let Some(rl) = &svc.traffic.rate_limit {
+            let _ = writeln!(
+                out,
+                "       rate_limit: {} rps, burst {} (per replica)",
+                rl.rps, rl.burst
+            );
+        }
+        render_routes(&mut out, svc);
         if let Some(h) = &svc.health {
             let check = match &h.check {
                 HealthCheck::Http(p) => format!("http {p}"),
@@ -87,12 +95,63 @@ pub(crate) fn render(config: &Config) -> String {
     out
 }
 
+/// `routes:` lines, one per route in match order (empty without routes).
+fn render_routes(out: &mut String, svc: &Service) {
+    if svc.routes.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "       routes (first match wins, else {}):", svc.name);
+    for (i, route) in svc.routes.iter().enumerate() {
+        let mut conditions: Vec<String> = route.path_prefix.iter().cloned().collect();
+        conditions.extend(route.headers.iter().map(|(n, v)| format!("{n}: {v}")));
+        let when = if conditions.is_empty() {
+            "everything".to_owned()
+        } else {
+            conditions.join(" and ")
+        };
+        let to: Vec<String> = route
+            .backends
+            .iter()
+            .map(|(b, w)| format!("{b} {w}"))
+            .collect();
+        let mut line = format!("         {i}. {when} -> {}", to.join(", "));
+        if let Some(t) = route.timeout {
+            let _ = write!(line, "; timeout {}", humantime::format_duration(t));
+        }
+        if let Some(f) = &route.fault {
+            if let Some(d) = f.delay {
+                let _ = write!(
+                    line,
+                    "; delay {} {}%",
+                    humantime::format_duration(d),
+                    f.delay_percent
+                );
+            }
+            if let Some(status) = f.abort {
+                let _ = write!(line, "; abort {status} {}%", f.abort_percent);
+            }
+        }
+        let _ = writeln!(out, "{line}");
+    }
+}
+
 /// Problems that validation cannot call errors but that will make a start fail: a
 /// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns).
+/// Also routes that can never match, because an earlier route matches everything.
 pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
     for name in &config.start_order {
         let svc = &config.services[name];
+        let catch_all = svc.routes.iter().position(|r| {
+            r.path_prefix.as_deref().is_none_or(|p| p == "/") && r.headers.is_empty()
+        });
+        if let Some(first) = catch_all {
+            for later in first + 1..svc.routes.len() {
+                out.push(format!(
+                    "service `{name}`: route {later} never matches: route {first} takes every request"
+                ));
+            }
+        }
         if !svc.working_dir.is_dir() {
             out.push(format!(
                 "service `{name}`: working_dir {} does not exist",

@@ -484,3 +484,48 @@ fn fault_delay_is_observed_and_upgrades_are_exempt() {
     drop(s);
     stop(mesh, &[]);
 }
+
+#[test]
+fn mesh_check_shows_routes_and_rate_limits_and_warns_about_unreachable_routes() {
+    let p = Project::new(
+        r#"
+[services.api]
+command = "api"
+traffic = { rate_limit = { rps = 200, burst = 400 } }
+
+[[services.api.routes]]
+path_prefix = "/v2"
+headers = { X-Canary = "1" }
+backends = { api-v2 = 90, api = 10 }
+timeout = "2s"
+fault = { delay = "100ms", delay_percent = 10, abort = 503, abort_percent = 1 }
+
+[[services.api.routes]]
+backends = { api-v2 = 1 }
+
+[[services.api.routes]]
+path_prefix = "/v3"
+backends = { api = 1 }
+
+[services.api-v2]
+command = "api --v2"
+"#,
+    );
+    let (code, out, err) = p.check();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("rate_limit: 200 rps, burst 400 (per replica)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "0. /v2 and x-canary: 1 -> api-v2 90, api 10; timeout 2s; delay 100ms 10%; abort 503 1%"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("1. everything -> api-v2 1"), "{out}");
+    assert!(
+        err.contains("warning: service `api`: route 2 never matches: route 1 takes every request"),
+        "{err}"
+    );
+}
