@@ -145,6 +145,13 @@ pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<S
         let catch_all = svc.routes.iter().position(|r| {
             r.path_prefix.as_deref().is_none_or(|p| p == "/") && r.headers.is_empty()
         });
+        if svc.port == PortSpec::None
+            && (!svc.routes.is_empty() || svc.traffic.rate_limit.is_some())
+        {
+            out.push(format!(
+                "service `{name}` has `port = \"none\"`: nothing calls it, so its routes and rate limit never apply"
+            ));
+        }
         if let Some(first) = catch_all {
             for later in first + 1..svc.routes.len() {
                 out.push(format!(

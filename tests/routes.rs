@@ -509,6 +509,11 @@ backends = { api = 1 }
 
 [services.api-v2]
 command = "api --v2"
+
+[services.worker]
+command = "worker"
+port = "none"
+traffic = { rate_limit = { rps = 1 } }
 "#,
     );
     let (code, out, err) = p.check();
@@ -526,6 +531,10 @@ command = "api --v2"
     assert!(out.contains("1. everything -> api-v2 1"), "{out}");
     assert!(
         err.contains("warning: service `api`: route 2 never matches: route 1 takes every request"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: service `worker` has `port = \"none\"`: nothing calls it, so its routes and rate limit never apply"),
         "{err}"
     );
 }
