@@ -24,6 +24,16 @@ fn ingress(mesh: &MeshProc, service: &str) -> String {
     line.rsplit(" on ").next().unwrap_or("").trim().to_string()
 }
 
+/// The admin server's address, from mesh's start-up line.
+fn admin(mesh: &MeshProc) -> String {
+    let line = mesh.wait_line("admin on http://", T);
+    line.rsplit("http://")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
 /// Which replica answered `path` with `headers`, and with which status.
 fn routed(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let r = http(addr, "GET", path, headers, "").expect("request");
@@ -100,6 +110,13 @@ traffic = {{ rate_limit = {{ rps = 0.25, burst = 5 }}, queue_timeout = "20s" }}
             .unwrap_or(0);
         assert!((1..=4).contains(&secs), "{r:?}");
     }
+    // The inbound counts each refusal under the calling identity.
+    let metrics = get(&admin(&mesh), "/metrics").expect("metrics").body;
+    let sample = format!(
+        "mesh_errors_total{{caller=\"ingress\",service=\"api\",kind=\"rate-limited\"}} {}",
+        limited.len()
+    );
+    assert!(metrics.contains(&sample), "{sample} in\n{metrics}");
     let pids = pids_of(&mesh, "mesh-test-app", "api", 0);
     stop(mesh, &pids);
 }
@@ -133,6 +150,13 @@ traffic = {{ rate_limit = {{ rps = 0.01, burst = 2 }}, queue_timeout = "20s" }}
     assert_eq!(answers[2..], ["", "", ""], "{answers:?}");
     let line = mesh.wait_line("mesh: rate-limited: service=db", T);
     assert!(line.contains("tried=db.0"), "{line}");
+    // Counted as well as logged.
+    let metrics = get(&admin(&mesh), "/metrics").expect("metrics").body;
+    assert!(
+        metrics
+            .contains(r#"mesh_errors_total{caller="unknown",service="db",kind="rate-limited"} 3"#),
+        "{metrics}"
+    );
     let pids = pids_of(&mesh, "mesh-test-app", "db", 0);
     stop(mesh, &pids);
 }
@@ -286,6 +310,21 @@ fn routes_match_by_segment_and_headers_first_match_wins_and_up_starts_backends()
             (404, "api.0".into()),
             "the path condition holds too"
         );
+    }
+    // The `route` label says which route each request took ("" for none).
+    let metrics = get(&admin(&mesh), "/metrics").expect("metrics").body;
+    for caller in ["ingress", "web"] {
+        for (route, class, n) in [
+            ("0", "4xx", 1),
+            ("1", "4xx", 4),
+            ("", "2xx", 1),
+            ("", "4xx", 2),
+        ] {
+            let sample = format!(
+                "mesh_requests_total{{caller=\"{caller}\",service=\"api\",route=\"{route}\",status_class=\"{class}\"}} {n}"
+            );
+            assert!(metrics.contains(&sample), "{sample} in\n{metrics}");
+        }
     }
     assert_eq!(
         mesh.count("other-started"),
