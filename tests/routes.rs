@@ -577,3 +577,51 @@ traffic = { rate_limit = { rps = 1 } }
         "{err}"
     );
 }
+
+#[test]
+fn tcp_routes_draw_a_backend_per_connection() {
+    let p = Project::new(&format!(
+        r#"
+[mesh]
+name = "t"
+seed = 5
+
+[services.db]
+command = [{app:?}, "tcp"]
+protocol = "tcp"
+expose = "127.0.0.1:0"
+traffic = {{ queue_timeout = "20s" }}
+
+[[services.db.routes]]
+backends = {{ db-b = 1, db = 1 }}
+
+[services.db-b]
+command = [{app:?}, "tcp"]
+protocol = "tcp"
+traffic = {{ queue_timeout = "20s" }}
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&["db"]);
+    let addr = ingress(&mesh, "db");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..24 {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(patience(T))).expect("timeout");
+        s.write_all(b"x").expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        *counts.entry(answer).or_default() += 1;
+    }
+    // Each connection stays with the backend it drew; both get some at 50/50.
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["db-b.0:x", "db.0:x"],
+        "{counts:?}"
+    );
+    let mut pids = pids_of(&mesh, "mesh-test-app", "db", 0);
+    pids.extend(pids_of(&mesh, "mesh-test-app", "db-b", 0));
+    assert_eq!(pids.len(), 2, "`mesh up db` starts db's route backend too");
+    stop(mesh, &pids);
+}
