@@ -17,6 +17,11 @@
 //!                       inbound (per replica) ──plain, caller's HTTP version──▶ app
 //! ```
 //!
+//! An outbound first applies the called service's routes ([`routes`]): the matched
+//! route picks the balancer (a route backend's, or the service's own), the timeout and
+//! any injected fault. An inbound first takes a token from its replica's
+//! [`ratelimit`] bucket, if the service has one.
+//!
 //! Between sidecars, HTTP travels over one multiplexed HTTP/2 connection per (caller,
 //! endpoint). Two internal headers cross that hop and are stripped by the inbound:
 //! [`HDR_SOURCE`] (the caller's identity, until mTLS carries it in the certificate) and
