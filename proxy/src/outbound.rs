@@ -183,20 +183,29 @@ impl Outbound {
             self.forward(peer, req, balancer, queue_timeout, &mut tries)
                 .await
         };
-        let Some(timeout) = decision.timeout else {
-            return routed.await;
+        // One state machine whether or not a timeout applies: two `.await` branches
+        // would hold two copies of the request's future, and it is boxed per request.
+        let expiry = async {
+            match decision.timeout {
+                Some(timeout) => tokio::time::sleep_until(arrival + timeout).await,
+                None => std::future::pending().await,
+            }
         };
-        let outcome = tokio::time::timeout_at(arrival + timeout, routed).await;
+        let outcome = tokio::select! {
+            biased;
+            response = routed => Some(response),
+            () = expiry => None,
+        };
         match outcome {
-            Ok(response) => response,
-            Err(_) => self.error(
+            Some(response) => response,
+            None => self.error(
                 ErrorKind::Timeout,
                 tries.tried,
                 tries.attempts,
                 format!(
                     "route {} timeout {} elapsed before response headers",
                     decision.label,
-                    as_written(timeout)
+                    as_written(decision.timeout.unwrap_or_default())
                 ),
             ),
         }
