@@ -346,17 +346,24 @@ fn routes_for(
             });
             weighted.push((backend.clone(), *weight));
         }
-        let headers = route
+        let headers: Option<Vec<_>> = route
             .headers
             .iter()
-            .filter_map(|(name, value)| {
-                // Validated as header names and values; a failure here is a bug, and
-                // the condition is dropped rather than the mesh.
+            .map(|(name, value)| {
                 let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).ok()?;
-                let value = hyper::header::HeaderValue::from_str(value).ok()?;
+                let value = hyper::header::HeaderValue::from_bytes(value.as_bytes()).ok()?;
                 Some((name, value))
             })
             .collect();
+        let Some(headers) = headers else {
+            // Validation only lets valid names and values through, so this is a bug.
+            // Leaving out one condition would widen the route; leave out the route.
+            tracing::error!(
+                service,
+                "a route's header condition is not valid HTTP; route ignored"
+            );
+            continue;
+        };
         let fault = route.fault.as_ref().map(|f| proxy::routes::Fault {
             delay: f.delay,
             delay_percent: f.delay_percent,

@@ -199,6 +199,13 @@ pub(super) fn check_route(
                 prefix.span(),
                 "`path_prefix` must be a path, without spaces, query or fragment",
             );
+        } else if !p.is_ascii() {
+            // Request paths are percent-encoded: a raw "é" could never match.
+            ctx.report(
+                prefix.span(),
+                "`path_prefix` must be ASCII, as request paths are",
+                Some("percent-encode it as requests carry it, e.g. `/caf%C3%A9`".to_owned()),
+            );
         }
         // Whole segments: "/v2/" means the same as "/v2".
         let trimmed = p.trim_end_matches('/');
@@ -210,12 +217,9 @@ pub(super) fn check_route(
     });
     let mut headers = Vec::new();
     for (name, value) in r.headers.iter().flat_map(|h| h.0.iter()) {
-        if name.get_ref().is_empty()
-            || !name
-                .get_ref()
-                .bytes()
-                .all(|c| c.is_ascii_graphic() && c != b':')
-        {
+        // RFC 9110 token characters, as HTTP allows in a field name.
+        let tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        if name.get_ref().is_empty() || !name.get_ref().bytes().all(tchar) {
             ctx.error(
                 name.span(),
                 format!("invalid header name `{}`", name.get_ref()),
