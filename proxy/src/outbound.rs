@@ -152,9 +152,9 @@ struct Tries {
 }
 
 impl Outbound {
-    /// The route step, then the request: `decision` names the balancer (a route
-    /// backend's, else the service's), the timeout and the fault. Upgrades are exempt
-    /// from timeouts and faults (SPEC §3 Timeouts).
+    /// Carry out the route step's `decision` (the balancer: a route backend's, else the
+    /// service's; the route's timeout; the fault), then forward the request. Upgrades
+    /// are exempt from timeouts and faults (SPEC §3 Timeouts).
     async fn handle(
         &self,
         peer: SocketAddr,
