@@ -20,8 +20,9 @@ pub struct Config {
     pub mesh: MeshSettings,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
-    /// Every service name in start order: `depends_on` edges strictly, `upstreams` edges
-    /// where they do not form a cycle, ties by name. Shutdown walks it backwards.
+    /// Every service name in start order: `depends_on` edges strictly, `upstreams` (and
+    /// route backend) edges where they do not form a cycle, ties by name. Shutdown walks
+    /// it backwards.
     pub start_order: Vec<String>,
 }
 
