@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::balance::{Balancer, Outcome};
 use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
-use crate::http::client::{self, H2Pool};
+use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
 use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed, full};
@@ -54,6 +54,10 @@ pub struct OutboundConfig {
     pub ingress: bool,
     /// Where the mesh's metrics are recorded.
     pub metrics: crate::metrics::Metrics,
+    /// Mutual TLS to inbounds (`tls = "mutual"`): the caller's client configurations,
+    /// presenting `spiffe://<mesh_name>/<caller>`. `None` connects in plain text and
+    /// states the caller's identity in an internal header instead (`tls = "off"`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -85,11 +89,21 @@ pub async fn serve_with(
         }
     };
     let tracker = TaskTracker::new();
+    let peer_tls = cfg.tls.as_ref().map(|client| PeerTls {
+        client: client.clone(),
+        server_identity: format!("spiffe://{}/{}", cfg.mesh_name, cfg.service),
+        metrics: cfg.metrics.clone(),
+        service: cfg.service.clone(),
+    });
+    // With mTLS the certificate carries the identity: no header that could be trusted
+    // by mistake.
+    let source = cfg.tls.is_none().then_some(source);
     let outbound = Arc::new(Outbound {
         cfg,
         source,
         balancer,
-        pool: H2Pool::new(),
+        pool: H2Pool::with_tls(peer_tls.clone()),
+        peer_tls,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
     });
@@ -126,10 +140,12 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
-    /// `x-mesh-source` for every hop.
-    source: HeaderValue,
+    /// `x-mesh-source` for every hop, with `tls = "off"` only.
+    source: Option<HeaderValue>,
     balancer: Balancer,
     pool: H2Pool,
+    /// Mutual TLS for upgrade connections (the pool has its own copy).
+    peer_tls: Option<PeerTls>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -293,7 +309,7 @@ impl Outbound {
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
         let request = Request::from_parts(parts, boxed(body));
-        match client::send_upgrade(pick.endpoint.addr, request).await {
+        match client::send_upgrade_via(pick.endpoint.addr, self.peer_tls.as_ref(), request).await {
             Ok(mut response) => {
                 pick.record(Outcome::Response(started.elapsed()));
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -345,7 +361,10 @@ impl Outbound {
         if !headers.contains_key(TRACEPARENT) {
             headers.insert(TRACEPARENT, headers::new_traceparent());
         }
-        headers.insert(HDR_SOURCE, self.source.clone());
+        match &self.source {
+            Some(source) => headers.insert(HDR_SOURCE, source.clone()),
+            None => headers.remove(HDR_SOURCE),
+        };
         let version = if version == Version::HTTP_2 {
             "2"
         } else {

@@ -105,6 +105,8 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         protocol,
         app,
         metrics: Metrics::new(),
+        tls: None,
+        admitted: Default::default(),
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {
@@ -150,6 +152,7 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
         },
         ingress: opts.ingress,
         metrics: Metrics::new(),
+        tls: None,
     };
     let task = tokio::spawn(outbound::serve_with(
         listener,

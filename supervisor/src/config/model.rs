@@ -33,6 +33,30 @@ pub struct MeshSettings {
     /// Absolute path of the state directory.
     pub state_dir: PathBuf,
     pub shutdown_timeout: Duration,
+    /// `tls`: mutual TLS between sidecars, or plain (`"off"`).
+    pub tls: TlsMode,
+    /// `ca = { cert, key }`: the mesh CA's files (absolute paths); `None` keeps the CA in
+    /// `state_dir`, created at the first start.
+    pub ca: Option<CaFiles>,
+}
+
+/// `[mesh] tls`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Mutual TLS between sidecars, authorization enforced (the default).
+    #[default]
+    Mutual,
+    /// Plain between sidecars, authorization not enforced (for debugging).
+    Off,
+}
+
+/// `[mesh] ca = { cert, key }`, resolved against mesh.toml's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaFiles {
+    /// The CA certificate (PEM).
+    pub cert: PathBuf,
+    /// The CA's private key (PEM, PKCS#8).
+    pub key: PathBuf,
 }
 
 /// One `[services.NAME]` table.
@@ -54,6 +78,9 @@ pub struct Service {
     pub port: PortSpec,
     /// Upstream service names, in file order.
     pub upstreams: Vec<String>,
+    /// `allow`: services admitted as callers besides those listing this one in their
+    /// `upstreams`.
+    pub allow: Vec<String>,
     pub depends_on: BTreeMap<String, Condition>,
     pub restart: RestartPolicy,
     pub backoff: Backoff,
