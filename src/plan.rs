@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy};
+use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy, TlsMode};
 
 /// The plan as `mesh check` prints it: start order, ports, identities.
 pub(crate) fn render(config: &Config) -> String {
@@ -21,6 +21,17 @@ pub(crate) fn render(config: &Config) -> String {
         "  shutdown_timeout  {}",
         humantime::format_duration(config.mesh.shutdown_timeout)
     );
+    let tls = match (config.mesh.tls, &config.mesh.ca) {
+        (TlsMode::Off, _) => "off (plain between sidecars, authorization not enforced)".to_string(),
+        (TlsMode::Mutual, Some(ca)) => {
+            format!("mutual (CA {} and {})", ca.cert.display(), ca.key.display())
+        }
+        (TlsMode::Mutual, None) => format!(
+            "mutual (CA {}, created at the first start)",
+            config.mesh.state_dir.join("ca.crt").display()
+        ),
+    };
+    let _ = writeln!(out, "  tls               {tls}");
     let _ = writeln!(out, "start order:");
     for (i, name) in config.start_order.iter().enumerate() {
         let svc = &config.services[name];
@@ -64,6 +75,9 @@ pub(crate) fn render(config: &Config) -> String {
                 svc.upstreams.join(", ")
             );
         }
+        if !svc.allow.is_empty() {
+            let _ = writeln!(out, "       allow: {}", svc.allow.join(", "));
+        }
         if let Some(addr) = svc.expose {
             let _ = writeln!(
                 out,
@@ -88,9 +102,24 @@ pub(crate) fn render(config: &Config) -> String {
 }
 
 /// Problems that validation cannot call errors but that will make a start fail: a
-/// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns).
+/// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns),
+/// CA files that cannot be read; and `tls = "off"`, which runs but should not last.
 pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
+    if config.mesh.tls == TlsMode::Off {
+        out.push(
+            "tls = \"off\": traffic between sidecars is plain text and unauthenticated, and \
+             authorization (`upstreams`, `allow`) is NOT enforced; use it for debugging only"
+                .to_string(),
+        );
+    }
+    if let Some(ca) = &config.mesh.ca {
+        for path in [&ca.cert, &ca.key] {
+            if let Err(e) = std::fs::read(path) {
+                out.push(format!("`ca`: cannot read {}: {e}", path.display()));
+            }
+        }
+    }
     for name in &config.start_order {
         let svc = &config.services[name];
         if !svc.working_dir.is_dir() {
