@@ -118,9 +118,22 @@ impl Certs {
         }
         .context("cannot load the mesh CA")?;
         if ca.not_after() <= SystemTime::now() {
+            let cert = match &mesh.ca {
+                Some(files) => files.cert.clone(),
+                None => mesh.state_dir.join("ca.crt"),
+            };
             anyhow::bail!(
-                "the mesh CA expired at {}: replace it (see docs/tls.md)",
+                "the mesh CA {} expired at {}: replace it (see docs/tls.md)",
+                cert.display(),
                 humantime::format_rfc3339_seconds(ca.not_after())
+            );
+        }
+        // SPEC §8: warn 30 days ahead (`/ready` and `STATUS=` repeat it where built).
+        let soon = SystemTime::now() + Duration::from_secs(30 * 24 * 3600);
+        if ca.not_after() <= soon {
+            tracing::warn!(
+                not_after = %humantime::format_rfc3339_seconds(ca.not_after()),
+                "the mesh CA expires within 30 days: replace it before then (see docs/tls.md)"
             );
         }
         Ok(Certs {
