@@ -143,7 +143,7 @@ impl Inbound {
         let source = parts.headers.remove(HDR_SOURCE);
         parts.headers.remove(HDR_CLIENT_ID);
         let client_id = match peer {
-            Some(peer) => HeaderValue::from_str(&peer.0).ok(),
+            Some(peer) => peer.header,
             None => source,
         };
         if let Some(client_id) = client_id {
@@ -208,13 +208,15 @@ impl Inbound {
         let peer = req.extensions().get::<PeerIdentity>().cloned();
         let name = peer
             .as_ref()
-            .and_then(|peer| peer.0.strip_prefix(self.trust_domain.as_str()));
+            .and_then(|peer| peer.identity.strip_prefix(self.trust_domain.as_str()));
         if let Some(name) = name {
             if self.cfg.admitted.contains(name) {
                 return Ok(peer);
             }
         }
-        let caller = peer.as_ref().map_or("an unidentified peer", |p| &p.0);
+        let caller = peer
+            .as_ref()
+            .map_or("an unidentified peer", |p| &*p.identity);
         let service = format!("{}{}", self.trust_domain, self.cfg.service);
         let hint = match name {
             Some(name) => format!(

@@ -1,7 +1,7 @@
 //! The server side of a sidecar listener: HTTP/1.1 and h2c prior-knowledge on one port,
 //! limits against hostile clients, and a graceful drain on shutdown. An inbound listener
-//! with [`ServerTls`] first runs the mutual-TLS handshake and hands each request the
-//! verified identity of the calling sidecar ([`PeerIdentity`] in its extensions).
+//! with `ServerTls` first runs the mutual-TLS handshake and hands each request the
+//! verified identity of the calling sidecar (`PeerIdentity` in its extensions).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,7 +40,12 @@ pub(crate) struct ServerTls {
 /// The verified identity (`spiffe://…`) of the sidecar that sent a request over mutual
 /// TLS, in the request's extensions.
 #[derive(Clone, Debug)]
-pub(crate) struct PeerIdentity(pub(crate) Arc<str>);
+pub(crate) struct PeerIdentity {
+    pub(crate) identity: Arc<str>,
+    /// The same as a header value, made once per connection (cloning it is a reference
+    /// count), for `x-mesh-client-id`; `None` if it is not a valid header value.
+    pub(crate) header: Option<http::HeaderValue>,
+}
 
 /// Limits a listener applies to its clients. The defaults suit a sidecar facing local
 /// apps; tests shorten the timeout.
@@ -247,7 +252,11 @@ pub(crate) async fn serve_tls<H, F>(
                     }
                 },
             };
-            let identity = PeerIdentity(Arc::from(identity));
+            let header = http::HeaderValue::from_maybe_shared(Bytes::from(identity.clone())).ok();
+            let identity = PeerIdentity {
+                identity: Arc::from(identity),
+                header,
+            };
             serve_connection(&builder, io, peer, Some(identity), handle, &shutdown).await;
         };
         tracker.spawn(
