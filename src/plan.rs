@@ -27,7 +27,7 @@ pub(crate) fn render(config: &Config) -> String {
             format!("mutual (CA {} and {})", ca.cert.display(), ca.key.display())
         }
         (TlsMode::Mutual, None) => format!(
-            "mutual (CA {}, created at the first start)",
+            "mutual (CA {}, created at the first start if missing)",
             config.mesh.state_dir.join("ca.crt").display()
         ),
     };

@@ -267,3 +267,54 @@ fn unix_secs(t: SystemTime) -> i64 {
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a failing test panics")]
+
+    use super::*;
+
+    #[test]
+    fn inbounds_admit_their_callers_their_allow_and_their_own_ingress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.toml");
+        std::fs::write(
+            &path,
+            r#"
+version = 1
+[mesh]
+name = "shop"
+
+[services.web]
+command = "web"
+expose = 8080
+upstreams = ["api", "cache"]
+
+[services.api]
+command = "api"
+upstreams = ["db"]
+allow = ["admin"]
+
+[services.db]
+command = "db"
+
+[services.cache]
+command = "cache"
+protocol = "tcp"
+
+[services.admin]
+command = "admin"
+port = "none"
+"#,
+        )
+        .unwrap();
+        let config = mesh_supervisor::config::load(&path, &BTreeMap::new()).unwrap();
+        let admitted = admitted(&config);
+        let names = |s: &str| admitted[s].iter().cloned().collect::<Vec<_>>();
+        assert_eq!(names("web"), ["ingress"]);
+        assert_eq!(names("api"), ["admin", "web"]);
+        assert_eq!(names("db"), ["api"]);
+        assert_eq!(names("cache"), ["web"]);
+        assert!(names("admin").is_empty());
+    }
+}
