@@ -277,15 +277,17 @@ upstreams = ["echo"]
     });
 
     // A stream of requests (each takes 50 ms at the app) until api's inbound leaf has
-    // been renewed three times: by then every leaf issued at start has expired.
+    // been renewed three more times: by then (2 s at least) every leaf that the open
+    // connections were made with has expired.
     let renewed = |mesh: &MeshProc| {
         mesh.output()
             .iter()
             .filter(|l| l.contains("certificate renewed") && l.contains("spiffe://t/api"))
             .count()
     };
+    let before = renewed(&mesh);
     let mut requests = 0;
-    while renewed(&mesh) < 3 {
+    while renewed(&mesh) < before + 3 {
         let r = get(&ingress, "/sleep/50").expect("request during renewal");
         assert_eq!(r.status, 200, "{}", r.body);
         requests += 1;
