@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use mesh_supervisor::config::{Condition, Config, HealthCheck, PortSpec, RestartPolicy, Service};
+use mesh_supervisor::config::{
+    Condition, Config, HealthCheck, PortSpec, RestartPolicy, Service, TlsMode,
+};
 
 /// The plan as `mesh check` prints it: start order, ports, identities.
 pub(crate) fn render(config: &Config) -> String {
@@ -21,6 +23,17 @@ pub(crate) fn render(config: &Config) -> String {
         "  shutdown_timeout  {}",
         humantime::format_duration(config.mesh.shutdown_timeout)
     );
+    let tls = match (config.mesh.tls, &config.mesh.ca) {
+        (TlsMode::Off, _) => "off (plain between sidecars, authorization not enforced)".to_string(),
+        (TlsMode::Mutual, Some(ca)) => {
+            format!("mutual (CA {} and {})", ca.cert.display(), ca.key.display())
+        }
+        (TlsMode::Mutual, None) => format!(
+            "mutual (CA {}, created at the first start if missing)",
+            config.mesh.state_dir.join("ca.crt").display()
+        ),
+    };
+    let _ = writeln!(out, "  tls               {tls}");
     let _ = writeln!(out, "start order:");
     for (i, name) in config.start_order.iter().enumerate() {
         let svc = &config.services[name];
@@ -63,6 +76,9 @@ pub(crate) fn render(config: &Config) -> String {
                 "       upstreams: {} (each through an outbound sidecar on an assigned port)",
                 svc.upstreams.join(", ")
             );
+        }
+        if !svc.allow.is_empty() {
+            let _ = writeln!(out, "       allow: {}", svc.allow.join(", "));
         }
         if let Some(addr) = svc.expose {
             let _ = writeln!(
@@ -136,10 +152,25 @@ fn render_routes(out: &mut String, svc: &Service) {
 }
 
 /// Problems that validation cannot call errors but that will make a start fail: a
-/// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns).
-/// Also routes that can never match, because an earlier route matches everything.
+/// program or working_dir that does not exist (SPEC §3: a spawn error; `mesh check` warns),
+/// CA files that cannot be read; `tls = "off"`, which runs but should not last; routes
+/// that can never match, because an earlier route matches everything.
 pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
+    if config.mesh.tls == TlsMode::Off {
+        out.push(
+            "tls = \"off\": traffic between sidecars is plain text and unauthenticated, and \
+             authorization (`upstreams`, `allow`) is NOT enforced; use it for debugging only"
+                .to_string(),
+        );
+    }
+    if let Some(ca) = &config.mesh.ca {
+        for path in [&ca.cert, &ca.key] {
+            if let Err(e) = std::fs::read(path) {
+                out.push(format!("`ca`: cannot read {}: {e}", path.display()));
+            }
+        }
+    }
     for name in &config.start_order {
         let svc = &config.services[name];
         let catch_all = svc.routes.iter().position(|r| {

@@ -4,6 +4,12 @@
 //! same for the life of the mesh: an inbound per replica, an outbound per (caller,
 //! upstream), an ingress per `expose`. Discovery is fed from the supervisor's status:
 //! a replica is an endpoint while its process runs and is ready.
+//!
+//! With `tls = "mutual"` (the default) every sidecar gets its identity here (`certs`):
+//! the inbounds a leaf per replica, the outbounds a leaf per calling service, the
+//! ingresses the `ingress` leaf; and each inbound the set of callers it admits.
+
+mod certs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use mesh_proxy as proxy;
-use mesh_supervisor::config::{Config, LoadBalancer, Protocol};
+use mesh_supervisor::config::{Config, LoadBalancer, Protocol, TlsMode};
 use mesh_supervisor::logs::LogSink;
 use mesh_supervisor::supervisor::{self, Options, Outcome, ShutdownHooks, Statuses, Supervisor};
 use parking_lot::Mutex;
@@ -27,10 +33,19 @@ use tracing::Instrument;
 /// The identity name of ingress listeners (SPEC §1).
 const INGRESS: &str = "ingress";
 
+/// What `mesh up` prints on stderr when `tls = "off"`.
+const TLS_OFF_WARNING: &str = "mesh: WARNING: tls = \"off\": traffic between sidecars is \
+    plain text, unauthenticated, and authorization (`upstreams`, `allow`) is NOT enforced; \
+    use it for debugging only";
+
+pub(crate) use certs::CertsReport;
+
 /// A running mesh.
 pub(crate) struct Runtime {
     supervisor: Supervisor,
     sidecars: Arc<Sidecars>,
+    /// The mesh CA and the identities issued; `None` with `tls = "off"`.
+    certs: Option<certs::Certs>,
 }
 
 /// One running listener: cancel the token to stop it accepting; the task ends once its
@@ -74,6 +89,28 @@ impl Runtime {
         let registry = Registry::new();
         let metrics = Metrics::new();
         let mesh_name = config.mesh.name.clone();
+        let certs = match config.mesh.tls {
+            TlsMode::Mutual => Some(certs::Certs::load(&config, &base_env, &metrics)?),
+            TlsMode::Off => {
+                eprintln!("{TLS_OFF_WARNING}");
+                None
+            }
+        };
+        let admitted: BTreeMap<String, Arc<BTreeSet<String>>> = certs::admitted(&config)
+            .into_iter()
+            .map(|(service, callers)| (service, Arc::new(callers)))
+            .collect();
+        let mut callers_tls = BTreeMap::new();
+        if let Some(certs) = &certs {
+            for caller in &services {
+                if !config.services[caller].upstreams.is_empty() {
+                    callers_tls.insert(caller.clone(), certs.caller(caller)?);
+                }
+            }
+            if services.iter().any(|s| config.services[s].expose.is_some()) {
+                callers_tls.insert(INGRESS.to_string(), certs.caller(INGRESS)?);
+            }
+        }
 
         let mut inbounds: BTreeMap<String, Vec<Server>> = BTreeMap::new();
         let mut inbound_addrs = BTreeMap::new();
@@ -87,6 +124,13 @@ impl Runtime {
             let app = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
             let stop = CancellationToken::new();
             let span = tracing::info_span!("inbound", service = %service, replica);
+            let tls = match &certs {
+                Some(certs) => {
+                    Some(certs.inbound(service, *replica, svc.protocol == Protocol::Tcp)?)
+                }
+                None => None,
+            };
+            let admitted = admitted.get(service).cloned().unwrap_or_default();
             let task = match svc.protocol {
                 Protocol::Tcp => {
                     let cfg = proxy::tcp::TcpInboundConfig {
@@ -96,6 +140,8 @@ impl Runtime {
                         app,
                         metrics: metrics.clone(),
                         rate_limit: rate_limit(svc),
+                        tls,
+                        admitted,
                     };
                     tokio::spawn(
                         proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
@@ -110,6 +156,8 @@ impl Runtime {
                         app,
                         metrics: metrics.clone(),
                         rate_limit: rate_limit(svc),
+                        tls,
+                        admitted,
                     };
                     tokio::spawn(
                         proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span),
@@ -131,7 +179,14 @@ impl Runtime {
                 })?;
                 upstream_addrs.insert((caller.clone(), upstream.clone()), listener.local_addr()?);
                 let server = serve_outbound(
-                    &config, &registry, listener, &metrics, caller, upstream, false,
+                    &config,
+                    &registry,
+                    listener,
+                    &metrics,
+                    callers_tls.get(caller),
+                    caller,
+                    upstream,
+                    false,
                 );
                 outbounds.entry(caller.clone()).or_default().push(server);
             }
@@ -148,7 +203,14 @@ impl Runtime {
             })?;
             ingress_addrs.insert(service.clone(), listener.local_addr()?);
             ingresses.push(serve_outbound(
-                &config, &registry, listener, &metrics, INGRESS, service, true,
+                &config,
+                &registry,
+                listener,
+                &metrics,
+                callers_tls.get(INGRESS),
+                INGRESS,
+                service,
+                true,
             ));
         }
 
@@ -165,16 +227,32 @@ impl Runtime {
         let supervisor = Supervisor::start(Options {
             config,
             base_env,
-            logs,
+            logs: logs.clone(),
             services,
             ports,
             upstream_addrs,
         });
         tokio::spawn(feed_discovery(sidecars.clone(), supervisor.status()));
-        Ok(Runtime {
+        let runtime = Runtime {
             supervisor,
             sidecars,
-        })
+            certs,
+        };
+        if let Some(report) = runtime.certs() {
+            logs.mesh_line(&format!(
+                "mutual TLS between sidecars: CA sha256 {}, {} certificates issued",
+                report.ca_fingerprint,
+                report.leaves.len()
+            ));
+            tracing::debug!("certificates:\n{report}");
+        }
+        Ok(runtime)
+    }
+
+    /// The mesh CA and every leaf certificate in use now (for `mesh certs`); `None` with
+    /// `tls = "off"`.
+    pub(crate) fn certs(&self) -> Option<CertsReport> {
+        self.certs.as_ref().map(certs::Certs::report)
     }
 
     /// Wait until no replica is active any more.
@@ -221,6 +299,9 @@ impl Runtime {
             )
             .collect();
         stop_all(rest).await;
+        if let Some(certs) = &self.certs {
+            certs.stop();
+        }
     }
 }
 
@@ -250,12 +331,18 @@ async fn stop_all(servers: Vec<Server>) {
     }
 }
 
-/// Start an outbound (or, with `ingress`, an ingress) of `caller` towards `service`.
+/// Start an outbound (or, with `ingress`, an ingress) of `caller` towards `service`,
+/// over mutual TLS with `tls` (the caller's identity) when given.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "plain wiring, each argument named at the call"
+)]
 fn serve_outbound(
     config: &Config,
     registry: &Registry,
     listener: TcpListener,
     metrics: &Metrics,
+    tls: Option<&proxy::tls::ClientTls>,
     caller: &str,
     service: &str,
     ingress: bool,
@@ -275,6 +362,7 @@ fn serve_outbound(
                 traffic,
                 metrics: metrics.clone(),
                 routes,
+                tls: tls.map(|tls| Arc::clone(&tls.opaque)),
             };
             tokio::spawn(
                 proxy::tcp::serve_outbound(listener, cfg, balancer, stop.clone()).instrument(span),
@@ -290,6 +378,7 @@ fn serve_outbound(
                 ingress,
                 metrics: metrics.clone(),
                 routes,
+                tls: tls.cloned(),
             };
             tokio::spawn(
                 proxy::outbound::serve(listener, cfg, balancer, stop.clone()).instrument(span),

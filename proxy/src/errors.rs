@@ -236,6 +236,16 @@ pub enum ForwardError {
         #[source]
         source: hyper::Error,
     },
+    /// The TLS handshake with the next hop (an inbound) failed: another CA, another
+    /// identity than the service's, an expired certificate, or not TLS at all.
+    #[error("tls handshake with {addr} failed")]
+    Tls {
+        /// The address connected to.
+        addr: SocketAddr,
+        /// The handshake error.
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The request was not sent (the pooled connection closed before it was taken).
     #[error("connection to {addr} closed before the request was sent")]
     NotSent {
@@ -280,6 +290,7 @@ impl ForwardError {
         match self {
             ForwardError::Connect { .. }
             | ForwardError::Handshake { .. }
+            | ForwardError::Tls { .. }
             | ForwardError::NotSent { .. } => Retryable::Unsent,
             ForwardError::Refused { .. } => Retryable::NotProcessed,
             ForwardError::Reset { .. } => Retryable::MaybeProcessed,
@@ -290,7 +301,9 @@ impl ForwardError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            ForwardError::Connect { .. } | ForwardError::Handshake { .. }
+            ForwardError::Connect { .. }
+                | ForwardError::Handshake { .. }
+                | ForwardError::Tls { .. }
         )
     }
 

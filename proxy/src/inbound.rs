@@ -6,7 +6,14 @@
 //! connection (grpc is always h2c). When the app refuses the connection or closes it
 //! before response headers, the inbound answers `connect-failed` or `reset` with
 //! `x-mesh-error`, which tells the caller's outbound whether a retry is safe.
+//!
+//! With mutual TLS ([`InboundConfig::tls`]), the caller's identity is the one its
+//! certificate proves, and a caller whose identity is not [`InboundConfig::admitted`] gets
+//! `unauthorized` (403, or grpc-status 7) before anything reaches the app. With
+//! `tls = "off"` the identity is what the calling sidecar says in an internal header, and
+//! nothing is enforced (SPEC §1).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -21,7 +28,7 @@ use tracing::Instrument;
 use crate::errors::{ErrorKind, ForwardError, HDR_ERROR, MeshError};
 use crate::http::client::{self, H1Pool, H2Pool};
 use crate::http::headers::{self, HDR_CLIENT_ID};
-use crate::http::server::{self, Facing, Limits};
+use crate::http::server::{self, Facing, Limits, PeerIdentity, ServerTls};
 use crate::http::{Body, boxed};
 use crate::ratelimit::{self, RateLimit, TokenBucket};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol};
@@ -43,6 +50,14 @@ pub struct InboundConfig {
     pub metrics: crate::metrics::Metrics,
     /// The service's `traffic.rate_limit`: this replica's token bucket.
     pub rate_limit: Option<RateLimit>,
+    /// Mutual TLS (`tls = "mutual"`): the replica's server configuration, whose
+    /// identity is `spiffe://<mesh_name>/<service>` and which offers ALPN `h2` and
+    /// `http/1.1` ([`crate::tls::ALPN_INBOUND_HTTP`]). `None` serves plain connections
+    /// and enforces no authorization (`tls = "off"`).
+    pub tls: Option<Arc<crate::tls::ServerConfig>>,
+    /// The identity names (`web`, `ingress`, …: the last segment of
+    /// `spiffe://<mesh_name>/<name>`) admitted as callers when `tls` is on.
+    pub admitted: Arc<BTreeSet<String>>,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -65,8 +80,14 @@ pub async fn serve_with(
         replica = cfg.replica,
         app = %cfg.app,
     );
+    let server_tls = cfg.tls.as_ref().map(|config| ServerTls {
+        config: Arc::clone(config),
+        metrics: cfg.metrics.clone(),
+        service: cfg.service.clone(),
+    });
     let inbound = Arc::new(Inbound {
         id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
+        trust_domain: format!("spiffe://{}/", cfg.mesh_name),
         h1: H1Pool::new(cfg.app),
         h2: H2Pool::new(),
         bucket: cfg
@@ -92,7 +113,10 @@ pub async fn serve_with(
         }
     };
     async move {
-        server::serve(listener, builder, limits, tracker, shutdown, handle).await;
+        server::serve_tls(
+            listener, builder, limits, tracker, shutdown, server_tls, handle,
+        )
+        .await;
         tracing::debug!("shutdown complete");
     }
     .instrument(span)
@@ -103,6 +127,8 @@ struct Inbound {
     cfg: InboundConfig,
     /// `service.replica`, as `tried=` shows it.
     id: Arc<str>,
+    /// `spiffe://<mesh>/`, the prefix of every identity of this mesh.
+    trust_domain: String,
     h1: H1Pool,
     h2: H2Pool,
     /// This replica's `rate_limit` bucket.
@@ -120,8 +146,12 @@ enum AppVersion {
 
 impl Inbound {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let peer = match self.authorize(&req) {
+            Ok(peer) => peer,
+            Err(refusal) => return refusal,
+        };
         // SPEC §3: the rate limit applies after authorization, to every caller.
-        if let Some(refused) = self.rate_limit(&req) {
+        if let Some(refused) = self.rate_limit(&req, peer.as_ref()) {
             return refused;
         }
         let version = self.app_version(&req);
@@ -129,12 +159,17 @@ impl Inbound {
         let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
-        // The caller's identity, from the caller's sidecar only: whatever the request
-        // carried as x-mesh-client-id is replaced (or removed).
+        // The caller's identity: with mTLS the one its certificate proves, else what the
+        // caller's sidecar said. Whatever the request carried as x-mesh-client-id is
+        // replaced (or removed).
         let source = parts.headers.remove(HDR_SOURCE);
         parts.headers.remove(HDR_CLIENT_ID);
-        if let Some(source) = source {
-            parts.headers.insert(HDR_CLIENT_ID, source);
+        let client_id = match peer {
+            Some(peer) => peer.header,
+            None => source,
+        };
+        if let Some(client_id) = client_id {
+            parts.headers.insert(HDR_CLIENT_ID, client_id);
         }
         parts.headers.remove(HDR_VERSION);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -179,6 +214,55 @@ impl Inbound {
         }
     }
 
+    /// Authorization (SPEC §1): with mutual TLS, the caller's verified identity must be
+    /// one of this mesh's and admitted; anyone else gets `unauthorized`, naming both
+    /// identities. Returns the caller's identity (`None` with `tls = "off"`, where
+    /// nothing is enforced).
+    #[allow(
+        clippy::result_large_err,
+        reason = "the refusal is the response itself, built on the rare path"
+    )]
+    fn authorize(&self, req: &Request<Incoming>) -> Result<Option<PeerIdentity>, Response<Body>> {
+        if self.cfg.tls.is_none() {
+            return Ok(None);
+        }
+        // Set by the TLS accept loop for every request of a TLS connection.
+        let peer = req.extensions().get::<PeerIdentity>().cloned();
+        let name = peer
+            .as_ref()
+            .and_then(|peer| peer.identity.strip_prefix(self.trust_domain.as_str()));
+        if let Some(name) = name {
+            if self.cfg.admitted.contains(name) {
+                return Ok(peer);
+            }
+        }
+        let caller = peer
+            .as_ref()
+            .map_or("an unidentified peer", |p| &*p.identity);
+        let service = format!("{}{}", self.trust_domain, self.cfg.service);
+        let hint = match name {
+            Some(name) => format!(
+                " (list `{}` in the upstreams of `{name}`, or `{name}` in its allow)",
+                self.cfg.service
+            ),
+            None => String::new(),
+        };
+        let error = MeshError {
+            kind: ErrorKind::Unauthorized,
+            service: self.cfg.service.clone(),
+            tried: vec![Arc::clone(&self.id)],
+            attempts: 1,
+            detail: format!("{caller} is not allowed to call {service}{hint}"),
+        };
+        tracing::warn!(error = %error, "caller refused");
+        self.cfg.metrics.mesh_error(
+            name.unwrap_or(caller),
+            &self.cfg.service,
+            ErrorKind::Unauthorized.as_str(),
+        );
+        Err(error.to_response(self.cfg.protocol).map(boxed))
+    }
+
     /// The version the caller used, as its sidecar said; grpc apps always get h2c.
     fn app_version(&self, req: &Request<Incoming>) -> AppVersion {
         if self.cfg.protocol == Protocol::Grpc {
@@ -209,7 +293,11 @@ impl Inbound {
 
     /// The rate-limit step: `None` when the request may go on, else the `rate-limited`
     /// answer (429 with `Retry-After`; grpc-status 8 for grpc).
-    fn rate_limit(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+    fn rate_limit(
+        &self,
+        req: &Request<Incoming>,
+        peer: Option<&PeerIdentity>,
+    ) -> Option<Response<Body>> {
         let bucket = self.bucket.as_ref()?;
         let wait = bucket.try_take(tokio::time::Instant::now()).err()?;
         let limit = bucket.limit();
@@ -227,9 +315,11 @@ impl Inbound {
         };
         // Debug, not info: a client hammering a limited service would flood the log.
         tracing::debug!(error = %error, "request refused");
-        self.cfg
-            .metrics
-            .mesh_error(caller_name(req), &self.cfg.service, error.kind.as_str());
+        self.cfg.metrics.mesh_error(
+            self.caller_name(req, peer),
+            &self.cfg.service,
+            error.kind.as_str(),
+        );
         Some(error.to_response(self.cfg.protocol).map(boxed))
     }
 
@@ -246,12 +336,24 @@ impl Inbound {
     }
 }
 
-/// The calling identity's name (`web`, `ingress`) for metrics, from the identity its
-/// sidecar sent; "unknown" without one.
-fn caller_name(req: &Request<Incoming>) -> &str {
-    req.headers()
-        .get(HDR_SOURCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|id| id.rsplit('/').next())
-        .unwrap_or("unknown")
+impl Inbound {
+    /// The calling identity's name (`web`, `ingress`) for metrics: from its certificate
+    /// with mutual TLS, else from the identity its sidecar sent; "unknown" without one.
+    fn caller_name<'a>(
+        &'a self,
+        req: &'a Request<Incoming>,
+        peer: Option<&'a PeerIdentity>,
+    ) -> &'a str {
+        if let Some(peer) = peer {
+            return peer
+                .identity
+                .strip_prefix(self.trust_domain.as_str())
+                .unwrap_or(&peer.identity);
+        }
+        req.headers()
+            .get(HDR_SOURCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| id.rsplit('/').next())
+            .unwrap_or("unknown")
+    }
 }

@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 use crate::balance::{Balancer, Outcome};
 use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
-use crate::http::client::{self, H2Pool};
+use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
 use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed, full};
@@ -61,6 +61,10 @@ pub struct OutboundConfig {
     pub metrics: crate::metrics::Metrics,
     /// The service's routes (SPEC §3 Routes), with a balancer per route backend.
     pub routes: Routes,
+    /// Mutual TLS to inbounds (`tls = "mutual"`): the caller's client configurations,
+    /// presenting `spiffe://<mesh_name>/<caller>`. `None` connects in plain text and
+    /// states the caller's identity in an internal header instead (`tls = "off"`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -92,11 +96,38 @@ pub async fn serve_with(
         }
     };
     let tracker = TaskTracker::new();
+    // One pool per service the requests may go to: the service itself and its route
+    // backends, each of whose inbounds must prove its own identity.
+    let mut targets: Vec<String> = vec![cfg.service.clone()];
+    for backend in cfg.routes.backends() {
+        if !targets.iter().any(|t| **t == *backend.service) {
+            targets.push(backend.service.to_string());
+        }
+    }
+    let pools = targets
+        .into_iter()
+        .map(|target| {
+            let peer_tls = cfg.tls.as_ref().map(|client| PeerTls {
+                client: client.clone(),
+                server_identity: format!("spiffe://{}/{target}", cfg.mesh_name),
+                metrics: cfg.metrics.clone(),
+                service: target.clone(),
+            });
+            let pool = Target {
+                pool: H2Pool::with_tls(peer_tls.clone()),
+                peer_tls,
+            };
+            (target, pool)
+        })
+        .collect();
+    // With mTLS the certificate carries the identity: no header that could be trusted
+    // by mistake.
+    let source = cfg.tls.is_none().then_some(source);
     let outbound = Arc::new(Outbound {
         cfg,
         source,
         balancer,
-        pool: H2Pool::new(),
+        pools,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
     });
@@ -135,10 +166,11 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
-    /// `x-mesh-source` for every hop.
-    source: HeaderValue,
+    /// `x-mesh-source` for every hop, with `tls = "off"` only.
+    source: Option<HeaderValue>,
     balancer: Balancer,
-    pool: H2Pool,
+    /// Connections to each service requests may go to, by service name.
+    pools: std::collections::HashMap<String, Target>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -151,7 +183,27 @@ struct Tries {
     attempts: u32,
 }
 
+/// Connections to the inbounds of one service.
+struct Target {
+    pool: H2Pool,
+    /// Mutual TLS for upgrade connections (the pool has its own copy).
+    peer_tls: Option<PeerTls>,
+}
+
 impl Outbound {
+    /// The connections to `service`'s inbounds (built for the service and each route
+    /// backend at start).
+    fn target(&self, service: &str) -> &Target {
+        match self.pools.get(service) {
+            Some(target) => target,
+            None => {
+                // Wiring bug: every balancer's service got a pool at start.
+                tracing::error!(service, "no connection pool for this service");
+                &self.pools[&self.cfg.service]
+            }
+        }
+    }
+
     /// Carry out the route step's `decision` (the balancer: a route backend's, else the
     /// service's; the route's timeout; the fault), then forward the request. Upgrades
     /// are exempt from timeouts and faults (SPEC §3 Timeouts).
@@ -277,7 +329,8 @@ impl Outbound {
                 .insert(HDR_ATTEMPT, HeaderValue::from(*attempts));
 
             let started = Instant::now();
-            let retryable = match self.pool.send(pick.endpoint.addr, request).await {
+            let pool = &self.target(balancer.service()).pool;
+            let retryable = match pool.send(pick.endpoint.addr, request).await {
                 Ok(response) => {
                     let took = started.elapsed();
                     match hop_error(&response) {
@@ -367,7 +420,8 @@ impl Outbound {
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
         let request = Request::from_parts(parts, boxed(body));
-        match client::send_upgrade(pick.endpoint.addr, request).await {
+        let peer_tls = self.target(balancer.service()).peer_tls.as_ref();
+        match client::send_upgrade_via(pick.endpoint.addr, peer_tls, request).await {
             Ok(mut response) => {
                 pick.record(Outcome::Response(started.elapsed()));
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -419,7 +473,10 @@ impl Outbound {
         if !headers.contains_key(TRACEPARENT) {
             headers.insert(TRACEPARENT, headers::new_traceparent());
         }
-        headers.insert(HDR_SOURCE, self.source.clone());
+        match &self.source {
+            Some(source) => headers.insert(HDR_SOURCE, source.clone()),
+            None => headers.remove(HDR_SOURCE),
+        };
         let version = if version == Version::HTTP_2 {
             "2"
         } else {

@@ -8,12 +8,18 @@
 //!
 //! A connection the mesh cannot serve (no endpoint within `queue_timeout`, or every
 //! connect failed) is closed without data and the kind is logged (SPEC §1).
+//!
+//! With mutual TLS the hop between the two sidecars is a TLS stream (no ALPN): the
+//! outbound proves its caller's identity and checks the replica's, and the inbound closes
+//! the connection of a caller that is not admitted, logging and counting `unauthorized`.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +28,10 @@ use tracing::Instrument;
 
 use crate::Traffic;
 use crate::balance::{Balancer, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Side};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::routes::Routes;
+use crate::tls;
 
 /// How many endpoints one outbound connection tries before giving up with
 /// `connect-failed`.
@@ -35,6 +42,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The pause after a failed `accept` (e.g. out of file descriptors), so the loop does not
 /// spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// The bound on an inbound's TLS handshake with a connecting sidecar, so that a client
+/// that connects and says nothing does not hold a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a caller's outbound listener for a `tcp` service serves.
 #[derive(Clone, Debug)]
@@ -51,6 +61,9 @@ pub struct TcpOutboundConfig {
     pub metrics: Metrics,
     /// The service's routes: each connection goes to a backend drawn by weight.
     pub routes: Routes,
+    /// Mutual TLS to inbounds: the caller's client configuration without ALPN
+    /// ([`tls::ClientTls::opaque`]). `None` with `tls = "off"`.
+    pub tls: Option<Arc<tls::ClientConfig>>,
 }
 
 /// What the inbound listener of one `tcp` replica serves.
@@ -68,6 +81,12 @@ pub struct TcpInboundConfig {
     pub metrics: Metrics,
     /// The service's `traffic.rate_limit`: new connections per second of this replica.
     pub rate_limit: Option<RateLimit>,
+    /// Mutual TLS: the replica's server configuration, without ALPN. `None` with
+    /// `tls = "off"` (plain, nothing enforced).
+    pub tls: Option<Arc<tls::ServerConfig>>,
+    /// The identity names admitted as callers when `tls` is on (see
+    /// [`crate::inbound::InboundConfig::admitted`]).
+    pub admitted: Arc<BTreeSet<String>>,
 }
 
 /// Serve a caller's outbound listener for a `tcp` service: each accepted connection is
@@ -119,14 +138,8 @@ pub async fn serve_inbound(
         let span = tracing::info_span!("tcp_inbound", %app, %peer);
         let cfg = Arc::clone(&cfg);
         let bucket = bucket.clone();
-        async move {
-            // SPEC §3: the rate limit applies after authorization, to every caller.
-            if !admit_rate(&cfg, bucket.as_deref()) {
-                return;
-            }
-            proxy_inbound(client, app, force).await;
-        }
-        .instrument(span)
+        async move { accept_inbound(client, peer, &cfg, bucket.as_deref(), force).await }
+            .instrument(span)
     })
     .instrument(tracing::info_span!("tcp_inbound_listener", %app, listener = ?local))
     .await;
@@ -181,7 +194,7 @@ async fn serve<F, Fut>(
 
 /// The rate-limit step of a tcp inbound: whether a new connection may go on. A refused
 /// one is dropped, which closes it without data; the kind is logged and counted.
-fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>) -> bool {
+fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>, caller: &str) -> bool {
     let Some(bucket) = bucket else {
         return true;
     };
@@ -190,8 +203,7 @@ fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>) -> bool {
     };
     let limit = bucket.limit();
     let service = cfg.service.as_str();
-    // Until mTLS names the peer, the inbound does not know which service called.
-    cfg.metrics.mesh_error("unknown", service, "rate-limited");
+    cfg.metrics.mesh_error(caller, service, "rate-limited");
     tracing::warn!(
         kind = "rate-limited",
         service,
@@ -224,21 +236,23 @@ async fn proxy_outbound(
         };
         let Some(pick) = pick else { break };
         let started = Instant::now();
-        let error =
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(pick.endpoint.addr))
-                .await
-            {
-                Ok(Ok(upstream)) => {
-                    // The connect time is the latency p2c compares; the pick stays in
-                    // flight for the life of the connection, so open connections count as
-                    // load.
-                    pick.observe(Outcome::Response(started.elapsed()));
-                    connected = Some((pick, upstream));
-                    break;
-                }
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("connect timed out after {CONNECT_TIMEOUT:?}"),
-            };
+        let error = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(cfg, balancer.service(), pick.endpoint.addr),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => {
+                // The connect time is the latency p2c compares; the pick stays in
+                // flight for the life of the connection, so open connections count as
+                // load.
+                pick.observe(Outcome::Response(started.elapsed()));
+                connected = Some((pick, upstream));
+                break;
+            }
+            Ok(Err(error)) => error,
+            Err(_) => format!("connect timed out after {CONNECT_TIMEOUT:?}"),
+        };
         tracing::debug!(endpoint = %pick.endpoint.id, addr = %pick.endpoint.addr, %error, "connect failed");
         last_error = Some(format!("{}: {error}", pick.endpoint.addr));
         tried.push(Arc::clone(&pick.endpoint.id));
@@ -272,14 +286,108 @@ async fn proxy_outbound(
     };
     let endpoint = pick.endpoint.id.clone();
     let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
+    let _ = client.set_nodelay(true);
     pipe(&mut client, &mut upstream, &force)
         .instrument(span)
         .await;
     drop(pick);
 }
 
+/// A byte stream to the next hop: plain TCP, or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+/// TCP to an inbound of `target` (the service itself, or a route backend) at `addr`,
+/// then mutual TLS when configured: the inbound must prove `target`'s identity. The
+/// error is one line.
+async fn connect(
+    cfg: &TcpOutboundConfig,
+    target: &str,
+    addr: SocketAddr,
+) -> Result<Box<dyn Stream>, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|error| error.to_string())?;
+    // Opaque streams are often interactive; do not let Nagle hold back small writes.
+    let _ = stream.set_nodelay(true);
+    let Some(config) = &cfg.tls else {
+        return Ok(Box::new(stream));
+    };
+    let identity = format!("spiffe://{}/{target}", cfg.mesh_name);
+    match tls::connect(Arc::clone(config), stream, &identity).await {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(error) => {
+            cfg.metrics.tls_handshake_failure(target, Side::Client);
+            let error = format!("tls handshake failed: {}", error_chain(&error));
+            tracing::warn!(service = %target, %addr, %error, "tls handshake with an inbound failed");
+            Err(error)
+        }
+    }
+}
+
+/// The TLS handshake and authorization of a connection from a sidecar (when mTLS is on),
+/// then [`proxy_inbound`].
+async fn accept_inbound(
+    client: TcpStream,
+    peer: SocketAddr,
+    cfg: &TcpInboundConfig,
+    bucket: Option<&TokenBucket>,
+    force: CancellationToken,
+) {
+    let _ = client.set_nodelay(true);
+    let Some(config) = &cfg.tls else {
+        // SPEC §3: the rate limit applies to every caller (here unidentified).
+        if !admit_rate(cfg, bucket, "unknown") {
+            return;
+        }
+        return proxy_inbound(client, cfg.app, force).await;
+    };
+    let handshake =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::accept(Arc::clone(config), client));
+    let (client, identity) = tokio::select! {
+        accepted = handshake => match accepted {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(error)) => {
+                cfg.metrics.tls_handshake_failure(&cfg.service, Side::Server);
+                tracing::info!(service = %cfg.service, %peer, error = %error_chain(&error), "tls handshake failed, connection refused");
+                return;
+            }
+            Err(_elapsed) => {
+                cfg.metrics.tls_handshake_failure(&cfg.service, Side::Server);
+                tracing::info!(service = %cfg.service, %peer, "no tls handshake in time, connection closed");
+                return;
+            }
+        },
+        () = force.cancelled() => return,
+    };
+    let trust_domain = format!("spiffe://{}/", cfg.mesh_name);
+    let name = identity.strip_prefix(trust_domain.as_str());
+    if !name.is_some_and(|name| cfg.admitted.contains(name)) {
+        let service = cfg.service.as_str();
+        let replica = cfg.replica;
+        cfg.metrics
+            .mesh_error(name.unwrap_or(&identity), service, "unauthorized");
+        tracing::warn!(
+            kind = "unauthorized",
+            service,
+            "mesh: unauthorized: service={service} tried={service}.{replica} attempts=1: \
+             {identity} is not allowed to call {trust_domain}{service}",
+        );
+        // Dropping the stream closes the connection without data.
+        return;
+    }
+    // SPEC §3: the rate limit applies after authorization, to every caller.
+    if !admit_rate(cfg, bucket, name.unwrap_or(&identity)) {
+        return;
+    }
+    proxy_inbound(client, cfg.app, force).await;
+}
+
 /// Connect `client` to the app at `app` and pipe bytes until both directions end.
-async fn proxy_inbound(mut client: TcpStream, app: SocketAddr, force: CancellationToken) {
+async fn proxy_inbound<S>(mut client: S, app: SocketAddr, force: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app));
     let mut upstream = tokio::select! {
         connected = connect => match connected {
@@ -295,14 +403,18 @@ async fn proxy_inbound(mut client: TcpStream, app: SocketAddr, force: Cancellati
         },
         () = force.cancelled() => return,
     };
+    let _ = upstream.set_nodelay(true);
     pipe(&mut client, &mut upstream, &force).await;
 }
 
-/// Copy both ways until both directions have ended (or `force` is cancelled).
-async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, force: &CancellationToken) {
-    // Opaque streams are often interactive; do not let Nagle hold back small writes.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+/// Copy both ways until both directions have ended (or `force` is cancelled). The
+/// caller sets TCP_NODELAY: opaque streams are often interactive, and Nagle must not
+/// hold back small writes.
+async fn pipe<A, B>(client: &mut A, upstream: &mut B, force: &CancellationToken)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     // `copy_bidirectional` forwards a read EOF as a write shutdown on the other side and
     // keeps copying the other direction: exactly the half-close semantics we need.
     let result = tokio::select! {
@@ -313,6 +425,18 @@ async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, force: &Cancella
         Ok((sent, received)) => tracing::debug!(sent, received, "connection closed"),
         Err(error) => tracing::debug!(%error, "connection ended with an error"),
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -64,6 +64,7 @@
 //! with their own timeouts.
 
 mod ca;
+mod renew;
 mod verify;
 
 #[cfg(test)]
@@ -86,6 +87,47 @@ use rustls::{CommonState, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use ca::{Ca, DEFAULT_LEAF_LIFETIME, Leaf};
+pub use renew::renew;
+
+/// A client configuration of this module (other modules hold them, never build them).
+pub type ClientConfig = rustls::ClientConfig;
+/// A server configuration of this module (other modules hold them, never build them).
+pub type ServerConfig = rustls::ServerConfig;
+/// The client side of an established connection.
+pub type ClientStream<S> = tokio_rustls::client::TlsStream<S>;
+/// The server side of an established connection.
+pub type ServerStream<S> = tokio_rustls::server::TlsStream<S>;
+
+/// ALPN id of the pooled HTTP/2 connection between sidecars.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id of the dedicated HTTP/1.1 connection that carries one upgrade (WebSocket).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// What an HTTP inbound offers, in preference order.
+pub const ALPN_INBOUND_HTTP: &[&[u8]] = &[ALPN_H2, ALPN_HTTP1];
+
+/// The client configurations of one caller identity, one per kind of connection an
+/// outbound opens to inbounds. They share the caller's [`Identity`], so a renewal applies
+/// to all of them.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// ALPN `h2`: the pooled, multiplexed HTTP/2 connection.
+    pub h2: Arc<rustls::ClientConfig>,
+    /// ALPN `http/1.1`: the dedicated connection of one HTTP/1.1 upgrade.
+    pub http1: Arc<rustls::ClientConfig>,
+    /// No ALPN: an opaque tcp stream.
+    pub opaque: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    /// The configurations presenting `identity` and trusting `ca` only.
+    pub fn new(ca: &Ca, identity: &Arc<Identity>) -> Result<ClientTls, TlsError> {
+        Ok(ClientTls {
+            h2: client_config(ca, Arc::clone(identity), &[ALPN_H2])?,
+            http1: client_config(ca, Arc::clone(identity), &[ALPN_HTTP1])?,
+            opaque: client_config(ca, Arc::clone(identity), &[])?,
+        })
+    }
+}
 
 /// Errors of the TLS core. Messages name the file, the identity or the peer involved.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,8 @@ async fn limited_inbound(replica: u32, app: &App, burst: u32) -> Sidecar {
         app: app.addr,
         metrics: Metrics::new(),
         rate_limit: Some(RateLimit { rps: 0.001, burst }),
+        tls: None,
+        admitted: Default::default(),
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {

@@ -2,11 +2,16 @@
 //! sidecar, and inbound to an h2c app), a keep-alive pool of HTTP/1.1 connections (inbound
 //! to an HTTP/1.1 app), a dedicated HTTP/1.1 connection per upgrade, and the splice of
 //! upgraded streams.
+//!
+//! Between sidecars these connections are mutual TLS when the outbound has a
+//! [`PeerTls`]: the pooled HTTP/2 connection negotiates ALPN `h2`, an upgrade's dedicated
+//! connection `http/1.1`. The handshake happens once per connection, never per request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use std::{fmt, io};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -14,6 +19,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +28,33 @@ use tracing::Instrument;
 use super::Body;
 use super::server::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::errors::ForwardError;
+use crate::metrics::{Metrics, Side};
+use crate::tls::{self, ClientTls, TlsError};
+
+/// The bound on one TLS handshake with an inbound. On loopback it takes a millisecond;
+/// this only matters for a peer that accepts and then says nothing.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How an outbound proves itself to inbounds and checks them (mutual TLS).
+#[derive(Clone)]
+pub struct PeerTls {
+    /// The caller's client configurations (its identity, the mesh CA).
+    pub client: ClientTls,
+    /// The identity every inbound reached must prove: `spiffe://<mesh>/<service>`.
+    pub server_identity: String,
+    /// Where failed handshakes are counted, as `side="client"` under `service`.
+    pub metrics: Metrics,
+    /// The called service, for metrics.
+    pub service: String,
+}
+
+impl fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerTls")
+            .field("server_identity", &self.server_identity)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A failed send: the error, and the request when it was never handed to a connection
 /// (its body untouched, so it can be sent elsewhere).
@@ -33,6 +66,9 @@ pub type SendError = (ForwardError, Option<Request<Body>>);
 pub struct H2Pool {
     builder: http2::Builder<TokioExecutor>,
     conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
+    /// Mutual TLS towards inbounds; `None` for plain connections (to an h2c app, or
+    /// between sidecars with `tls = "off"`).
+    tls: Option<Arc<PeerTls>>,
 }
 
 /// A peer's connection, behind an async lock so concurrent first requests share one
@@ -52,8 +88,14 @@ impl std::fmt::Debug for H2Pool {
 }
 
 impl H2Pool {
-    /// An empty pool.
+    /// An empty pool of plain connections.
     pub fn new() -> Self {
+        Self::with_tls(None)
+    }
+
+    /// An empty pool whose connections are mutual TLS with `tls` (ALPN `h2`), or plain
+    /// without it.
+    pub fn with_tls(tls: Option<PeerTls>) -> Self {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -80,6 +122,7 @@ impl H2Pool {
         H2Pool {
             builder,
             conns: Arc::default(),
+            tls: tls.map(Arc::new),
         }
     }
 
@@ -138,7 +181,24 @@ impl H2Pool {
 
     /// A new HTTP/2 connection to `addr`, driven by its own task.
     async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ForwardError> {
-        let stream = connect(addr).await?;
+        match &self.tls {
+            None => self.handshake(addr, connect(addr).await?).await,
+            Some(tls) => {
+                let stream = connect_tls(addr, tls, &tls.client.h2).await?;
+                self.handshake(addr, stream).await
+            }
+        }
+    }
+
+    /// The HTTP/2 handshake over `stream`; the connection is driven by its own task.
+    async fn handshake<S>(
+        &self,
+        addr: SocketAddr,
+        stream: S,
+    ) -> Result<http2::SendRequest<Body>, ForwardError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = self
             .builder
             .handshake(TokioIo::new(stream))
@@ -188,7 +248,10 @@ impl H1Pool {
             let mut sender = match reused {
                 Some(sender) => sender,
                 // Boxed: the rare path; see `H2Pool::sender`.
-                None => Box::pin(handshake_http1(addr, false)).await?,
+                None => {
+                    Box::pin(async { handshake_http1(addr, connect(addr).await?, false).await })
+                        .await?
+                }
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -246,7 +309,23 @@ pub async fn send_upgrade(
     addr: SocketAddr,
     req: Request<Body>,
 ) -> Result<Response<Incoming>, ForwardError> {
-    let mut sender = handshake_http1(addr, true).await?;
+    send_upgrade_via(addr, None, req).await
+}
+
+/// [`send_upgrade`] to an inbound: over mutual TLS with ALPN `http/1.1` when `tls` is
+/// given.
+pub async fn send_upgrade_via(
+    addr: SocketAddr,
+    tls: Option<&PeerTls>,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, ForwardError> {
+    let mut sender = match tls {
+        None => handshake_http1(addr, connect(addr).await?, true).await?,
+        Some(tls) => {
+            let stream = connect_tls(addr, tls, &tls.client.http1).await?;
+            handshake_http1(addr, stream, true).await?
+        }
+    };
     sender
         .send_request(req)
         .await
@@ -296,11 +375,39 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
     Ok(stream)
 }
 
-async fn handshake_http1(
+/// TCP, then the TLS handshake with `config`, which must prove `tls.server_identity`.
+/// A failed handshake is counted and logged: between sidecars of one mesh it means a
+/// misconfiguration (another CA, a port reused by another service) or an attack.
+async fn connect_tls(
     addr: SocketAddr,
-    upgrades: bool,
-) -> Result<http1::SendRequest<Body>, ForwardError> {
+    tls: &PeerTls,
+    config: &Arc<tls::ClientConfig>,
+) -> Result<tls::ClientStream<TcpStream>, ForwardError> {
     let stream = connect(addr).await?;
+    let handshake = tls::connect(Arc::clone(config), stream, &tls.server_identity);
+    let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(TlsError::Handshake(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        ))),
+    };
+    result.map_err(|source| {
+        tls.metrics.tls_handshake_failure(&tls.service, Side::Client);
+        let error = ForwardError::Tls { addr, source };
+        tracing::warn!(service = %tls.service, error = %error.chain(), "tls handshake with an inbound failed");
+        error
+    })
+}
+
+async fn handshake_http1<S>(
+    addr: SocketAddr,
+    stream: S,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ForwardError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
         // Response heads from apps: like the HTTP/2 side, generous but bounded.
         .max_buf_size(256 * 1024)

@@ -1,5 +1,7 @@
 //! The server side of a sidecar listener: HTTP/1.1 and h2c prior-knowledge on one port,
-//! limits against hostile clients, and a graceful drain on shutdown.
+//! limits against hostile clients, and a graceful drain on shutdown. An inbound listener
+//! with `ServerTls` first runs the mutual-TLS handshake and hands each request the
+//! verified identity of the calling sidecar (`PeerIdentity` in its extensions).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,12 +19,33 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Body;
+use crate::metrics::{Metrics, Side};
+use crate::tls;
+
+/// The TLS side of an inbound listener.
+#[derive(Clone)]
+pub(crate) struct ServerTls {
+    pub(crate) config: Arc<tls::ServerConfig>,
+    /// Where failed handshakes are counted, as `side="server"` under `service`.
+    pub(crate) metrics: Metrics,
+    pub(crate) service: String,
+}
+
+/// The verified identity (`spiffe://…`) of the sidecar that sent a request over mutual
+/// TLS, in the request's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerIdentity {
+    pub(crate) identity: Arc<str>,
+    /// The same as a header value, made once per connection (cloning it is a reference
+    /// count), for `x-mesh-client-id`; `None` if it is not a valid header value.
+    pub(crate) header: Option<http::HeaderValue>,
+}
 
 /// Limits a listener applies to its clients. The defaults suit a sidecar facing local
 /// apps; tests shorten the timeout.
@@ -128,6 +151,25 @@ pub(crate) async fn serve<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_tls(listener, builder, limits, tracker, shutdown, None, handle).await;
+}
+
+/// [`serve`], with each connection first going through the TLS handshake when `tls` is
+/// given. A failed handshake (plaintext, another CA, an expired or missing client
+/// certificate) closes the connection and is counted; the handshake shares
+/// `header_read_timeout` with the first bytes of HTTP.
+pub(crate) async fn serve_tls<H, F>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    tls: Option<ServerTls>,
+    handle: H,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let builder = Arc::new(builder);
     let local = listener.local_addr().ok();
     // Cancelled when this future ends or is dropped: connection tasks then stop at once.
@@ -156,11 +198,49 @@ pub(crate) async fn serve<H, F>(
         let force = force.clone();
         let handle = handle.clone();
         let timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         let span = tracing::debug_span!("conn", ?local, %peer);
         let connection = async move {
+            let Some(tls) = tls else {
+                let io = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    sniffed = tokio::time::timeout(timeout, sniff(stream)) => match sniffed {
+                        Ok(Ok(io)) => io,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "connection failed before a request");
+                            return;
+                        }
+                        Err(_elapsed) => {
+                            tracing::debug!("client sent no request in time, closed");
+                            return;
+                        }
+                    },
+                };
+                serve_connection(&builder, io, peer, None, handle, &shutdown).await;
+                return;
+            };
+            let started = tokio::time::Instant::now();
+            let handshake = tokio::time::timeout(timeout, tls::accept(tls.config, stream));
+            let (stream, identity) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = handshake => match accepted {
+                    Ok(Ok(accepted)) => accepted,
+                    Ok(Err(error)) => {
+                        tls.metrics.tls_handshake_failure(&tls.service, Side::Server);
+                        tracing::info!(service = %tls.service, %peer, error = %error_chain(&error), "tls handshake failed, connection refused");
+                        return;
+                    }
+                    Err(_elapsed) => {
+                        tls.metrics.tls_handshake_failure(&tls.service, Side::Server);
+                        tracing::info!(service = %tls.service, %peer, "no tls handshake in time, connection closed");
+                        return;
+                    }
+                },
+            };
+            let left = timeout.saturating_sub(started.elapsed());
             let io = tokio::select! {
                 () = shutdown.cancelled() => return,
-                sniffed = tokio::time::timeout(timeout, sniff(stream)) => match sniffed {
+                sniffed = tokio::time::timeout(left, sniff(stream)) => match sniffed {
                     Ok(Ok(io)) => io,
                     Ok(Err(error)) => {
                         tracing::debug!(%error, "connection failed before a request");
@@ -172,27 +252,12 @@ pub(crate) async fn serve<H, F>(
                     }
                 },
             };
-            let service = service_fn(move |req| {
-                // Boxed once here: a request's future is a few KiB, and hyper and tokio
-                // move it several times (into the service call, the h1 dispatcher or h2
-                // stream, the spawned task); moving a pointer instead saves copying it.
-                let fut = Box::pin(handle(peer, req));
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    // Finish the requests in flight, refuse new ones (GOAWAY on
-                    // HTTP/2, `Connection: close` on HTTP/1.1).
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let header = http::HeaderValue::from_maybe_shared(Bytes::from(identity.clone())).ok();
+            let identity = PeerIdentity {
+                identity: Arc::from(identity),
+                header,
             };
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "connection ended with an error");
-            }
+            serve_connection(&builder, io, peer, Some(identity), handle, &shutdown).await;
         };
         tracker.spawn(
             async move {
@@ -209,13 +274,65 @@ pub(crate) async fn serve<H, F>(
     tracker.wait().await;
 }
 
+/// Serve one connection with `handle` until it ends, or drain it gracefully on
+/// `shutdown`. Each request carries `identity` (the TLS peer) in its extensions.
+async fn serve_connection<S, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: Prefixed<S>,
+    peer: SocketAddr,
+    identity: Option<PeerIdentity>,
+    handle: H,
+    shutdown: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
+        // Boxed once here: a request's future is a few KiB, and hyper and tokio
+        // move it several times (into the service call, the h1 dispatcher or h2
+        // stream, the spawned task); moving a pointer instead saves copying it.
+        let fut = Box::pin(handle(peer, req));
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            // Finish the requests in flight, refuse new ones (GOAWAY on
+            // HTTP/2, `Connection: close` on HTTP/1.1).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(error = %error, "connection ended with an error");
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// The HTTP/2 connection preface, which h2c prior-knowledge clients send first.
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Read the first bytes of a connection until they tell HTTP/1.1 from HTTP/2 (the auto
 /// builder does the same, but without a timeout: a client that connects and sends nothing
 /// would hold the connection forever). The bytes read are replayed to hyper.
-async fn sniff(mut stream: TcpStream) -> io::Result<Prefixed> {
+async fn sniff<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<Prefixed<S>> {
     let mut buf = [0u8; PREFACE.len()];
     let mut filled = 0;
     loop {
@@ -235,12 +352,12 @@ async fn sniff(mut stream: TcpStream) -> io::Result<Prefixed> {
 }
 
 /// A stream that first yields bytes already read from it.
-struct Prefixed {
+struct Prefixed<S> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -256,7 +373,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -16,6 +16,20 @@ use crate::discovery::{Endpoint, Registry};
 /// Generous bound for anything that should happen promptly.
 const PATIENCE: Duration = Duration::from_secs(5);
 
+/// One mesh CA for the tests of this module: every hop here is mutual TLS, as in a mesh
+/// with the default `tls = "mutual"`.
+fn ca() -> &'static tls::Ca {
+    static CA: std::sync::OnceLock<tls::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| tls::Ca::generate("m").unwrap())
+}
+
+fn identity(service: &str) -> Arc<tls::Identity> {
+    Arc::new(tls::Identity::new(
+        ca().issue("m", service, tls::DEFAULT_LEAF_LIFETIME)
+            .unwrap(),
+    ))
+}
+
 async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
@@ -52,6 +66,8 @@ async fn inbound(app: SocketAddr, shutdown: &CancellationToken) -> (SocketAddr, 
         app,
         metrics: Metrics::new(),
         rate_limit: None,
+        tls: Some(tls::server_config(ca(), identity("api"), &[]).unwrap()),
+        admitted: Arc::new(["web".to_string()].into()),
     };
     let task = tokio::spawn(serve_inbound(listener, cfg, shutdown.clone()));
     (addr, task)
@@ -80,6 +96,7 @@ async fn outbound(
         traffic,
         metrics: Metrics::new(),
         routes: Default::default(),
+        tls: Some(tls::client_config(ca(), identity("web"), &[]).unwrap()),
     };
     let task = tokio::spawn(serve_outbound(listener, cfg, balancer, shutdown.clone()));
     (addr, task)

@@ -106,6 +106,8 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         app,
         metrics: Metrics::new(),
         rate_limit: None,
+        tls: None,
+        admitted: Default::default(),
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {
@@ -152,6 +154,7 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
         ingress: opts.ingress,
         metrics: Metrics::new(),
         routes: Default::default(),
+        tls: None,
     };
     let task = tokio::spawn(outbound::serve_with(
         listener,

@@ -1,6 +1,7 @@
 //! `mesh-bench`: measures the direct path (client → app) against the mesh path (client →
 //! caller's outbound sidecar → callee's inbound sidecar → app) at fixed request rates and
-//! at full speed, with the mesh's CPU time per request and peak RSS.
+//! at full speed, with the mesh's CPU time per request and peak RSS; the mesh path with
+//! mutual TLS between the sidecars (the default) and with `tls = "off"`.
 //!
 //! It runs the `mesh` and `mesh-test-app` executables found next to its own, so build
 //! them first: `cargo build --release --bins && target/release/mesh-bench`.
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use load::{Outcome, Target};
 use procs::{MeshChild, ScratchDir};
@@ -59,6 +60,17 @@ struct Args {
     /// Worker threads of the load generator (it shares the machine with mesh and the app).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Which mesh paths to measure: with mutual TLS between the sidecars, without
+    /// (`tls = "off"`), or both (two meshes side by side).
+    #[arg(long, value_enum, default_value_t = TlsArg::Both)]
+    tls: TlsArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TlsArg {
+    Both,
+    Mutual,
+    Off,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -98,7 +110,8 @@ impl Phase {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Direct,
-    Mesh,
+    /// The mesh path of `Running::meshes[i]`.
+    Mesh(usize),
 }
 
 struct Row {
@@ -122,14 +135,29 @@ impl Row {
     }
 }
 
-/// Everything running: the mesh child and the pids to watch.
+/// Everything running: one mesh per measured TLS mode, and the direct path (the app of
+/// the first mesh).
 struct Running {
+    meshes: Vec<MeshRun>,
+    direct: Arc<Target>,
+}
+
+/// One running mesh, the pids to watch, and its mesh path.
+struct MeshRun {
     mesh: MeshChild,
     mesh_pid: i32,
     app_pid: i32,
     shims: Vec<i32>,
-    direct: Arc<Target>,
     via_mesh: Arc<Target>,
+    /// Mutual TLS between its sidecars (`tls = "off"` otherwise).
+    tls: bool,
+}
+
+impl MeshRun {
+    /// The label of its path in the table: `mtls` or `plain`.
+    fn label(&self) -> &'static str {
+        if self.tls { "mtls" } else { "plain" }
+    }
 }
 
 /// Runs the benchmark; `Ok(false)` when some request failed.
@@ -143,7 +171,6 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let (mesh_bin, app_bin) = executables()?;
     let machine = procs::machine();
     let scratch = ScratchDir::new()?;
-    let config = write_config(scratch.path(), &app_bin)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
@@ -154,15 +181,32 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     // mesh assigns the app's port by binding port 0 and releasing it, so on a busy
     // machine another socket can take it before the app binds it (the app then
     // crash-loops on "Address already in use"): one more try with a fresh mesh.
-    let mut running = match start(&mesh_bin, &config, scratch.path(), &rt) {
-        Ok(r) => r,
-        Err(e) => {
-            let first = format!("{e:#}");
-            let first = first.lines().next().unwrap_or_default();
-            eprintln!("mesh-bench: warning: mesh did not start ({first}); trying once more");
-            start(&mesh_bin, &config, scratch.path(), &rt)?
-        }
+    let modes: &[bool] = match args.tls {
+        TlsArg::Both => &[true, false],
+        TlsArg::Mutual => &[true],
+        TlsArg::Off => &[false],
     };
+    let mut meshes = Vec::new();
+    let mut direct = None;
+    for &tls in modes {
+        // Each mesh has its own directory: its own state_dir, CA and lock.
+        let dir = scratch.path().join(if tls { "mtls" } else { "plain" });
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = write_config(&dir, &app_bin, tls)?;
+        let (run, app) = match start(&mesh_bin, &config, &dir, &rt, tls) {
+            Ok(r) => r,
+            Err(e) => {
+                let first = format!("{e:#}");
+                let first = first.lines().next().unwrap_or_default();
+                eprintln!("mesh-bench: warning: mesh did not start ({first}); trying once more");
+                start(&mesh_bin, &config, &dir, &rt, tls)?
+            }
+        };
+        direct.get_or_insert(app);
+        meshes.push(run);
+    }
+    let direct = direct.context("no mesh to measure")?;
+    let mut running = Running { meshes, direct };
     let ticks = procs::clock_ticks();
     let self_pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
 
@@ -170,7 +214,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
     // Warm-up on both paths: connections, pools, caches, the allocator's arenas.
     if !args.warmup.is_zero() {
-        for t in [&running.direct, &running.via_mesh] {
+        let paths =
+            std::iter::once(&running.direct).chain(running.meshes.iter().map(|m| &m.via_mesh));
+        for t in paths {
             rt.block_on(load::closed_loop(t, args.connections, args.warmup))?;
         }
     }
@@ -194,15 +240,19 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         phases.push(Phase::Full);
     }
     let mut rows = Vec::new();
+    let routes: Vec<Route> = std::iter::once(Route::Direct)
+        .chain((0..running.meshes.len()).map(Route::Mesh))
+        .collect();
     for phase in phases {
-        for route in [Route::Direct, Route::Mesh] {
-            let target = match route {
-                Route::Direct => &running.direct,
-                Route::Mesh => &running.via_mesh,
+        for &route in &routes {
+            let (target, measured) = match route {
+                Route::Direct => (&running.direct, &running.meshes[0]),
+                Route::Mesh(i) => (&running.meshes[i].via_mesh, &running.meshes[i]),
             };
+            let pids = [measured.mesh_pid, measured.app_pid, self_pid];
             std::thread::sleep(Duration::from_millis(200));
             let machine_before = procs::machine_cpu_ticks()?;
-            let before = [running.mesh_pid, running.app_pid, self_pid].map(procs::cpu_sample);
+            let before = pids.map(procs::cpu_sample);
             let wall = Instant::now();
             let outcome = match phase {
                 Phase::Rate(r) => {
@@ -212,7 +262,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                     rt.block_on(load::closed_loop(target, args.connections, args.duration))?
                 }
             };
-            let after = [running.mesh_pid, running.app_pid, self_pid].map(procs::cpu_sample);
+            let after = pids.map(procs::cpu_sample);
             let wall_us = wall.elapsed().as_secs_f64() * 1e6;
             let machine_after = procs::machine_cpu_ticks()?;
             let requests = (outcome.latencies.len() as u64 + outcome.errors).max(1) as f64;
@@ -221,7 +271,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 let (Ok(b), Ok(a)) = (b, a) else {
                     bail!(
                         "reading CPU times from /proc (did a process exit?)\n{}",
-                        running.mesh.context()
+                        measured.mesh.context()
                     );
                 };
                 used_us[i] = procs::cpu_between(b, a, ticks);
@@ -240,25 +290,38 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 other_pct: ((busy_us - ours) / wall_us * 100.0).max(0.0),
                 steal_pct: steal_us / wall_us * 100.0,
             };
-            print_row(&row);
+            print_row(&row, &running);
             rows.push(row);
         }
     }
 
-    let peak_rss_kib = procs::status_kib(running.mesh_pid, "VmHWM")?;
-    let shim_rss: Vec<u64> = running
-        .shims
-        .iter()
-        .filter_map(|&p| procs::status_kib(p, "VmHWM").ok())
-        .collect();
-    let app_rss = procs::status_kib(running.app_pid, "VmHWM").ok();
     let errors: u64 = rows.iter().map(|r| r.outcome.errors).sum();
     let queued: u64 = rows.iter().map(|r| r.outcome.queued).sum();
-    print_summary(&rows, peak_rss_kib, &shim_rss, app_rss, errors, queued);
+    println!();
+    for (i, m) in running.meshes.iter().enumerate() {
+        let peak_rss_kib = procs::status_kib(m.mesh_pid, "VmHWM")?;
+        let shim_rss: Vec<u64> = m
+            .shims
+            .iter()
+            .filter_map(|&p| procs::status_kib(p, "VmHWM").ok())
+            .collect();
+        let app_rss = procs::status_kib(m.app_pid, "VmHWM").ok();
+        print_summary(
+            &rows,
+            Route::Mesh(i),
+            m.label(),
+            peak_rss_kib,
+            &shim_rss,
+            app_rss,
+        );
+    }
+    print_totals(&rows, errors, queued);
 
-    let status = running.mesh.stop(STOP_TIMEOUT)?;
-    if !status.success() {
-        eprintln!("mesh-bench: warning: mesh exited with {status} after SIGTERM");
+    for m in &mut running.meshes {
+        let status = m.mesh.stop(STOP_TIMEOUT)?;
+        if !status.success() {
+            eprintln!("mesh-bench: warning: mesh exited with {status} after SIGTERM");
+        }
     }
     drop(running);
     drop(scratch);
@@ -286,14 +349,16 @@ fn executables() -> anyhow::Result<(PathBuf, PathBuf)> {
 
 /// A mesh of one service (`server`, the test app) and a caller (`client`) that only
 /// prints its outbound sidecar's URL.
-fn write_config(dir: &Path, app: &Path) -> anyhow::Result<PathBuf> {
+fn write_config(dir: &Path, app: &Path, tls: bool) -> anyhow::Result<PathBuf> {
     let app = app.to_str().context("the test app's path is not UTF-8")?;
+    let tls = if tls { "mutual" } else { "off" };
     let text = format!(
         r#"# Written by mesh-bench.
 version = 1
 
 [mesh]
 name = "bench"
+tls = "{tls}"
 
 [services.server]
 command = [{app:?}]
@@ -309,13 +374,15 @@ upstreams = ["server"]
     Ok(path)
 }
 
-/// Starts mesh and waits until both paths are open.
+/// Starts mesh and waits until both paths are open; returns the mesh and the direct path
+/// to its app.
 fn start(
     mesh_bin: &Path,
     config: &Path,
     cwd: &Path,
     rt: &tokio::runtime::Runtime,
-) -> anyhow::Result<Running> {
+    tls: bool,
+) -> anyhow::Result<(MeshRun, Arc<Target>)> {
     let mut mesh = MeshChild::start(mesh_bin, config, cwd)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let line = mesh.wait_line("client.0 | url=", deadline)?;
@@ -335,14 +402,15 @@ fn start(
     let [app_pid] = apps[..] else {
         bail!("expected one mesh-test-app process below mesh (pid {mesh_pid}), found {apps:?}");
     };
-    Ok(Running {
+    let run = MeshRun {
         mesh,
         mesh_pid,
         app_pid,
         shims,
-        direct,
         via_mesh,
-    })
+        tls,
+    };
+    Ok((run, direct))
 }
 
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
@@ -361,11 +429,27 @@ fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
         m.cpus, m.cpu_model, m.memory, m.kernel
     );
     println!("  date:     {}", m.date);
-    println!("  mesh:     commit {}, mTLS off (not built yet)", m.commit);
+    println!("  mesh:     commit {}", m.commit);
+    let meshes: Vec<String> = r
+        .meshes
+        .iter()
+        .map(|m| {
+            let tls = if m.tls {
+                "mutual TLS between the sidecars"
+            } else {
+                "tls = \"off\""
+            };
+            format!(
+                "{} = client → caller's outbound {} → callee's inbound → app, {tls}",
+                m.label(),
+                m.via_mesh.addr()
+            )
+        })
+        .collect();
     println!(
-        "  paths:    direct = client → app {}; mesh = client → caller's outbound {} → callee's inbound → app",
-        r.direct_addr(),
-        r.via_mesh_addr()
+        "  paths:    direct = client → app {}; {}",
+        r.direct.addr(),
+        meshes.join("; ")
     );
     println!(
         "  load:     GET / over HTTP/1.1 keep-alive, {} connections, {} s per phase, rates {} rps (open loop), {}; warm-up {} s per path; generator: {} tokio threads in this process, on the same CPUs",
@@ -380,29 +464,23 @@ fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
         args.warmup.as_secs_f64(),
         args.threads,
     );
-    println!(
-        "  pids:     mesh {} (both sidecars), test app {}",
-        r.mesh_pid, r.app_pid
-    );
+    for m in &r.meshes {
+        println!(
+            "  pids:     {}: mesh {} (both sidecars), test app {}",
+            m.label(),
+            m.mesh_pid,
+            m.app_pid
+        );
+    }
     println!();
     flush();
 }
 
-impl Running {
-    fn direct_addr(&self) -> String {
-        self.direct.addr().to_string()
-    }
-
-    fn via_mesh_addr(&self) -> String {
-        self.via_mesh.addr().to_string()
-    }
-}
-
-fn print_row(row: &Row) {
+fn print_row(row: &Row, running: &Running) {
     let o = &row.outcome;
     let route = match row.route {
         Route::Direct => "direct",
-        Route::Mesh => "mesh",
+        Route::Mesh(i) => running.meshes[i].label(),
     };
     println!(
         "{:<16} {:<7} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>15.1}  {:>14.1}  {:>17.1}  {:>11.0}",
@@ -429,20 +507,21 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "MISS" }
 }
 
+/// The ratios and targets of one mesh path (`route`, labelled `label`).
 fn print_summary(
     rows: &[Row],
+    route: Route,
+    label: &str,
     peak_rss_kib: u64,
     shim_rss: &[u64],
     app_rss: Option<u64>,
-    errors: u64,
-    queued: u64,
 ) {
     let mut ratios = Vec::new();
     let mut targets = Vec::new();
 
     if let (Some(d), Some(m)) = (
         find(rows, Phase::Full, Route::Direct),
-        find(rows, Phase::Full, Route::Mesh),
+        find(rows, Phase::Full, route),
     ) {
         let ratio = m.outcome.throughput() / d.outcome.throughput();
         ratios.push(format!("throughput {ratio:.2}×"));
@@ -459,7 +538,7 @@ fn print_summary(
     let p99_phase = Phase::Rate(TARGET_P99_RATE);
     if let (Some(d), Some(m)) = (
         find(rows, p99_phase, Route::Direct),
-        find(rows, p99_phase, Route::Mesh),
+        find(rows, p99_phase, route),
     ) {
         let extra = m.p99() - d.p99();
         ratios.push(format!("p99 @{TARGET_P99_RATE} {extra:+.0} µs"));
@@ -475,13 +554,13 @@ fn print_summary(
 
     // CPU: the full-speed figure (the one comparable to other proxies), and the worst
     // mesh phase; the target is checked against the worst.
-    let mesh_rows: Vec<&Row> = rows.iter().filter(|r| r.route == Route::Mesh).collect();
+    let mesh_rows: Vec<&Row> = rows.iter().filter(|r| r.route == route).collect();
     if let Some(worst) = mesh_rows
         .iter()
         .max_by(|a, b| a.mesh_cpu.total_cmp(&b.mesh_cpu))
     {
         let mut s = String::from("CPU/req");
-        if let Some(full) = find(rows, Phase::Full, Route::Mesh) {
+        if let Some(full) = find(rows, Phase::Full, route) {
             s.push_str(&format!(" {:.1} µs at full speed,", full.mesh_cpu));
         }
         s.push_str(&format!(
@@ -503,19 +582,23 @@ fn print_summary(
         verdict(rss_mib <= TARGET_RSS_MIB)
     ));
 
-    println!();
-    println!("ratios mesh/direct: {}", ratios.join(", "));
-    println!("targets: {}", targets.join(", "));
+    println!("{label}: ratios mesh/direct: {}", ratios.join(", "));
+    println!("{label}: targets: {}", targets.join(", "));
     let shims: Vec<String> = shim_rss
         .iter()
         .map(|k| format!("{:.1}", *k as f64 / 1024.0))
         .collect();
     println!(
-        "notes: mesh CPU is the mesh process (both sidecars, plus its supervisor) per request; peak RSS is its VmHWM; \
+        "{label}: notes: mesh CPU is the mesh process (both sidecars, plus its supervisor) per request; peak RSS is its VmHWM; \
          the shims (one per app process) peak at [{}] MiB, the test app at {} MiB",
         shims.join(", "),
         app_rss.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
     );
+    flush();
+}
+
+/// What concerns the whole run: a noisy machine, queued requests, errors.
+fn print_totals(rows: &[Row], errors: u64, queued: u64) {
     let other = rows.iter().map(|r| r.other_pct).fold(0.0, f64::max);
     let steal = rows.iter().map(|r| r.steal_pct).fold(0.0, f64::max);
     if other >= 10.0 || steal >= 5.0 {

@@ -39,6 +39,30 @@ pub struct MeshSettings {
     /// Seed of the random draws of routes (weighted backends, faults): `MESH_SEED` in
     /// mesh's environment, else `[mesh] seed`; `None` draws from a random seed.
     pub seed: Option<u64>,
+    /// `tls`: mutual TLS between sidecars, or plain (`"off"`).
+    pub tls: TlsMode,
+    /// `ca = { cert, key }`: the mesh CA's files (absolute paths); `None` keeps the CA in
+    /// `state_dir`, created at the first start.
+    pub ca: Option<CaFiles>,
+}
+
+/// `[mesh] tls`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Mutual TLS between sidecars, authorization enforced (the default).
+    #[default]
+    Mutual,
+    /// Plain between sidecars, authorization not enforced (for debugging).
+    Off,
+}
+
+/// `[mesh] ca = { cert, key }`, resolved against mesh.toml's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaFiles {
+    /// The CA certificate (PEM).
+    pub cert: PathBuf,
+    /// The CA's private key (PEM, PKCS#8).
+    pub key: PathBuf,
 }
 
 /// One `[services.NAME]` table.
@@ -60,6 +84,9 @@ pub struct Service {
     pub port: PortSpec,
     /// Upstream service names, in file order.
     pub upstreams: Vec<String>,
+    /// `allow`: services admitted as callers besides those listing this one in their
+    /// `upstreams`.
+    pub allow: Vec<String>,
     pub depends_on: BTreeMap<String, Condition>,
     pub restart: RestartPolicy,
     pub backoff: Backoff,
@@ -209,8 +236,8 @@ pub enum HealthCheck {
 
 impl Config {
     /// The identity names (`<caller service>`, `ingress`) whose calls `service`'s
-    /// inbounds admit: callers that list it in `upstreams`, the ingress when it is
-    /// exposed, and (SPEC §3 Routes) every caller admitted that way to a service whose
+    /// inbounds admit: callers that list it in `upstreams`, those its `allow` names, the
+    /// ingress when it is exposed, and (SPEC §3 Routes) every caller admitted that way to a service whose
     /// routes name `service` as a backend. Route admission is one step, not transitive:
     /// a backend's own routes are not applied to traffic that reached it by a route.
     pub fn admitted_callers(&self, service: &str) -> BTreeSet<String> {
@@ -231,12 +258,11 @@ impl Config {
             .filter(|s| s.upstreams.iter().any(|u| u == service))
             .map(|s| s.name.clone())
             .collect();
-        if self
-            .services
-            .get(service)
-            .is_some_and(|s| s.expose.is_some())
-        {
-            callers.insert("ingress".to_owned());
+        if let Some(svc) = self.services.get(service) {
+            callers.extend(svc.allow.iter().cloned());
+            if svc.expose.is_some() {
+                callers.insert("ingress".to_owned());
+            }
         }
         callers
     }

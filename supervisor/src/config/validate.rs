@@ -32,8 +32,8 @@ use super::raw::{
     RawMesh, RawPort, RawRoute, RawService, RawTraffic, Shape,
 };
 use super::{
-    Backoff, Condition, Config, Diagnostic, Health, HealthCheck, MeshSettings, PortSpec, Protocol,
-    RestartPolicy, Service, Signal, StartLimit, envfile, interpolate,
+    Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, MeshSettings, PortSpec,
+    Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, envfile, interpolate,
 };
 
 /// Validates `text`, the contents of the file at `path`, against mesh's environment `env`.
@@ -522,20 +522,34 @@ fn check_mesh(
         },
     };
 
-    // Not supported yet (rejected by the key walk); checked so that enabling them is a flip.
-    let tls_off = raw.tls.as_ref().is_some_and(|tls| {
-        one_of(ctx, tls, "tls", &[("mutual", false), ("off", true)]).unwrap_or(false)
-    });
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|tls| {
+            one_of(
+                ctx,
+                tls,
+                "tls",
+                &[("mutual", TlsMode::Mutual), ("off", TlsMode::Off)],
+            )
+        })
+        .unwrap_or_default();
+    let tls_off = tls == TlsMode::Off;
+    let mut ca_files = None;
     if let Some(ca) = &raw.ca {
         let ca_ref = ca.get_ref();
+        let mut paths = Vec::new();
         for (key, value) in [("cert", &ca_ref.cert), ("key", &ca_ref.key)] {
             match value {
                 Some(v) if v.get_ref().is_empty() => {
                     ctx.error(v.span(), format!("`ca.{key}` is empty"))
                 }
-                Some(_) => {}
+                Some(v) => paths.push(dir.join(v.get_ref())),
                 None => ctx.error(ca.span(), format!("`ca` needs `{key}`")),
             }
+        }
+        if let Ok([cert, key]) = <[PathBuf; 2]>::try_from(paths) {
+            ca_files = Some(CaFiles { cert, key });
         }
     }
     if let Some(listen) = &raw.listen {
@@ -595,6 +609,8 @@ fn check_mesh(
         admin,
         shutdown_timeout,
         seed,
+        tls,
+        ca: ca_files,
     })
 }
 

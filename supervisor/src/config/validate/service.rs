@@ -222,9 +222,7 @@ pub(super) fn check_service(
             ctx.error(pattern.span(), "empty `watch` pattern");
         }
     }
-    for caller in raw.allow.iter().flatten() {
-        check_reference(ctx, caller, "allow", scope);
-    }
+    let allow = check_allow(ctx, raw, name, scope);
     let traffic = raw
         .traffic
         .as_ref()
@@ -252,6 +250,7 @@ pub(super) fn check_service(
         protocol,
         port,
         upstreams,
+        allow,
         depends_on,
         restart,
         backoff,
@@ -264,6 +263,33 @@ pub(super) fn check_service(
         routes,
     };
     (Some(service), dep_edges)
+}
+
+/// `allow`: services of this file. The reserved identities are refused with a reason:
+/// the ingress of a service is admitted by that service alone (and its route backends),
+/// and `test` by every inbound already.
+fn check_allow(ctx: &mut Ctx<'_>, raw: &RawService, name: &str, scope: &Scope<'_>) -> Vec<String> {
+    let mut allow = Vec::new();
+    for caller in raw.allow.iter().flatten() {
+        let caller_name = caller.get_ref();
+        if caller_name == "ingress" {
+            ctx.report(
+                caller.span(),
+                "`allow` cannot name `ingress`: a service's ingress is admitted by that service alone",
+                Some(format!("use `expose` on `{name}` to reach it from outside the mesh")),
+            );
+        } else if caller_name == "test" || caller_name == "mesh" {
+            ctx.error(
+                caller.span(),
+                format!(
+                    "`allow` cannot name `{caller_name}`: it is a reserved name, not a service"
+                ),
+            );
+        } else if check_reference(ctx, caller, "allow", scope) && !allow.contains(caller_name) {
+            allow.push(caller_name.clone());
+        }
+    }
+    allow
 }
 
 fn check_port(
