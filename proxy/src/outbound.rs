@@ -15,6 +15,7 @@ mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::balance::{Balancer, Outcome};
+use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick};
 use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
 use crate::http::client::{self, H2Pool};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
@@ -33,7 +34,8 @@ use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed, full};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
-use retry::{ReqBody, TRIES};
+use retry::{Budget, ReqBody, TRIES};
+pub use retry::{MIN_RETRIES_PER_SEC, RetryOn, RetryPolicy};
 
 /// What an outbound (or ingress) listener serves.
 #[derive(Clone, Debug)]
@@ -85,7 +87,9 @@ pub async fn serve_with(
         }
     };
     let tracker = TaskTracker::new();
+    let policy = Policy::new(&cfg.traffic);
     let outbound = Arc::new(Outbound {
+        policy,
         cfg,
         source,
         balancer,
@@ -126,6 +130,8 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
+    /// The service's timeout and retry rules (`cfg.traffic`, ready to use).
+    policy: Policy,
     /// `x-mesh-source` for every hop.
     source: HeaderValue,
     balancer: Balancer,
@@ -137,8 +143,9 @@ struct Outbound {
 impl Outbound {
     async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
         let arrival = Instant::now();
-        let deadline = arrival + self.cfg.traffic.queue_timeout;
         if headers::is_upgrade(&req) {
+            // Exempt from timeouts and retries (SPEC §3 "Timeouts").
+            let deadline = arrival + self.policy.queue_timeout;
             // Boxed: the rare path would otherwise enlarge every request's future.
             return Box::pin(self.upgrade(peer, req, deadline)).await;
         }
@@ -146,6 +153,64 @@ impl Outbound {
         self.hop_headers(&mut parts.headers, peer, parts.version);
         headers::strip_hop_by_hop(&mut parts.headers, false);
         parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
+        self.forward(&self.policy, &self.balancer, arrival, parts, body)
+            .await
+    }
+
+    /// Forward one request under `policy` to an endpoint of `balancer`: the `timeout`
+    /// around everything up to response headers (queueing and every try), and inside it
+    /// the tries of [`Outbound::tries`].
+    async fn forward(
+        &self,
+        policy: &Policy,
+        balancer: &Balancer,
+        arrival: Instant,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<Body> {
+        let mut progress = Progress::default();
+        let tries = self.tries(policy, balancer, arrival, parts, body, &mut progress);
+        let Some(timeout) = policy.timeout else {
+            return tries.await;
+        };
+        match tokio::time::timeout_at(arrival + timeout, tries).await {
+            Ok(response) => response,
+            Err(_) => {
+                let detail = match progress.current.take() {
+                    Some(id) => format!("{id}: no response headers within timeout {timeout:?}"),
+                    None => format!("no response headers within timeout {timeout:?}"),
+                };
+                self.error(
+                    ErrorKind::Timeout,
+                    progress.tried,
+                    progress.attempts,
+                    detail,
+                )
+            }
+        }
+    }
+
+    /// Admission (`max_concurrent`), then tries until a response is final: the default
+    /// retry rule, or `policy.retries` with its per-try timeout and budget. `progress`
+    /// keeps what the tries did, for the `timeout` error if [`Outbound::forward`] cuts
+    /// this short.
+    async fn tries(
+        &self,
+        policy: &Policy,
+        balancer: &Balancer,
+        arrival: Instant,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        progress: &mut Progress,
+    ) -> Response<Body> {
+        let deadline = arrival + policy.queue_timeout;
+        let Some(admission) = balancer.admit(deadline).await else {
+            let detail = format!(
+                "max_concurrent requests in flight for {:?} (queue_timeout)",
+                policy.queue_timeout
+            );
+            return self.error(ErrorKind::Overloaded, Vec::new(), 0, detail);
+        };
         // With an absolute URI, HTTP/2 sends `:scheme` and `:authority` from it; a
         // relative one (an HTTP/1.0 request without Host) is only allowed to h2 as a
         // forwarded HTTP/1.x request.
@@ -154,6 +219,7 @@ impl Outbound {
         } else {
             Version::HTTP_11
         };
+        parts.version = version;
         let mut body = match ReqBody::new(body).await {
             Ok(body) => body,
             Err(error) => {
@@ -163,35 +229,51 @@ impl Outbound {
                 return response;
             }
         };
-        let safe = retry::is_safe(&parts.method) && body.is_empty();
-
-        let mut tried: Vec<Arc<str>> = Vec::new();
-        let mut attempts: u32 = 0;
+        let rule = Rule::new(policy, &parts.method, &body);
         // The failure of the last try, answered if no further try happens.
         let mut last: Option<(ErrorKind, String)> = None;
+        // A response that asked for a retry, answered if no further try happens.
+        let mut pending: Option<Response<Body>> = None;
         loop {
-            let Some(pick) = self.balancer.pick(&tried, deadline).await else {
-                let (kind, detail) = last.unwrap_or_else(|| {
-                    (
-                        ErrorKind::NoEndpoints,
-                        format!(
-                            "no ready endpoint within queue_timeout {:?}",
-                            self.cfg.traffic.queue_timeout
+            let pick = match balancer.pick_or(&progress.tried, deadline).await {
+                Ok(pick) => pick,
+                Err(why) => {
+                    if let Some(response) = pending {
+                        return guarded(response, admission);
+                    }
+                    let (kind, detail) = match (last, why) {
+                        (Some(last), _) => last,
+                        (None, NoPick::CircuitOpen) => (
+                            ErrorKind::CircuitOpen,
+                            "every endpoint is ejected by the circuit breaker".to_string(),
                         ),
-                    )
-                });
-                return self.error(kind, tried, attempts, detail);
+                        (None, NoPick::NoEndpoints) => (
+                            ErrorKind::NoEndpoints,
+                            format!(
+                                "no ready endpoint within queue_timeout {:?}",
+                                policy.queue_timeout
+                            ),
+                        ),
+                    };
+                    let tried = std::mem::take(&mut progress.tried);
+                    return self.error(kind, tried, progress.attempts, detail);
+                }
             };
             let Some(try_body) = body.take() else {
                 // A streaming body already went out with an earlier try; the retry rules
                 // below never start another try then.
                 let (kind, detail) =
                     last.unwrap_or((ErrorKind::Reset, "request body consumed".into()));
-                return self.error(kind, tried, attempts, detail);
+                let tried = std::mem::take(&mut progress.tried);
+                return self.error(kind, tried, progress.attempts, detail);
             };
-            attempts += 1;
+            // The previous try's response is dropped only now that another try goes out.
+            drop(pending.take());
+            progress.attempts += 1;
+            let attempts = progress.attempts;
             let id = Arc::clone(&pick.endpoint.id);
-            tried.push(Arc::clone(&id));
+            progress.tried.push(Arc::clone(&id));
+            progress.current = Some(Arc::clone(&id));
             let mut request = Request::new(try_body);
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = parts.uri.clone();
@@ -202,69 +284,118 @@ impl Outbound {
                 .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
 
             let started = Instant::now();
-            let retryable = match self.pool.send(pick.endpoint.addr, request).await {
-                Ok(response) => {
+            let sent = match rule.per_try_timeout {
+                None => Some(self.pool.send(pick.endpoint.addr, request).await),
+                Some(limit) => {
+                    tokio::time::timeout(limit, self.pool.send(pick.endpoint.addr, request))
+                        .await
+                        .ok()
+                }
+            };
+            // Why another try is wanted, if it is.
+            let again = match sent {
+                None => {
+                    // The per-try timeout fired; the body went with the try.
+                    self.record(pick, Outcome::Failed(started.elapsed()));
+                    let limit = rule.per_try_timeout.unwrap_or_default();
+                    last = Some((
+                        ErrorKind::Timeout,
+                        format!("{id}: no response headers within per_try_timeout {limit:?}"),
+                    ));
+                    rule.on_timeout() && body.replayable() && rule.within(attempts)
+                }
+                Some(Ok(response)) => {
                     let took = started.elapsed();
                     match hop_error(&response) {
                         // The inbound could not connect to its app: the request never
                         // reached an app, and the replica is as good as down.
                         Some(ErrorKind::ConnectFailed) => {
-                            pick.record(Outcome::ConnectFailed);
+                            self.record(pick, Outcome::ConnectFailed);
                             last = Some((
                                 ErrorKind::ConnectFailed,
                                 format!("{id}: the app refused the connection"),
                             ));
-                            Retryable::NotProcessed
+                            rule.connect_retry(attempts) && body.replayable()
                         }
                         Some(ErrorKind::Reset) => {
-                            pick.record(Outcome::Failed(took));
+                            self.record(pick, Outcome::Failed(took));
                             last = Some((
                                 ErrorKind::Reset,
                                 format!(
                                     "{id}: the app closed the connection before response headers"
                                 ),
                             ));
-                            Retryable::MaybeProcessed
+                            rule.on_reset(&response, &body) && rule.within(attempts)
                         }
-                        _ => {
-                            pick.record(Outcome::Response(took));
-                            let gateway = matches!(
-                                response.status(),
-                                StatusCode::BAD_GATEWAY
-                                    | StatusCode::SERVICE_UNAVAILABLE
-                                    | StatusCode::GATEWAY_TIMEOUT
-                            );
-                            if gateway && safe && attempts < TRIES {
-                                tracing::debug!(endpoint = %id, status = %response.status(), "retrying gateway error");
-                                continue;
+                        hop => {
+                            let failure = response.status().is_server_error()
+                                || retry::grpc_status(&response)
+                                    .is_some_and(|code| matches!(code, 2 | 4 | 13 | 14));
+                            let outcome = if failure {
+                                Outcome::ErrorResponse(took)
+                            } else {
+                                Outcome::Response(took)
+                            };
+                            self.record(pick, outcome);
+                            // Other reports of a next hop (rate-limited, unauthorized) are
+                            // the mesh's own answers: never retried.
+                            if hop.is_none()
+                                && rule.on_response(&response, &body)
+                                && rule.within(attempts)
+                            {
+                                tracing::debug!(endpoint = %id, status = %response.status(), "retrying response");
+                                pending = Some(response.map(boxed));
+                                last = None;
+                                true
+                            } else {
+                                return guarded(response.map(boxed), admission);
                             }
-                            return response.map(boxed);
                         }
                     }
                 }
-                Err((error, unsent)) => {
+                Some(Err((error, unsent))) => {
                     if error.is_connect() {
-                        pick.record(Outcome::ConnectFailed);
+                        self.record(pick, Outcome::ConnectFailed);
                     } else {
-                        pick.record(Outcome::Failed(started.elapsed()));
+                        self.record(pick, Outcome::Failed(started.elapsed()));
                     }
                     tracing::debug!(endpoint = %id, error = %error.chain(), "try failed");
                     if let Some(unsent) = unsent {
                         body.put_back(unsent.into_body());
                     }
                     last = Some((error.kind(), format!("{id}: {}", error.chain())));
-                    error.retryable()
+                    match error.retryable() {
+                        Retryable::Unsent => rule.connect_retry(attempts) && body.available(),
+                        Retryable::NotProcessed => {
+                            rule.connect_retry(attempts) && body.replayable()
+                        }
+                        Retryable::MaybeProcessed => {
+                            rule.on_reset_error(&body) && rule.within(attempts)
+                        }
+                    }
                 }
             };
-            let again = match retryable {
-                Retryable::Unsent => body.available(),
-                Retryable::NotProcessed => body.replayable(),
-                Retryable::MaybeProcessed => safe,
-            };
-            if !again || attempts >= TRIES {
-                let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
-                return self.error(kind, tried, attempts, detail);
+            progress.current = None;
+            let again = again && rule.withdraw();
+            if again {
+                self.cfg.metrics.retry(&self.cfg.caller, &self.cfg.service);
+                continue;
             }
+            if let Some(response) = pending {
+                return guarded(response, admission);
+            }
+            let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
+            let tried = std::mem::take(&mut progress.tried);
+            return self.error(kind, tried, progress.attempts, detail);
+        }
+    }
+
+    /// Record a try's outcome with the balancer, and count an ejection it caused.
+    fn record(&self, pick: Pick, outcome: Outcome) {
+        if pick.record(outcome) {
+            self.cfg
+                .metrics
+                .ejection(&self.cfg.caller, &self.cfg.service);
         }
     }
 
@@ -283,19 +414,26 @@ impl Outbound {
         parts
             .headers
             .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
-        let Some(pick) = self.balancer.pick(&[], deadline).await else {
-            let detail = format!(
-                "no ready endpoint within queue_timeout {:?}",
-                self.cfg.traffic.queue_timeout
-            );
-            return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
+        let pick = match self.balancer.pick_or(&[], deadline).await {
+            Ok(pick) => pick,
+            Err(NoPick::CircuitOpen) => {
+                let detail = "every endpoint is ejected by the circuit breaker".to_string();
+                return self.error(ErrorKind::CircuitOpen, Vec::new(), 0, detail);
+            }
+            Err(NoPick::NoEndpoints) => {
+                let detail = format!(
+                    "no ready endpoint within queue_timeout {:?}",
+                    self.cfg.traffic.queue_timeout
+                );
+                return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
+            }
         };
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
         let request = Request::from_parts(parts, boxed(body));
         match client::send_upgrade(pick.endpoint.addr, request).await {
             Ok(mut response) => {
-                pick.record(Outcome::Response(started.elapsed()));
+                self.record(pick, Outcome::Response(started.elapsed()));
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let upstream = hyper::upgrade::on(&mut response);
                     client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
@@ -305,9 +443,9 @@ impl Outbound {
             }
             Err(error) => {
                 if error.is_connect() {
-                    pick.record(Outcome::ConnectFailed);
+                    self.record(pick, Outcome::ConnectFailed);
                 } else {
-                    pick.record(Outcome::Failed(started.elapsed()));
+                    self.record(pick, Outcome::Failed(started.elapsed()));
                 }
                 let detail = format!("{id}: {}", error.chain());
                 self.error(error.kind(), vec![id], 1, detail)
@@ -373,6 +511,170 @@ impl Outbound {
             .metrics
             .mesh_error(&self.cfg.caller, &self.cfg.service, kind.as_str());
         error.to_response(self.cfg.protocol).map(boxed)
+    }
+}
+
+/// What one request is forwarded with: the called service's `timeout`, `retries` (with
+/// the budget they share) and `queue_timeout`. Separate from the balancer so that a
+/// request can take one service's policy to another balancer.
+#[derive(Debug)]
+struct Policy {
+    timeout: Option<Duration>,
+    queue_timeout: Duration,
+    retries: Option<(RetryPolicy, Budget)>,
+}
+
+impl Policy {
+    fn new(traffic: &Traffic) -> Self {
+        Policy {
+            timeout: traffic.timeout,
+            queue_timeout: traffic.queue_timeout,
+            retries: traffic.retries.clone().map(|r| {
+                let budget = Budget::new(r.budget);
+                (r, budget)
+            }),
+        }
+    }
+}
+
+/// What the tries of one request did so far.
+#[derive(Default)]
+struct Progress {
+    tried: Vec<Arc<str>>,
+    attempts: u32,
+    /// The endpoint of the try awaiting its response headers.
+    current: Option<Arc<str>>,
+}
+
+/// The retry rule one request follows: the default rule, or a `retries` table.
+struct Rule<'a> {
+    /// The configured policy and its budget; `None`: the default rule.
+    policy: Option<&'a (RetryPolicy, Budget)>,
+    /// Default rule: a safe method without a body, which may be repeated after it may
+    /// have reached the app.
+    safe: bool,
+    per_try_timeout: Option<Duration>,
+}
+
+impl<'a> Rule<'a> {
+    fn new(policy: &'a Policy, method: &http::Method, body: &ReqBody) -> Self {
+        let configured = policy.retries.as_ref();
+        if let Some((_, budget)) = configured {
+            budget.deposit();
+        }
+        Rule {
+            policy: configured,
+            safe: retry::is_safe(method) && body.is_empty(),
+            per_try_timeout: configured.and_then(|(r, _)| r.per_try_timeout),
+        }
+    }
+
+    /// Whether another try may follow try number `attempts` for a response condition.
+    fn within(&self, attempts: u32) -> bool {
+        match self.policy {
+            None => attempts < TRIES,
+            Some((r, _)) => attempts < r.attempts,
+        }
+    }
+
+    /// A try that certainly never reached an app: always retried, up to `attempts` (and
+    /// never fewer than the default rule's tries).
+    fn connect_retry(&self, attempts: u32) -> bool {
+        match self.policy {
+            None => attempts < TRIES,
+            Some((r, _)) => attempts < r.attempts.max(TRIES),
+        }
+    }
+
+    /// A response: the default rule retries 502/503/504 of a safe request without a body;
+    /// a policy its `on` conditions with a replayable body.
+    fn on_response<B>(&self, response: &Response<B>, body: &ReqBody) -> bool {
+        match self.policy {
+            None => {
+                self.safe
+                    && matches!(
+                        response.status(),
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    )
+            }
+            Some((r, _)) => body.replayable() && r.matches(response, false),
+        }
+    }
+
+    /// The inbound reported that the app reset the request (a 502).
+    fn on_reset<B>(&self, response: &Response<B>, body: &ReqBody) -> bool {
+        match self.policy {
+            None => self.safe,
+            Some((r, _)) => body.replayable() && r.matches(response, true),
+        }
+    }
+
+    /// The connection to the inbound broke before response headers.
+    fn on_reset_error(&self, body: &ReqBody) -> bool {
+        match self.policy {
+            None => self.safe,
+            Some((r, _)) => body.replayable() && r.on(RetryOn::Reset),
+        }
+    }
+
+    /// The per-try timeout fired.
+    fn on_timeout(&self) -> bool {
+        self.policy.is_some_and(|(r, _)| r.on(RetryOn::Timeout))
+    }
+
+    /// Take a retry out of the budget (the default rule has none).
+    fn withdraw(&self) -> bool {
+        match self.policy {
+            None => true,
+            Some((_, budget)) => {
+                let granted = budget.withdraw();
+                if !granted {
+                    tracing::debug!("retry budget spent, not retrying");
+                }
+                granted
+            }
+        }
+    }
+}
+
+/// Hold the `max_concurrent` slot until the response body ends.
+fn guarded(response: Response<Body>, admission: Admission) -> Response<Body> {
+    response.map(|body| {
+        boxed(Guarded {
+            body,
+            _admission: admission,
+        })
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's `max_concurrent` slot.
+    struct Guarded {
+        #[pin]
+        body: Body,
+        _admission: Admission,
+    }
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

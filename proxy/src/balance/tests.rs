@@ -88,6 +88,7 @@ fn peak_ewma_jumps_up_and_decays_down_with_time() {
         observed_at: start,
         connect_failures: 0,
         ejected_until: None,
+        breaker: BreakerState::default(),
     };
     health.observe(Duration::from_millis(100), start);
     assert_eq!(health.estimate(start), nanos(Duration::from_millis(100)));

@@ -147,6 +147,7 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
         traffic: Traffic {
             load_balancer: opts.algorithm,
             queue_timeout: opts.queue_timeout,
+            ..Traffic::default()
         },
         ingress: opts.ingress,
         metrics: Metrics::new(),

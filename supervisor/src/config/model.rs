@@ -68,11 +68,20 @@ pub struct Service {
 }
 
 /// `[services.NAME.traffic]`, the parts built so far.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Traffic {
     pub load_balancer: LoadBalancer,
     /// How long a request waits for a ready endpoint (default 3 s).
     pub queue_timeout: Duration,
+    /// From a request's arrival to its response headers (tcp: connection setup); none by
+    /// default.
+    pub timeout: Option<Duration>,
+    /// `retries`; `None`: the default retry rule.
+    pub retries: Option<Retries>,
+    /// `circuit_breaker`; `None`: only connect failures eject.
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Requests (tcp: connections) in flight per caller (default 10000).
+    pub max_concurrent: u32,
 }
 
 impl Default for Traffic {
@@ -80,8 +89,50 @@ impl Default for Traffic {
         Traffic {
             load_balancer: LoadBalancer::P2cEwma,
             queue_timeout: Duration::from_secs(3),
+            timeout: None,
+            retries: None,
+            circuit_breaker: None,
+            max_concurrent: 10_000,
         }
     }
+}
+
+/// `traffic.retries`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retries {
+    /// Total tries, the first included (default 3).
+    pub attempts: u32,
+    /// `None`: `timeout` bounds each try.
+    pub per_try_timeout: Option<Duration>,
+    /// Default `["gateway-error"]`.
+    pub on: Vec<RetryOn>,
+    /// Default 0.2.
+    pub budget: f64,
+}
+
+/// A `traffic.retries.on` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOn {
+    GatewayError,
+    ServerError,
+    Reset,
+    Timeout,
+    Status(u16),
+    /// A `grpc-status` code (`grpc:<code-name>`).
+    Grpc(u32),
+}
+
+/// `traffic.circuit_breaker`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Default 5.
+    pub consecutive_failures: u32,
+    /// Default 1 s.
+    pub base_ejection: Duration,
+    /// Default 60 s.
+    pub max_ejection: Duration,
+    /// Default 50.
+    pub max_ejected_percent: u32,
 }
 
 /// `traffic.load_balancer`.
