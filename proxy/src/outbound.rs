@@ -2,11 +2,13 @@
 //! ingress listener of an exposed service (same data path, plus [`OutboundConfig::ingress`]
 //! header rules).
 //!
-//! Each request from the app gets an endpoint from the [`Balancer`] (waiting up to
-//! `queue_timeout` for one), travels to that replica's inbound over one shared HTTP/2
-//! connection per endpoint, and is retried by the default rule of SPEC §3 "Retries" when
-//! it certainly never reached an app, or when it is safe to repeat. Failures the mesh
-//! produces are answered as [`MeshError`]s.
+//! Each request from the app takes a `max_concurrent` slot and gets an endpoint from the
+//! [`Balancer`] (waiting up to `queue_timeout` for both), travels to that replica's inbound
+//! over one shared HTTP/2 connection per endpoint, and is retried by the default rule of
+//! SPEC §3 "Retries" (when it certainly never reached an app, or when it is safe to
+//! repeat) or by the service's `retries` table, within its budget. `timeout` bounds all
+//! of it up to the response headers. Failures the mesh produces are answered as
+//! [`MeshError`]s. docs/traffic.md records the choices SPEC leaves open.
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
 //! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`.
