@@ -161,7 +161,9 @@ impl Outbound {
 
     /// Forward one request under `policy` to an endpoint of `balancer`: the `timeout`
     /// around everything up to response headers (queueing and every try), and inside it
-    /// the tries of [`Outbound::tries`].
+    /// the tries of [`Outbound::tries`]. (A try in flight at the deadline is ended by
+    /// `tries` itself, so that the balancer counts it as a failure; this outer bound cuts
+    /// the waits.)
     async fn forward(
         &self,
         policy: &Policy,
@@ -206,6 +208,7 @@ impl Outbound {
         progress: &mut Progress,
     ) -> Response<Body> {
         let deadline = arrival + policy.queue_timeout;
+        let overall = policy.timeout.map(|timeout| arrival + timeout);
         let Some(admission) = balancer.admit(deadline).await else {
             let detail = format!(
                 "max_concurrent requests in flight for {:?} (queue_timeout)",
@@ -286,16 +289,29 @@ impl Outbound {
                 .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
 
             let started = Instant::now();
-            let sent = match rule.per_try_timeout {
-                None => Some(self.pool.send(pick.endpoint.addr, request).await),
-                Some(limit) => {
-                    tokio::time::timeout(limit, self.pool.send(pick.endpoint.addr, request))
-                        .await
-                        .ok()
-                }
+            // The try ends at its per-try timeout or at the request's `timeout`, whichever
+            // comes first; either way here, so that the balancer learns of it.
+            let per_try_deadline = rule.per_try_timeout.map(|limit| started + limit);
+            let overall_first = overall.is_some_and(|o| per_try_deadline.is_none_or(|p| o <= p));
+            let try_deadline = if overall_first {
+                overall
+            } else {
+                per_try_deadline
+            };
+            let send = self.pool.send(pick.endpoint.addr, request);
+            let sent = match try_deadline {
+                None => Some(send.await),
+                Some(at) => tokio::time::timeout_at(at, send).await.ok(),
             };
             // Why another try is wanted, if it is.
             let again = match sent {
+                None if overall_first => {
+                    self.record(pick, Outcome::Failed(started.elapsed()));
+                    let timeout = policy.timeout.unwrap_or_default();
+                    let detail = format!("{id}: no response headers within timeout {timeout:?}");
+                    let tried = std::mem::take(&mut progress.tried);
+                    return self.error(ErrorKind::Timeout, tried, progress.attempts, detail);
+                }
                 None => {
                     // The per-try timeout fired; the body went with the try.
                     self.record(pick, Outcome::Failed(started.elapsed()));
