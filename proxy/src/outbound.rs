@@ -366,7 +366,7 @@ impl Outbound {
                                 last = None;
                                 true
                             } else {
-                                return guarded(response.map(boxed), admission);
+                                return guarded(response, admission);
                             }
                         }
                     }
@@ -657,8 +657,13 @@ impl<'a> Rule<'a> {
     }
 }
 
-/// Hold the `max_concurrent` slot until the response body ends.
-fn guarded(response: Response<Body>, admission: Admission) -> Response<Body> {
+/// Hold the `max_concurrent` slot until the response body ends (boxed once, whatever
+/// the body).
+fn guarded<B>(response: Response<B>, admission: Admission) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::http::BoxError>,
+{
     response.map(|body| {
         boxed(Guarded {
             body,
@@ -669,16 +674,16 @@ fn guarded(response: Response<Body>, admission: Admission) -> Response<Body> {
 
 pin_project_lite::pin_project! {
     /// A response body that holds its request's `max_concurrent` slot.
-    struct Guarded {
+    struct Guarded<B> {
         #[pin]
-        body: Body,
+        body: B,
         _admission: Admission,
     }
 }
 
-impl hyper::body::Body for Guarded {
-    type Data = bytes::Bytes;
-    type Error = crate::http::BoxError;
+impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
