@@ -491,7 +491,6 @@ upstreams = ["echo", "late"]
     let echo = outbound_as(&mesh, "caller", "echo");
     let late = outbound_as(&mesh, "caller", "late");
 
-    // An established connection outlives the timeout.
     let mut conn = eventually("echo to accept through the outbound", T, || {
         let mut s = TcpStream::connect(&echo).ok()?;
         s.set_read_timeout(Some(patience(Duration::from_secs(10))))
@@ -502,30 +501,33 @@ upstreams = ["echo", "late"]
         (&buf == b"one").then_some(s)
     });
     let opened = Instant::now();
-    // Not a wait for an event: the connection must stay idle past the timeout.
-    std::thread::sleep(Duration::from_millis(600));
+
+    // Setup that cannot finish (no endpoint yet) is cut at the timeout, not at
+    // queue_timeout: the connection is closed without data. Twice, so that the echo
+    // connection above stays open well past its own timeout meanwhile.
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(&late).expect("connect");
+        s.set_read_timeout(Some(patience(Duration::from_secs(10))))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let took = started.elapsed();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "closed after {took:?}"
+        );
+    }
+    mesh.wait_line("mesh: timeout: service=late tried=none attempts=0", T);
+
+    // An established connection outlives the timeout.
+    assert!(opened.elapsed() >= Duration::from_millis(500));
     conn.write_all(b"two").expect("write after the timeout");
     let mut buf = [0u8; 3];
     conn.read_exact(&mut buf).expect("echo after the timeout");
     assert_eq!(&buf, b"two");
-    assert!(opened.elapsed() >= Duration::from_millis(600));
     drop(conn);
-
-    // Setup that cannot finish (no endpoint yet) is cut at the timeout, not at
-    // queue_timeout: the connection is closed without data.
-    let started = Instant::now();
-    let mut s = TcpStream::connect(&late).expect("connect");
-    s.set_read_timeout(Some(patience(Duration::from_secs(10))))
-        .expect("timeout");
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-    let took = started.elapsed();
-    assert!(rest.is_empty(), "{rest:?}");
-    assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
-        "closed after {took:?}"
-    );
-    mesh.wait_line("mesh: timeout: service=late tried=none attempts=0", T);
 
     finish(mesh, &[("echo", 1)]);
 }
