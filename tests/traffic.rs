@@ -100,7 +100,10 @@ command = [{app:?}]
 env = {{ TEST_APP_DELAY_START_MS = "20000" }}
 traffic = {{ timeout = "300ms", queue_timeout = "10s" }}
 {caller}"#,
-        api = service("api", 1, r#"timeout = "500ms""#),
+        api = format!(
+            "{}expose = \"127.0.0.1:0\"\n",
+            service("api", 1, r#"timeout = "500ms""#)
+        ),
         app = test_app(),
         caller = caller(&["api", "late"]),
     ));
@@ -124,6 +127,13 @@ traffic = {{ timeout = "300ms", queue_timeout = "10s" }}
         took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
         "the timeout fired after {took:?}"
     );
+
+    // The ingress applies the service's traffic as a caller's outbound does.
+    let line = mesh.wait_line("ingress of `api` on ", T);
+    let ingress = line.rsplit(" on ").next().unwrap_or("").trim().to_string();
+    let r = get(&ingress, "/sleep/3000").expect("request");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.header("x-mesh-error"), Some("timeout"), "{r:?}");
 
     // Headers come at once; the body streams for about 1.2 s, past the timeout.
     let started = Instant::now();
