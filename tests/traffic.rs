@@ -94,16 +94,13 @@ fn finish(mut mesh: MeshProc, services: &[(&str, u32)]) {
 #[test]
 fn timeout_answers_504_counts_queueing_and_spares_long_bodies() {
     let p = Project::new(&format!(
-        r#"{api}
+        r#"{api}expose = "127.0.0.1:0"
 [services.late]
 command = [{app:?}]
 env = {{ TEST_APP_DELAY_START_MS = "20000" }}
 traffic = {{ timeout = "300ms", queue_timeout = "10s" }}
 {caller}"#,
-        api = format!(
-            "{}expose = \"127.0.0.1:0\"\n",
-            service("api", 1, r#"timeout = "500ms""#)
-        ),
+        api = service("api", 1, r#"timeout = "500ms""#),
         app = test_app(),
         caller = caller(&["api", "late"]),
     ));
