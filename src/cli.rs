@@ -12,8 +12,11 @@ use mesh_supervisor::state_dir::{StateDir, StateDirError};
 use mesh_supervisor::supervisor::Outcome;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::plan;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::runtime::Runtime;
+use crate::{admin, control, plan};
 
 /// Exit code for an invalid configuration (EX_CONFIG), so that systemd's
 /// `RestartPreventExitStatus=78` stops a restart loop.
@@ -58,6 +61,19 @@ enum Command {
     },
     /// Validate mesh.toml and print the resolved plan.
     Check {
+        #[command(flatten)]
+        file: FileArg,
+    },
+    /// One row per replica of the running mesh.
+    Ps {
+        #[command(flatten)]
+        file: FileArg,
+        /// One JSON object per replica (as `/api/status` returns them).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running mesh (as SIGTERM does) and wait until it is gone.
+    Down {
         #[command(flatten)]
         file: FileArg,
     },
@@ -113,10 +129,45 @@ pub fn main() -> ExitCode {
             let only = (!services.is_empty()).then_some(services);
             up(config, env, only, cli.log_format)
         }
+        Command::Ps { file, json } => match control_call(&file, &env, "ps") {
+            Ok(data) => {
+                if json {
+                    let rows = data.as_array().cloned().unwrap_or_default();
+                    for row in rows {
+                        println!("{row}");
+                    }
+                } else {
+                    print!("{}", ps_table(&data));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Down { file } => {
+            let config = match load(&file, &env) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match control::call(&config.mesh.state_dir, "down") {
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("mesh: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            // The lock on mesh.pid is released when the mesh process exits.
+            match StateDir::wait_released(&config.mesh.state_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh: {}", error_chain(&e));
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
             const LATER: &[&str] = &[
-                "ps", "logs", "start", "stop", "restart", "reload", "down", "exec", "run", "certs",
+                "logs", "start", "stop", "restart", "reload", "exec", "run", "certs",
             ];
             if LATER.contains(&name) {
                 eprintln!("mesh: `{name}` is not supported yet");
@@ -168,6 +219,73 @@ fn load(file: &FileArg, env: &BTreeMap<String, String>) -> Result<Config, ExitCo
     })
 }
 
+/// Load the configuration and send `cmd` to the mesh running on its state_dir.
+fn control_call(
+    file: &FileArg,
+    env: &BTreeMap<String, String>,
+    cmd: &str,
+) -> Result<serde_json::Value, ExitCode> {
+    let config = load(file, env)?;
+    control::call(&config.mesh.state_dir, cmd).map_err(|e| {
+        eprintln!("mesh: {e}");
+        ExitCode::from(1)
+    })
+}
+
+/// `mesh ps` as a table.
+fn ps_table(data: &serde_json::Value) -> String {
+    let header = [
+        "SERVICE", "REPLICA", "STATE", "HEALTH", "PID", "EXIT", "RESTARTS", "PORT", "UPTIME",
+        "RPS", "SUCCESS", "P99",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let field = |row: &serde_json::Value, key: &str| match row.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_string(),
+        Some(v) => v.to_string(),
+    };
+    for row in data.as_array().into_iter().flatten() {
+        let uptime = match row.get("uptime_s").and_then(|v| v.as_u64()) {
+            Some(s) => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+            None => "-".to_string(),
+        };
+        rows.push(vec![
+            field(row, "service"),
+            field(row, "replica"),
+            field(row, "state"),
+            field(row, "health"),
+            field(row, "pid"),
+            field(row, "exit_code"),
+            field(row, "restarts"),
+            field(row, "port"),
+            uptime,
+            field(row, "rps"),
+            match row.get("success_rate").and_then(|v| v.as_f64()) {
+                Some(s) => format!("{:.1}%", s * 100.0),
+                None => "-".to_string(),
+            },
+            match row.get("p99_ms").and_then(|v| v.as_f64()) {
+                Some(ms) => format!("{ms}ms"),
+                None => "-".to_string(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// `mesh up` in the foreground.
 fn up(
     config: Config,
@@ -206,7 +324,7 @@ fn up(
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(run_up(config, env, only, logs));
+    let code = runtime.block_on(run_up(config, env, only, logs, &state));
     drop(state);
     code
 }
@@ -216,6 +334,7 @@ async fn run_up(
     base_env: BTreeMap<String, String>,
     only: Option<Vec<String>>,
     logs: LogSink,
+    state: &StateDir,
 ) -> ExitCode {
     let (mut sigint, mut sigterm, mut sighup) = match (
         signal(SignalKind::interrupt()),
@@ -229,6 +348,27 @@ async fn run_up(
         }
     };
     let name = config.mesh.name.clone();
+    // Bound before any process starts, like every listener.
+    let admin = match config.mesh.admin {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("mesh: cannot listen on {addr} for `admin`: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let control = match control::bind(state.path()) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "mesh: cannot create the control socket {}: {e}",
+                control::socket_path(state.path()).display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let mesh = match Runtime::start(config, base_env, only, logs.clone()).await {
         Ok(m) => m,
         Err(e) => {
@@ -236,6 +376,32 @@ async fn run_up(
             return ExitCode::from(1);
         }
     };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(listener) = admin {
+        if let Ok(addr) = listener.local_addr() {
+            logs.mesh_line(&format!("admin on http://{addr}"));
+        }
+        servers.spawn(admin::serve(
+            listener,
+            admin::AdminState {
+                mesh_name: name.clone(),
+                metrics: mesh.metrics().clone(),
+                status: mesh.status(),
+                stopping: Arc::clone(&stopping),
+                warning: Arc::default(),
+            },
+        ));
+    }
+    let (requests_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    servers.spawn(control::serve(
+        control,
+        Arc::new(Answers {
+            status: mesh.status(),
+            metrics: mesh.metrics().clone(),
+        }),
+        requests_tx,
+    ));
     for (service, addr) in mesh.ingress_addrs() {
         logs.mesh_line(&format!("ingress of `{service}` on {addr}"));
     }
@@ -249,11 +415,13 @@ async fn run_up(
             outcome = mesh.finished() => break Stop::Finished(outcome),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            Some(control::Request::Down) = requests.recv() => break Stop::Signal("mesh down"),
             _ = sighup.recv() => {
                 logs.mesh_line("SIGHUP: reload is not supported yet; keeping the running configuration");
             }
         }
     };
+    stopping.store(true, Ordering::SeqCst);
     if let Stop::Signal(sig) = reason {
         logs.mesh_line(&format!(
             "{sig}: stopping (press Ctrl-C again to kill at once)"
@@ -265,6 +433,8 @@ async fn run_up(
         forced.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     mesh.shutdown(force).await;
+    servers.abort_all();
+    let _ = std::fs::remove_file(control::socket_path(state.path()));
     logs.mesh_line("stopped");
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         return ExitCode::from(EXIT_FORCED);
@@ -272,6 +442,22 @@ async fn run_up(
     match reason {
         Stop::Finished(Outcome::AllCompleted) | Stop::Signal(_) => ExitCode::SUCCESS,
         Stop::Finished(Outcome::SomeFailed) => ExitCode::from(1),
+    }
+}
+
+/// The control socket's reading commands.
+struct Answers {
+    status: tokio::sync::watch::Receiver<mesh_supervisor::supervisor::Statuses>,
+    metrics: mesh_proxy::metrics::Metrics,
+}
+
+impl control::Answer for Answers {
+    fn answer(&self, cmd: &str) -> Result<serde_json::Value, String> {
+        match cmd {
+            "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow(), &self.metrics))
+                .map_err(|e| e.to_string()),
+            other => Err(format!("unknown command `{other}`")),
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! The binary (`src/main.rs`) only dispatches to [`cli::main`]. The process manager lives
 //! in `mesh-supervisor`, the sidecars in `mesh-proxy`; this crate wires them together.
 
+mod admin;
 pub mod cli;
+mod control;
 mod plan;
 mod runtime;

@@ -43,6 +43,7 @@ struct Server {
 /// Every sidecar listener of the mesh.
 struct Sidecars {
     registry: Registry,
+    metrics: Metrics,
     /// Inbound servers by service.
     inbounds: Mutex<BTreeMap<String, Vec<Server>>>,
     /// Outbound servers by calling service.
@@ -151,6 +152,7 @@ impl Runtime {
 
         let sidecars = Arc::new(Sidecars {
             registry,
+            metrics,
             inbounds: Mutex::new(inbounds),
             outbounds: Mutex::new(outbounds),
             ingresses: Mutex::new(ingresses),
@@ -176,6 +178,16 @@ impl Runtime {
     /// Wait until no replica is active any more.
     pub(crate) async fn finished(&self) -> Outcome {
         self.supervisor.finished().await
+    }
+
+    /// Every replica's status, as the supervisor publishes it.
+    pub(crate) fn status(&self) -> watch::Receiver<Statuses> {
+        self.supervisor.status()
+    }
+
+    /// The mesh's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.sidecars.metrics
     }
 
     /// The address of each exposed service's ingress.

@@ -71,9 +71,19 @@ pub async fn serve_with(
         shutdown: shutdown.clone(),
     });
     let builder = server::builder(&limits, Facing::Sidecars);
+    let stats = inbound
+        .cfg
+        .metrics
+        .replica(&inbound.cfg.service, inbound.cfg.replica);
     let handle = move |_peer, req| {
         let inbound = Arc::clone(&inbound);
-        async move { inbound.handle(req).await }
+        let stats = Arc::clone(&stats);
+        async move {
+            let arrival = std::time::Instant::now();
+            let response = inbound.handle(req).await;
+            stats.record(response.status().as_u16(), arrival.elapsed());
+            response
+        }
     };
     async move {
         server::serve(listener, builder, limits, tracker, shutdown, handle).await;

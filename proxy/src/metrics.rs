@@ -5,8 +5,9 @@
 //! strings; the label values are bounded by the configuration (service names, status
 //! classes, error kinds), never by request content.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -76,6 +77,8 @@ fn duration_histogram() -> Histogram {
 
 struct Inner {
     registry: Registry,
+    /// Recent traffic of each replica's inbound, for `mesh ps`.
+    replicas: parking_lot::Mutex<BTreeMap<(String, u32), Arc<ReplicaStats>>>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<PairLabels, Histogram, fn() -> Histogram>,
     retries: Family<PairLabels, Counter>,
@@ -156,6 +159,7 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 registry,
+                replicas: parking_lot::Mutex::default(),
                 requests,
                 durations,
                 retries,
@@ -257,6 +261,28 @@ impl Metrics {
             .set(unix_secs);
     }
 
+    /// The recent-traffic recorder of one replica's inbound (created on first use).
+    pub fn replica(&self, service: &str, replica: u32) -> Arc<ReplicaStats> {
+        let mut replicas = self.inner.replicas.lock();
+        Arc::clone(
+            replicas
+                .entry((service.to_string(), replica))
+                .or_insert_with(|| Arc::new(ReplicaStats::new())),
+        )
+    }
+
+    /// What one replica's inbound served over the last [`WINDOW_SECS`] seconds, if it
+    /// has an inbound.
+    pub fn replica_summary(&self, service: &str, replica: u32) -> Option<Summary> {
+        let stats = self
+            .inner
+            .replicas
+            .lock()
+            .get(&(service.to_string(), replica))
+            .cloned()?;
+        Some(stats.summary())
+    }
+
     /// The total of `mesh_tls_handshake_failures_total` over all labels (for tests and
     /// status lines).
     pub fn tls_handshake_failures_total(&self) -> u64 {
@@ -273,6 +299,129 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// The span of recent traffic `mesh ps` summarises.
+pub const WINDOW_SECS: u64 = 10;
+
+/// Upper bounds of the latency buckets of [`ReplicaStats`], in microseconds: 100 µs
+/// to about 100 s, each 25 % above the one before (so a p99 read from them is within
+/// 25 % of the truth).
+fn latency_bounds() -> &'static [u64] {
+    static BOUNDS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    BOUNDS.get_or_init(|| {
+        let mut bounds = Vec::new();
+        let mut b = 100.0_f64;
+        while b < 100e6 {
+            bounds.push(b as u64);
+            b *= 1.25;
+        }
+        bounds.push(u64::MAX);
+        bounds
+    })
+}
+
+#[derive(Clone)]
+struct Second {
+    /// Seconds since the recorder started; buckets of older seconds are stale.
+    at: u64,
+    total: u64,
+    ok: u64,
+    latency: Vec<u32>,
+}
+
+/// Requests served by one replica's inbound over the last seconds: rate, success rate and
+/// p99, as `mesh ps` shows them. One ring of per-second buckets behind a mutex that only
+/// this replica's requests take.
+pub struct ReplicaStats {
+    started: Instant,
+    ring: parking_lot::Mutex<Vec<Second>>,
+}
+
+/// A replica's recent traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Share of responses that were not 5xx, `None` without requests.
+    pub success_rate: Option<f64>,
+    /// 99th percentile of the time to response headers, `None` without requests.
+    pub p99: Option<Duration>,
+}
+
+impl ReplicaStats {
+    fn new() -> Self {
+        let empty = Second {
+            at: u64::MAX,
+            total: 0,
+            ok: 0,
+            latency: vec![0; latency_bounds().len()],
+        };
+        ReplicaStats {
+            started: Instant::now(),
+            ring: parking_lot::Mutex::new(vec![empty; WINDOW_SECS as usize]),
+        }
+    }
+
+    /// One response (`status`) after `took`.
+    pub fn record(&self, status: u16, took: Duration) {
+        let now = self.started.elapsed().as_secs();
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = latency_bounds().partition_point(|&b| b < micros);
+        let mut ring = self.ring.lock();
+        let slot = &mut ring[(now % WINDOW_SECS) as usize];
+        if slot.at != now {
+            slot.at = now;
+            slot.total = 0;
+            slot.ok = 0;
+            slot.latency.iter_mut().for_each(|c| *c = 0);
+        }
+        slot.total += 1;
+        if status < 500 {
+            slot.ok += 1;
+        }
+        slot.latency[bucket] += 1;
+    }
+
+    /// The window up to now.
+    pub fn summary(&self) -> Summary {
+        let elapsed = self.started.elapsed();
+        let now = elapsed.as_secs();
+        let ring = self.ring.lock();
+        let mut total = 0;
+        let mut ok = 0;
+        let mut latency = vec![0u64; latency_bounds().len()];
+        for slot in ring.iter() {
+            if slot.at == u64::MAX || now.saturating_sub(slot.at) >= WINDOW_SECS {
+                continue;
+            }
+            total += slot.total;
+            ok += slot.ok;
+            for (sum, c) in latency.iter_mut().zip(&slot.latency) {
+                *sum += u64::from(*c);
+            }
+        }
+        // A young recorder has seen less than a whole window.
+        let span = elapsed.as_secs_f64().clamp(1.0, WINDOW_SECS as f64);
+        let p99 = (total > 0).then(|| {
+            let rank = (total * 99).div_ceil(100);
+            let mut seen = 0;
+            let index = latency
+                .iter()
+                .position(|c| {
+                    seen += c;
+                    seen >= rank
+                })
+                .unwrap_or(latency.len() - 1);
+            let bound = latency_bounds()[index.min(latency_bounds().len() - 2)];
+            Duration::from_micros(bound)
+        });
+        Summary {
+            rps: total as f64 / span,
+            success_rate: (total > 0).then(|| ok as f64 / total as f64),
+            p99,
+        }
     }
 }
 
@@ -330,5 +479,32 @@ mod tests {
         );
         assert_eq!(metrics.tls_handshake_failures_total(), 2);
         assert_eq!(sum_of(&text, "mesh_requests_total"), 2);
+    }
+
+    #[test]
+    fn replica_summary_gives_rate_success_and_p99() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.replica_summary("api", 0), None);
+        let stats = metrics.replica("api", 0);
+        assert_eq!(stats.summary().p99, None);
+        for i in 0..100u64 {
+            let status = if i < 10 { 503 } else { 200 };
+            let took = if i == 99 {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_millis(2)
+            };
+            stats.record(status, took);
+        }
+        let summary = metrics.replica_summary("api", 0).expect("recorded");
+        // Within the first second the window counts as one second long.
+        assert!((summary.rps - 100.0).abs() < 1e-9, "{summary:?}");
+        assert_eq!(summary.success_rate, Some(0.9));
+        // 99 of 100 took 2 ms: the p99 is the bucket holding 2 ms (within 25 %).
+        let p99 = summary.p99.expect("p99");
+        assert!(
+            p99 >= Duration::from_millis(2) && p99 <= Duration::from_micros(2500),
+            "{p99:?}"
+        );
     }
 }

@@ -78,6 +78,24 @@ impl StateDir {
         })
     }
 
+    /// Block until no `mesh` holds the lock on `path` (at once if none does, or if the
+    /// directory has no lock file).
+    pub fn wait_released(path: &Path) -> Result<(), StateDirError> {
+        let io_err = |source| StateDirError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = match File::open(path.join("mesh.pid")) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(e)),
+        };
+        match Flock::lock(file, FlockArg::LockShared) {
+            Ok(_released_on_drop) => Ok(()),
+            Err((_, errno)) => Err(io_err(io::Error::from(errno))),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -32,6 +32,8 @@ pub struct MeshSettings {
     pub name: String,
     /// Absolute path of the state directory.
     pub state_dir: PathBuf,
+    /// Where the admin server listens (`/metrics`, `/ready`, …); `None` for "off".
+    pub admin: Option<std::net::SocketAddr>,
     pub shutdown_timeout: Duration,
 }
 

@@ -271,7 +271,7 @@ pub(crate) const FILE: &[Field] = &[
 pub(crate) const MESH: &[Field] = &[
     key("name"),
     key("state_dir"),
-    not_yet(key("admin")),
+    key("admin"),
     not_yet(key("tls")),
     key("shutdown_timeout"),
     not_yet(table("ca", CA)),

@@ -503,18 +503,26 @@ fn check_mesh(
         secs(30),
     );
 
+    let default_admin = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    let admin = match &raw.admin {
+        None => Some(default_admin),
+        Some(admin) if admin.get_ref() == "off" => None,
+        Some(admin) => match admin.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                ctx.error(
+                    admin.span(),
+                    format!(
+                        "invalid `admin` address \"{}\": expected \"ADDR:PORT\" or \"off\"",
+                        admin.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+    };
+
     // Not supported yet (rejected by the key walk); checked so that enabling them is a flip.
-    if let Some(admin) = &raw.admin {
-        if admin.get_ref() != "off" && admin.get_ref().parse::<SocketAddr>().is_err() {
-            ctx.error(
-                admin.span(),
-                format!(
-                    "invalid `admin` address \"{}\": expected \"ADDR:PORT\" or \"off\"",
-                    admin.get_ref()
-                ),
-            );
-        }
-    }
     let tls_off = raw.tls.as_ref().is_some_and(|tls| {
         one_of(ctx, tls, "tls", &[("mutual", false), ("off", true)]).unwrap_or(false)
     });
@@ -568,6 +576,7 @@ fn check_mesh(
     Some(MeshSettings {
         name,
         state_dir,
+        admin,
         shutdown_timeout,
     })
 }
