@@ -78,6 +78,27 @@ fn attempt_of(r: &Response) -> String {
     h["x-mesh-attempt"].as_str().unwrap_or("").to_string()
 }
 
+/// The sum of the samples of `name` on the admin server's `/metrics`.
+fn metric(mesh: &MeshProc, name: &str) -> u64 {
+    let line = mesh.wait_line("admin on http://", T);
+    let admin = line
+        .rsplit("http://")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let r = get(&admin, "/metrics").expect("metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// Stop mesh and prove the apps of `services` (name, replicas) are gone.
 fn finish(mut mesh: MeshProc, services: &[(&str, u32)]) {
     let mut pids = Vec::new();
@@ -311,6 +332,7 @@ fn the_budget_caps_retries_during_a_total_outage() {
         retries >= 100,
         "only {retries} retries: the budget held back too much"
     );
+    assert_eq!(metric(&mesh, "mesh_retries_total"), retries);
 
     finish(mesh, &[("api", 1)]);
 }
@@ -387,6 +409,8 @@ fn a_failing_endpoint_is_ejected_probed_and_readmitted() {
         .collect();
     assert!(seen.iter().any(|b| b == "api.0"), "{seen:?}");
     assert!(seen.iter().any(|b| b == "api.1"), "{seen:?}");
+    // The first ejection and the two failed probes.
+    assert_eq!(metric(&mesh, "mesh_ejections_total"), 3);
 
     finish(mesh, &[("api", 2)]);
 }
