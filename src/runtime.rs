@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use mesh_proxy as proxy;
-use mesh_supervisor::config::{Config, LoadBalancer, Protocol, TlsMode};
+use mesh_supervisor::config::{self, Config, LoadBalancer, Protocol, TlsMode};
 use mesh_supervisor::logs::LogSink;
 use mesh_supervisor::supervisor::{self, Options, Outcome, ShutdownHooks, Statuses, Supervisor};
 use parking_lot::Mutex;
@@ -396,11 +396,9 @@ fn balancer_for(config: &Config, registry: &Registry, service: &str) -> (proxy::
         LoadBalancer::P2cEwma => Algorithm::P2cEwma,
         LoadBalancer::RoundRobin => Algorithm::RoundRobin,
     };
-    let traffic = proxy::Traffic {
-        load_balancer: algorithm,
-        queue_timeout: svc.traffic.queue_timeout,
-    };
-    let balancer = Balancer::new(service, algorithm, registry.watch(service));
+    let traffic = proxy_traffic(&svc.traffic, algorithm);
+    let balancer =
+        Balancer::with_policy(service, algorithm, traffic.balance, registry.watch(service));
     (traffic, balancer)
 }
 
@@ -475,6 +473,44 @@ fn rate_limit(svc: &mesh_supervisor::config::Service) -> Option<proxy::ratelimit
         rps: r.rps,
         burst: r.burst,
     })
+}
+
+/// The proxy's view of a service's `traffic` table.
+fn proxy_traffic(t: &config::Traffic, algorithm: Algorithm) -> proxy::Traffic {
+    use proxy::outbound::RetryOn as P;
+    let retries = t.retries.as_ref().map(|r| proxy::outbound::RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout: r.per_try_timeout,
+        on: r
+            .on
+            .iter()
+            .map(|on| match *on {
+                config::RetryOn::GatewayError => P::GatewayError,
+                config::RetryOn::ServerError => P::ServerError,
+                config::RetryOn::Reset => P::Reset,
+                config::RetryOn::Timeout => P::Timeout,
+                config::RetryOn::Status(code) => P::Status(code),
+                config::RetryOn::Grpc(code) => P::Grpc(code),
+            })
+            .collect(),
+        budget: r.budget,
+    });
+    let breaker = t.circuit_breaker.map(|cb| proxy::balance::Breaker {
+        consecutive_failures: cb.consecutive_failures,
+        base_ejection: cb.base_ejection,
+        max_ejection: cb.max_ejection,
+        max_ejected_percent: cb.max_ejected_percent,
+    });
+    proxy::Traffic {
+        load_balancer: algorithm,
+        queue_timeout: t.queue_timeout,
+        timeout: t.timeout,
+        retries,
+        balance: proxy::balance::Policy {
+            breaker,
+            max_concurrent: t.max_concurrent as usize,
+        },
+    }
 }
 
 /// Keep the registry equal to the set of running, ready replicas (minus draining

@@ -389,7 +389,7 @@ backends = {{ api = 1 }}
     assert_eq!(r.header("x-mesh-error"), Some("timeout"));
     assert!(
         r.body.starts_with(
-            "mesh: timeout: service=api tried=api.0 attempts=1: route 0 timeout 300ms"
+            "mesh: timeout: service=api tried=api.0 attempts=1: api.0: no response headers within timeout 300ms"
         ),
         "{r:?}"
     );

@@ -11,6 +11,15 @@
 //!   and the estimate decays toward zero while the endpoint is not observed, so a once
 //!   slow endpoint is tried again after a while.
 //!
+//! * with a [`Breaker`] (`traffic.circuit_breaker`), consecutive failures (connect
+//!   failure, reset, timeout, 5xx, gRPC 2/4/13/14) eject the endpoint for
+//!   `base_ejection` × 2^(k−1) capped at `max_ejection`; then the next pick is the one
+//!   probe, whose outcome readmits the endpoint or ejects it again (k+1). When every
+//!   endpoint is ejected by it, [`Balancer::pick_or`] answers [`NoPick::CircuitOpen`] at
+//!   once instead of waiting;
+//! * `max_concurrent` caps the requests (tcp: connections) in flight through the
+//!   balancer; [`Balancer::admit`] waits for a slot.
+//!
 //! Per-endpoint state is keyed by [`Endpoint`] (id and address) and dropped when the
 //! endpoint leaves the registry, so an endpoint that comes back (a restarted replica that
 //! became ready again) starts afresh, without its old ejection.
@@ -46,6 +55,59 @@ pub enum Outcome {
     ConnectFailed,
     /// The connection broke or the try timed out after this long.
     Failed(Duration),
+    /// A response arrived after this long, but it counts as a failure for the circuit
+    /// breaker (5xx, or a failing gRPC status). Without a breaker it is a [`Outcome::Response`].
+    ErrorResponse(Duration),
+}
+
+/// `traffic.circuit_breaker`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    /// Failures in a row that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection; doubles with each consecutive ejection.
+    pub base_ejection: Duration,
+    /// The longest ejection.
+    pub max_ejection: Duration,
+    /// At most this percentage of the endpoints is ejected at once (but one always can be).
+    pub max_ejected_percent: u32,
+}
+
+/// The policies a balancer enforces besides choosing endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// `traffic.circuit_breaker`; `None`: only connect failures eject.
+    pub breaker: Option<Breaker>,
+    /// `traffic.max_concurrent`: requests (tcp: connections) in flight at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            breaker: None,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+        }
+    }
+}
+
+/// The default of `traffic.max_concurrent`.
+pub const DEFAULT_MAX_CONCURRENT: usize = 10_000;
+
+/// Why [`Balancer::pick_or`] found no endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoPick {
+    /// No endpoint became available before the deadline.
+    NoEndpoints,
+    /// Every endpoint is ejected, the circuit breaker's among them: fail at once.
+    CircuitOpen,
+}
+
+/// A slot of `max_concurrent`, held for as long as the request (tcp: connection) is in
+/// flight.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The balancer of one (caller, service) pair. Cheap to clone; clones share state.
@@ -63,6 +125,10 @@ pub struct Pick {
     /// [`Pick::record`] writes. If the endpoint has left the registry meanwhile this is
     /// detached state, which is harmless to update.
     state: Arc<EndpointState>,
+    /// The balancer, for the circuit breaker's count of ejected endpoints.
+    shared: Arc<Shared>,
+    /// Whether this pick is the one probe of an endpoint whose ejection ended.
+    probe: bool,
 }
 
 /// The first ejection after a connect failure; doubles per consecutive failure.
@@ -87,6 +153,16 @@ impl Balancer {
         algorithm: Algorithm,
         endpoints: watch::Receiver<Arc<[Endpoint]>>,
     ) -> Self {
+        Self::with_policy(service, algorithm, Policy::default(), endpoints)
+    }
+
+    /// A balancer that also enforces `policy` (circuit breaker, `max_concurrent`).
+    pub fn with_policy(
+        service: &str,
+        algorithm: Algorithm,
+        policy: Policy,
+        endpoints: watch::Receiver<Arc<[Endpoint]>>,
+    ) -> Self {
         // Seed per balancer from std's randomly keyed hasher: no extra dependency, and
         // no global generator shared between balancers or tests.
         let seed = RandomState::new().hash_one(service) | 1;
@@ -94,6 +170,12 @@ impl Balancer {
             shared: Arc::new(Shared {
                 service: service.into(),
                 algorithm,
+                breaker: policy.breaker,
+                slots: Arc::new(tokio::sync::Semaphore::new(
+                    policy
+                        .max_concurrent
+                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 endpoints,
                 state: Mutex::new(State {
                     seen: Arc::from(Vec::new()),
@@ -116,10 +198,31 @@ impl Balancer {
         self.shared.algorithm
     }
 
+    /// Take a slot of `max_concurrent`, waiting until `deadline` for one to free up.
+    /// `None` when the deadline passed first (`overloaded`).
+    pub async fn admit(&self, deadline: Instant) -> Option<Admission> {
+        let slots = Arc::clone(&self.shared.slots);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => return Some(Admission { _permit: permit }),
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Some(Admission { _permit: permit }),
+            _ => None,
+        }
+    }
+
     /// Choose an endpoint, preferring ones whose id is not in `avoid` (endpoints already
     /// tried), and waiting until `deadline` while no endpoint is available.
-    /// `None` when the deadline passed with none.
+    /// `None` when the deadline passed with none (or the circuit is open).
     pub async fn pick(&self, avoid: &[Arc<str>], deadline: Instant) -> Option<Pick> {
+        self.pick_or(avoid, deadline).await.ok()
+    }
+
+    /// [`Balancer::pick`], saying why there is no endpoint: the deadline passed, or every
+    /// endpoint is ejected by the circuit breaker (answered at once, without waiting).
+    pub async fn pick_or(&self, avoid: &[Arc<str>], deadline: Instant) -> Result<Pick, NoPick> {
         // A receiver of our own: `changed()` then wakes for updates after the list we
         // last looked at, whatever other picks did meanwhile.
         let mut rx = self.shared.endpoints.clone();
@@ -127,12 +230,13 @@ impl Balancer {
         loop {
             let list = rx.borrow_and_update().clone();
             let now = Instant::now();
-            let readmit = match self.shared.try_pick(list, avoid, now) {
-                Ok(pick) => return Some(pick),
-                Err(readmit) => readmit,
+            let readmit = match Shared::try_pick(&self.shared, list, avoid, now) {
+                Ok(pick) => return Ok(pick),
+                Err(Unavailable::CircuitOpen) => return Err(NoPick::CircuitOpen),
+                Err(Unavailable::Until(readmit)) => readmit,
             };
             if now >= deadline {
-                return None;
+                return Err(NoPick::NoEndpoints);
             }
             // Nothing to pick: wait for the registry to change or an ejection to end.
             let wake = readmit.map_or(deadline, |at| at.min(deadline));
@@ -156,27 +260,56 @@ impl Balancer {
     }
 }
 
+/// Why nothing could be picked right now.
+enum Unavailable {
+    /// Wait: the earliest end of an ejection (`None`: no ejection will readmit anything).
+    Until(Option<Instant>),
+    /// Every endpoint is ejected, by the circuit breaker among others.
+    CircuitOpen,
+}
+
 impl Shared {
-    /// Choose among the available endpoints of `list`, or say when the earliest ejection
-    /// ends (`None`: no ejection will readmit anything).
+    /// Choose among the available endpoints of `list`, or say why none is.
     fn try_pick(
-        &self,
+        this: &Arc<Shared>,
         list: Arc<[Endpoint]>,
         avoid: &[Arc<str>],
         now: Instant,
-    ) -> Result<Pick, Option<Instant>> {
-        let mut guard = self.state.lock();
+    ) -> Result<Pick, Unavailable> {
+        let mut guard = this.state.lock();
         guard.sync(list);
         // Borrow the fields apart: the candidates borrow `order` while `rng` and `next`
         // advance.
         let State {
             order, next, rng, ..
         } = &mut *guard;
+        // An endpoint whose breaker ejection ended takes the next request as its probe,
+        // unless this request already tried it.
+        if this.breaker.is_some() {
+            let probe = order
+                .iter()
+                .find(|ep| !avoid.contains(&ep.endpoint.id) && ep.take_probe(now));
+            if let Some(chosen) = probe {
+                chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+                let state = Arc::clone(chosen);
+                drop(guard);
+                tracing::debug!(endpoint = %state.endpoint.id, "circuit breaker probe");
+                return Ok(Pick {
+                    endpoint: state.endpoint.clone(),
+                    state,
+                    shared: Arc::clone(this),
+                    probe: true,
+                });
+            }
+        }
         let available: Vec<&Arc<EndpointState>> =
             order.iter().filter(|ep| ep.is_available(now)).collect();
         if available.is_empty() {
+            if this.breaker.is_some() && order.iter().any(|ep| ep.breaker_ejected()) {
+                return Err(Unavailable::CircuitOpen);
+            }
             let readmit = order.iter().filter_map(|ep| ep.ejected_until()).min();
-            return Err(readmit);
+            return Err(Unavailable::Until(readmit));
         }
         let fresh: Vec<&Arc<EndpointState>> = available
             .iter()
@@ -185,7 +318,7 @@ impl Shared {
             .collect();
         // Only already tried endpoints are left: trying one again beats failing.
         let candidates = if fresh.is_empty() { available } else { fresh };
-        let chosen = match self.algorithm {
+        let chosen = match this.algorithm {
             Algorithm::RoundRobin => {
                 let index = *next % candidates.len();
                 Arc::clone(candidates[index])
@@ -212,49 +345,136 @@ impl Shared {
         Ok(Pick {
             endpoint: chosen.endpoint.clone(),
             state: chosen,
+            shared: Arc::clone(this),
+            probe: false,
         })
+    }
+
+    /// How many endpoints the breaker may eject at once, and how many it has ejected.
+    /// Takes the state lock, then each endpoint's health lock (the order `try_pick` uses).
+    fn ejection_room(&self, breaker: &Breaker) -> (usize, usize) {
+        let state = self.state.lock();
+        let total = state.order.len();
+        let ejected = state.order.iter().filter(|ep| ep.breaker_ejected()).count();
+        let allowed = (total * breaker.max_ejected_percent as usize / 100).max(1);
+        (allowed, ejected)
     }
 }
 
 // === impl Pick ===
 
 impl Pick {
-    /// Record how the try went; consumes the in-flight slot.
-    pub fn record(self, outcome: Outcome) {
-        self.observe(outcome);
+    /// Record how the try went; consumes the in-flight slot. `true` when this outcome
+    /// ejected the endpoint (for the ejection metric).
+    pub fn record(mut self, outcome: Outcome) -> bool {
+        let ejected = self.observe(outcome);
+        // The outcome settled the probe; `Drop` must not reopen it.
+        self.probe = false;
+        ejected
         // The in-flight slot is released by `Drop`.
     }
 
     /// Record an outcome but keep the in-flight slot, for a try that goes on after it
     /// (a tcp connection observes its connect time, then stays open and in flight).
-    pub fn observe(&self, outcome: Outcome) {
+    /// `true` when this outcome ejected the endpoint.
+    pub fn observe(&self, outcome: Outcome) -> bool {
         let now = Instant::now();
-        let mut health = self.state.health.lock();
-        match outcome {
-            Outcome::Response(took) => {
-                health.observe(took, now);
-                health.connect_failures = 0;
-            }
-            Outcome::Failed(took) => health.observe(took + FAILURE_PENALTY, now),
-            Outcome::ConnectFailed => {
-                health.connect_failures = health.connect_failures.saturating_add(1);
-                let doublings = (health.connect_failures - 1).min(16);
-                let ejection = BASE_EJECTION
-                    .saturating_mul(1 << doublings)
-                    .min(MAX_EJECTION);
-                health.ejected_until = Some(now + ejection);
-                tracing::debug!(
-                    endpoint = %self.endpoint.id,
-                    ejection = ?ejection,
-                    "connect failed, endpoint ejected"
-                );
+        let failure = match outcome {
+            Outcome::Response(_) => false,
+            Outcome::ErrorResponse(_) | Outcome::ConnectFailed | Outcome::Failed(_) => true,
+        };
+        let mut ejected = false;
+        {
+            let mut health = self.state.health.lock();
+            match outcome {
+                Outcome::Response(took) | Outcome::ErrorResponse(took) => {
+                    health.observe(took, now);
+                    health.connect_failures = 0;
+                }
+                Outcome::Failed(took) => health.observe(took + FAILURE_PENALTY, now),
+                Outcome::ConnectFailed => {
+                    health.connect_failures = health.connect_failures.saturating_add(1);
+                    let doublings = (health.connect_failures - 1).min(16);
+                    let ejection = BASE_EJECTION
+                        .saturating_mul(1 << doublings)
+                        .min(MAX_EJECTION);
+                    health.ejected_until = Some(now + ejection);
+                    ejected = true;
+                    tracing::debug!(
+                        endpoint = %self.endpoint.id,
+                        ejection = ?ejection,
+                        "connect failed, endpoint ejected"
+                    );
+                }
             }
         }
+        let Some(breaker) = self.shared.breaker else {
+            return ejected;
+        };
+        if !failure {
+            let mut health = self.state.health.lock();
+            let b = &mut health.breaker;
+            b.failures = 0;
+            if b.ejected_until.is_some() && self.probe {
+                tracing::debug!(endpoint = %self.endpoint.id, "probe succeeded, endpoint readmitted");
+            }
+            if self.probe || b.ejected_until.is_none() {
+                b.ejected_until = None;
+                b.ejections = 0;
+                b.probing = false;
+            }
+            return ejected;
+        }
+        // Whether this failure ejects: decided under the health lock, applied after the
+        // room check (which takes the state lock first, as `try_pick` does).
+        let wants = {
+            let mut health = self.state.health.lock();
+            let b = &mut health.breaker;
+            b.failures = b.failures.saturating_add(1);
+            if self.probe {
+                true
+            } else {
+                b.ejected_until.is_none() && b.failures >= breaker.consecutive_failures
+            }
+        };
+        if !wants {
+            return ejected;
+        }
+        if !self.probe {
+            let (allowed, already) = self.shared.ejection_room(&breaker);
+            if already >= allowed {
+                tracing::debug!(endpoint = %self.endpoint.id, allowed, "not ejected: max_ejected_percent reached");
+                return ejected;
+            }
+        }
+        let mut health = self.state.health.lock();
+        let b = &mut health.breaker;
+        b.ejections = b.ejections.saturating_add(1);
+        b.failures = 0;
+        b.probing = false;
+        let doublings = (b.ejections - 1).min(30);
+        let ejection = breaker
+            .base_ejection
+            .saturating_mul(1 << doublings)
+            .min(breaker.max_ejection);
+        b.ejected_until = Some(now + ejection);
+        tracing::debug!(
+            endpoint = %self.endpoint.id,
+            ejection = ?ejection,
+            k = b.ejections,
+            "circuit breaker ejected the endpoint"
+        );
+        true
     }
 }
 
 impl Drop for Pick {
     fn drop(&mut self) {
+        if self.probe {
+            // A probe abandoned without an outcome (its caller went away, or a tcp
+            // connection ended after observing its connect): let the next pick probe.
+            self.state.health.lock().breaker.probing = false;
+        }
         self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -265,6 +485,9 @@ impl Drop for Pick {
 struct Shared {
     service: Arc<str>,
     algorithm: Algorithm,
+    breaker: Option<Breaker>,
+    /// `max_concurrent`.
+    slots: Arc<tokio::sync::Semaphore>,
     /// Never marked seen: every reader clones it and compares lists by pointer instead.
     endpoints: watch::Receiver<Arc<[Endpoint]>>,
     state: Mutex<State>,
@@ -299,6 +522,21 @@ struct Health {
     /// Consecutive connect failures (k), reset by any response.
     connect_failures: u32,
     ejected_until: Option<Instant>,
+    /// The circuit breaker's view (unused without a breaker).
+    breaker: BreakerState,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    /// Consecutive failures.
+    failures: u32,
+    /// Consecutive ejections (k).
+    ejections: u32,
+    /// Set while ejected: the end of the ejection. It stays set (past) until a probe
+    /// succeeds.
+    ejected_until: Option<Instant>,
+    /// The probe is in flight: nobody else may use the endpoint.
+    probing: bool,
 }
 
 impl State {
@@ -321,6 +559,7 @@ impl State {
                         observed_at: now,
                         connect_failures: 0,
                         ejected_until: None,
+                        breaker: BreakerState::default(),
                     }),
                 })
             });
@@ -334,16 +573,41 @@ impl State {
 }
 
 impl EndpointState {
+    /// Neither ejected for connect failures nor by the breaker (an endpoint whose breaker
+    /// ejection ended is only available as a probe, see [`EndpointState::take_probe`]).
     fn is_available(&self, now: Instant) -> bool {
-        self.health
-            .lock()
-            .ejected_until
-            .is_none_or(|until| until <= now)
+        let health = self.health.lock();
+        health.ejected_until.is_none_or(|until| until <= now)
+            && health.breaker.ejected_until.is_none()
     }
 
-    /// The end of a current or past ejection.
+    /// Claim the probe of an endpoint whose breaker ejection ended: `true` at most once
+    /// per ejection while the probe is in flight.
+    fn take_probe(&self, now: Instant) -> bool {
+        let mut health = self.health.lock();
+        let connect_ok = health.ejected_until.is_none_or(|until| until <= now);
+        let b = &mut health.breaker;
+        match b.ejected_until {
+            Some(until) if until <= now && !b.probing && connect_ok => {
+                b.probing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the breaker holds this endpoint out (ejected, or its probe in flight).
+    fn breaker_ejected(&self) -> bool {
+        self.health.lock().breaker.ejected_until.is_some()
+    }
+
+    /// The end of a current or past ejection (the later of both kinds that applies).
     fn ejected_until(&self) -> Option<Instant> {
-        self.health.lock().ejected_until
+        let health = self.health.lock();
+        match (health.ejected_until, health.breaker.ejected_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The p2c cost: latency estimate × (in-flight + 1). The `+ 1.0` keeps in-flight

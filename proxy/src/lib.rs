@@ -61,8 +61,15 @@ pub enum Protocol {
 #[derive(Clone, Debug)]
 pub struct Traffic {
     pub load_balancer: balance::Algorithm,
-    /// How long a request waits for a ready endpoint (SPEC §1 "Waiting for an upstream").
+    /// How long a request waits for a ready endpoint (SPEC §1 "Waiting for an upstream"),
+    /// and for a `max_concurrent` slot.
     pub queue_timeout: Duration,
+    /// `traffic.timeout`: from arrival to response headers (tcp: connection setup).
+    pub timeout: Option<Duration>,
+    /// `traffic.retries`; `None`: the default rule of SPEC §3 "Retries".
+    pub retries: Option<outbound::RetryPolicy>,
+    /// `traffic.circuit_breaker` and `traffic.max_concurrent`, enforced by the balancer.
+    pub balance: balance::Policy,
 }
 
 impl Default for Traffic {
@@ -70,6 +77,9 @@ impl Default for Traffic {
         Traffic {
             load_balancer: balance::Algorithm::P2cEwma,
             queue_timeout: Duration::from_secs(3),
+            timeout: None,
+            retries: None,
+            balance: balance::Policy::default(),
         }
     }
 }

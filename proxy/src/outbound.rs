@@ -2,17 +2,20 @@
 //! ingress listener of an exposed service (same data path, plus [`OutboundConfig::ingress`]
 //! header rules).
 //!
-//! Each request from the app gets an endpoint from the [`Balancer`] (waiting up to
-//! `queue_timeout` for one), travels to that replica's inbound over one shared HTTP/2
-//! connection per endpoint, and is retried by the default rule of SPEC §3 "Retries" when
-//! it certainly never reached an app, or when it is safe to repeat. Failures the mesh
-//! produces are answered as [`MeshError`]s.
+//! Each request from the app takes a `max_concurrent` slot and gets an endpoint from the
+//! [`Balancer`] (waiting up to `queue_timeout` for both), travels to that replica's inbound
+//! over one shared HTTP/2 connection per endpoint, and is retried by the default rule of
+//! SPEC §3 "Retries" (when it certainly never reached an app, or when it is safe to
+//! repeat) or by the service's `retries` table, within its budget. `timeout` bounds all
+//! of it up to the response headers. Failures the mesh produces are answered as
+//! [`MeshError`]s. docs/traffic.md records the choices SPEC leaves open.
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
 //! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`.
 //!
 //! Before any of that, the route step ([`crate::routes`]) picks the balancer (the
-//! service's, or a route backend's), the route's timeout and its fault.
+//! service's, or a route backend's, with the backend's `queue_timeout`), the route's
+//! timeout (else the service's) and its fault; the service's `retries` apply either way.
 
 mod retry;
 
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::balance::{Balancer, Outcome};
+use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick};
 use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
 use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
@@ -38,7 +41,8 @@ use crate::http::{Body, boxed, full};
 use crate::routes::{Decision, Routes};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
-use retry::{ReqBody, TRIES};
+use retry::{Budget, ReqBody, TRIES};
+pub use retry::{MIN_RETRIES_PER_SEC, RetryOn, RetryPolicy};
 
 /// What an outbound (or ingress) listener serves.
 #[derive(Clone, Debug)]
@@ -123,7 +127,12 @@ pub async fn serve_with(
     // With mTLS the certificate carries the identity: no header that could be trusted
     // by mistake.
     let source = cfg.tls.is_none().then_some(source);
+    let retries = cfg.traffic.retries.clone().map(|r| {
+        let budget = Budget::new(r.budget);
+        (r, budget)
+    });
     let outbound = Arc::new(Outbound {
+        retries,
         cfg,
         source,
         balancer,
@@ -166,6 +175,9 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
+    /// The service's `retries` table and the budget its retries share (also for
+    /// requests routed to a backend).
+    retries: Option<(RetryPolicy, Budget)>,
     /// `x-mesh-source` for every hop, with `tls = "off"` only.
     source: Option<HeaderValue>,
     balancer: Balancer,
@@ -173,14 +185,6 @@ struct Outbound {
     pools: std::collections::HashMap<String, Target>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-}
-
-/// The tries of one request so far. The route timeout cancels the tries and still
-/// names them in its error.
-#[derive(Debug, Default)]
-struct Tries {
-    tried: Vec<Arc<str>>,
-    attempts: u32,
 }
 
 /// Connections to the inbounds of one service.
@@ -191,22 +195,9 @@ struct Target {
 }
 
 impl Outbound {
-    /// The connections to `service`'s inbounds (built for the service and each route
-    /// backend at start).
-    fn target(&self, service: &str) -> &Target {
-        match self.pools.get(service) {
-            Some(target) => target,
-            None => {
-                // Wiring bug: every balancer's service got a pool at start.
-                tracing::error!(service, "no connection pool for this service");
-                &self.pools[&self.cfg.service]
-            }
-        }
-    }
-
     /// Carry out the route step's `decision` (the balancer: a route backend's, else the
-    /// service's; the route's timeout; the fault), then forward the request. Upgrades
-    /// are exempt from timeouts and faults (SPEC §3 Timeouts).
+    /// service's; the timeout; the fault), then forward the request. Upgrades are exempt
+    /// from timeouts, retries and faults (SPEC §3 Timeouts).
     async fn handle(
         &self,
         peer: SocketAddr,
@@ -223,8 +214,48 @@ impl Outbound {
             // Boxed: the rare path would otherwise enlarge every request's future.
             return Box::pin(self.upgrade(peer, req, balancer, queue_timeout, deadline)).await;
         }
-        let mut tries = Tries::default();
-        let routed = async {
+        let policy = Policy {
+            timeout: decision.timeout.or(self.cfg.traffic.timeout),
+            queue_timeout,
+            retries: self.retries.as_ref(),
+        };
+        let (mut parts, body) = req.into_parts();
+        self.hop_headers(&mut parts.headers, peer, parts.version);
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
+        self.forward(&policy, balancer, &decision, arrival, parts, body)
+            .await
+    }
+
+    /// The connections to `service`'s inbounds (built for the service and each route
+    /// backend at start).
+    fn target(&self, service: &str) -> &Target {
+        match self.pools.get(service) {
+            Some(target) => target,
+            None => {
+                // Wiring bug: every balancer's service got a pool at start.
+                tracing::error!(service, "no connection pool for this service");
+                &self.pools[&self.cfg.service]
+            }
+        }
+    }
+
+    /// Forward one request under `policy` to an endpoint of `balancer`: the `timeout`
+    /// around everything up to response headers (queueing and every try), and inside it
+    /// the tries of [`Outbound::tries`]. (A try in flight at the deadline is ended by
+    /// `tries` itself, so that the balancer counts it as a failure; this outer bound cuts
+    /// the waits.)
+    async fn forward(
+        &self,
+        policy: &Policy<'_>,
+        balancer: &Balancer,
+        decision: &Decision<'_>,
+        arrival: Instant,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<Body> {
+        let mut progress = Progress::default();
+        let tries = async {
             // An injected delay stands for a slow upstream: it counts toward the timeout.
             if let Some(delay) = decision.delay {
                 tokio::time::sleep(delay).await;
@@ -232,51 +263,51 @@ impl Outbound {
             if let Some(status) = decision.abort {
                 return self.fault(status, decision.label);
             }
-            self.forward(peer, req, balancer, queue_timeout, &mut tries)
+            self.tries(policy, balancer, arrival, parts, body, &mut progress)
                 .await
         };
-        // One state machine whether or not a timeout applies: two `.await` branches
-        // would hold two copies of the request's future, and it is boxed per request.
-        let expiry = async {
-            match decision.timeout {
-                Some(timeout) => tokio::time::sleep_until(arrival + timeout).await,
-                None => std::future::pending().await,
+        let Some(timeout) = policy.timeout else {
+            return tries.await;
+        };
+        match tokio::time::timeout_at(arrival + timeout, tries).await {
+            Ok(response) => response,
+            Err(_) => {
+                let detail = match progress.current.take() {
+                    Some(id) => format!("{id}: no response headers within timeout {timeout:?}"),
+                    None => format!("no response headers within timeout {timeout:?}"),
+                };
+                self.error(
+                    ErrorKind::Timeout,
+                    progress.tried,
+                    progress.attempts,
+                    detail,
+                )
             }
-        };
-        let outcome = tokio::select! {
-            biased;
-            response = routed => Some(response),
-            () = expiry => None,
-        };
-        match outcome {
-            Some(response) => response,
-            None => self.error(
-                ErrorKind::Timeout,
-                tries.tried,
-                tries.attempts,
-                format!(
-                    "route {} timeout {} elapsed before response headers",
-                    decision.label,
-                    as_written(decision.timeout.unwrap_or_default())
-                ),
-            ),
         }
     }
 
-    /// One request through `balancer`: tries and the default retry rule.
-    async fn forward(
+    /// Admission (`max_concurrent`), then tries until a response is final: the default
+    /// retry rule, or `policy.retries` with its per-try timeout and budget. `progress`
+    /// keeps what the tries did, for the `timeout` error if [`Outbound::forward`] cuts
+    /// this short.
+    async fn tries(
         &self,
-        peer: SocketAddr,
-        req: Request<Incoming>,
+        policy: &Policy<'_>,
         balancer: &Balancer,
-        queue_timeout: Duration,
-        tries: &mut Tries,
+        arrival: Instant,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        progress: &mut Progress,
     ) -> Response<Body> {
-        let deadline = Instant::now() + queue_timeout;
-        let (mut parts, body) = req.into_parts();
-        self.hop_headers(&mut parts.headers, peer, parts.version);
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
+        let deadline = arrival + policy.queue_timeout;
+        let overall = policy.timeout.map(|timeout| arrival + timeout);
+        let Some(admission) = balancer.admit(deadline).await else {
+            let detail = format!(
+                "max_concurrent requests in flight for {:?} (queue_timeout)",
+                policy.queue_timeout
+            );
+            return self.error(ErrorKind::Overloaded, Vec::new(), 0, detail);
+        };
         // With an absolute URI, HTTP/2 sends `:scheme` and `:authority` from it; a
         // relative one (an HTTP/1.0 request without Host) is only allowed to h2 as a
         // forwarded HTTP/1.x request.
@@ -285,6 +316,7 @@ impl Outbound {
         } else {
             Version::HTTP_11
         };
+        parts.version = version;
         let mut body = match ReqBody::new(body).await {
             Ok(body) => body,
             Err(error) => {
@@ -294,31 +326,51 @@ impl Outbound {
                 return response;
             }
         };
-        let safe = retry::is_safe(&parts.method) && body.is_empty();
-
-        let Tries { tried, attempts } = tries;
+        let rule = Rule::new(policy, &parts.method, &body);
         // The failure of the last try, answered if no further try happens.
         let mut last: Option<(ErrorKind, String)> = None;
+        // A response that asked for a retry, answered if no further try happens.
+        let mut pending: Option<Response<Body>> = None;
         loop {
-            let Some(pick) = balancer.pick(tried, deadline).await else {
-                let (kind, detail) = last.unwrap_or_else(|| {
-                    (
-                        ErrorKind::NoEndpoints,
-                        format!("no ready endpoint within queue_timeout {queue_timeout:?}"),
-                    )
-                });
-                return self.error(kind, std::mem::take(tried), *attempts, detail);
+            let pick = match balancer.pick_or(&progress.tried, deadline).await {
+                Ok(pick) => pick,
+                Err(why) => {
+                    if let Some(response) = pending {
+                        return guarded(response, admission);
+                    }
+                    let (kind, detail) = match (last, why) {
+                        (Some(last), _) => last,
+                        (None, NoPick::CircuitOpen) => (
+                            ErrorKind::CircuitOpen,
+                            "every endpoint is ejected by the circuit breaker".to_string(),
+                        ),
+                        (None, NoPick::NoEndpoints) => (
+                            ErrorKind::NoEndpoints,
+                            format!(
+                                "no ready endpoint within queue_timeout {:?}",
+                                policy.queue_timeout
+                            ),
+                        ),
+                    };
+                    let tried = std::mem::take(&mut progress.tried);
+                    return self.error(kind, tried, progress.attempts, detail);
+                }
             };
             let Some(try_body) = body.take() else {
                 // A streaming body already went out with an earlier try; the retry rules
                 // below never start another try then.
                 let (kind, detail) =
                     last.unwrap_or((ErrorKind::Reset, "request body consumed".into()));
-                return self.error(kind, std::mem::take(tried), *attempts, detail);
+                let tried = std::mem::take(&mut progress.tried);
+                return self.error(kind, tried, progress.attempts, detail);
             };
-            *attempts += 1;
+            // The previous try's response is dropped only now that another try goes out.
+            drop(pending.take());
+            progress.attempts += 1;
+            let attempts = progress.attempts;
             let id = Arc::clone(&pick.endpoint.id);
-            tried.push(Arc::clone(&id));
+            progress.tried.push(Arc::clone(&id));
+            progress.current = Some(Arc::clone(&id));
             let mut request = Request::new(try_body);
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = parts.uri.clone();
@@ -326,73 +378,137 @@ impl Outbound {
             *request.headers_mut() = parts.headers.clone();
             request
                 .headers_mut()
-                .insert(HDR_ATTEMPT, HeaderValue::from(*attempts));
+                .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
 
             let started = Instant::now();
-            let pool = &self.target(balancer.service()).pool;
-            let retryable = match pool.send(pick.endpoint.addr, request).await {
-                Ok(response) => {
+            // The try ends at its per-try timeout or at the request's `timeout`, whichever
+            // comes first; either way here, so that the balancer learns of it.
+            let per_try_deadline = rule.per_try_timeout.map(|limit| started + limit);
+            let overall_first = overall.is_some_and(|o| per_try_deadline.is_none_or(|p| o <= p));
+            let try_deadline = if overall_first {
+                overall
+            } else {
+                per_try_deadline
+            };
+            let send = self
+                .target(balancer.service())
+                .pool
+                .send(pick.endpoint.addr, request);
+            let sent = match try_deadline {
+                None => Some(send.await),
+                Some(at) => tokio::time::timeout_at(at, send).await.ok(),
+            };
+            // Why another try is wanted, if it is.
+            let again = match sent {
+                None if overall_first => {
+                    self.record(balancer, pick, Outcome::Failed(started.elapsed()));
+                    let timeout = policy.timeout.unwrap_or_default();
+                    let detail = format!("{id}: no response headers within timeout {timeout:?}");
+                    let tried = std::mem::take(&mut progress.tried);
+                    return self.error(ErrorKind::Timeout, tried, progress.attempts, detail);
+                }
+                None => {
+                    // The per-try timeout fired; the body went with the try.
+                    self.record(balancer, pick, Outcome::Failed(started.elapsed()));
+                    let limit = rule.per_try_timeout.unwrap_or_default();
+                    last = Some((
+                        ErrorKind::Timeout,
+                        format!("{id}: no response headers within per_try_timeout {limit:?}"),
+                    ));
+                    rule.on_timeout() && body.replayable() && rule.within(attempts)
+                }
+                Some(Ok(response)) => {
                     let took = started.elapsed();
                     match hop_error(&response) {
                         // The inbound could not connect to its app: the request never
                         // reached an app, and the replica is as good as down.
                         Some(ErrorKind::ConnectFailed) => {
-                            pick.record(Outcome::ConnectFailed);
+                            self.record(balancer, pick, Outcome::ConnectFailed);
                             last = Some((
                                 ErrorKind::ConnectFailed,
                                 format!("{id}: the app refused the connection"),
                             ));
-                            Retryable::NotProcessed
+                            rule.connect_retry(attempts) && body.replayable()
                         }
                         Some(ErrorKind::Reset) => {
-                            pick.record(Outcome::Failed(took));
+                            self.record(balancer, pick, Outcome::Failed(took));
                             last = Some((
                                 ErrorKind::Reset,
                                 format!(
                                     "{id}: the app closed the connection before response headers"
                                 ),
                             ));
-                            Retryable::MaybeProcessed
+                            rule.on_reset(&response, &body) && rule.within(attempts)
                         }
-                        _ => {
-                            pick.record(Outcome::Response(took));
-                            let gateway = matches!(
-                                response.status(),
-                                StatusCode::BAD_GATEWAY
-                                    | StatusCode::SERVICE_UNAVAILABLE
-                                    | StatusCode::GATEWAY_TIMEOUT
-                            );
-                            if gateway && safe && *attempts < TRIES {
-                                tracing::debug!(endpoint = %id, status = %response.status(), "retrying gateway error");
-                                continue;
+                        hop => {
+                            let failure = response.status().is_server_error()
+                                || retry::grpc_status(&response)
+                                    .is_some_and(|code| matches!(code, 2 | 4 | 13 | 14));
+                            let outcome = if failure {
+                                Outcome::ErrorResponse(took)
+                            } else {
+                                Outcome::Response(took)
+                            };
+                            self.record(balancer, pick, outcome);
+                            // Other reports of a next hop (rate-limited, unauthorized) are
+                            // the mesh's own answers: never retried.
+                            if hop.is_none()
+                                && rule.on_response(&response, &body)
+                                && rule.within(attempts)
+                            {
+                                tracing::debug!(endpoint = %id, status = %response.status(), "retrying response");
+                                pending = Some(response.map(boxed));
+                                last = None;
+                                true
+                            } else {
+                                return guarded(response, admission);
                             }
-                            return response.map(boxed);
                         }
                     }
                 }
-                Err((error, unsent)) => {
+                Some(Err((error, unsent))) => {
                     if error.is_connect() {
-                        pick.record(Outcome::ConnectFailed);
+                        self.record(balancer, pick, Outcome::ConnectFailed);
                     } else {
-                        pick.record(Outcome::Failed(started.elapsed()));
+                        self.record(balancer, pick, Outcome::Failed(started.elapsed()));
                     }
                     tracing::debug!(endpoint = %id, error = %error.chain(), "try failed");
                     if let Some(unsent) = unsent {
                         body.put_back(unsent.into_body());
                     }
                     last = Some((error.kind(), format!("{id}: {}", error.chain())));
-                    error.retryable()
+                    match error.retryable() {
+                        Retryable::Unsent => rule.connect_retry(attempts) && body.available(),
+                        Retryable::NotProcessed => {
+                            rule.connect_retry(attempts) && body.replayable()
+                        }
+                        Retryable::MaybeProcessed => {
+                            rule.on_reset_error(&body) && rule.within(attempts)
+                        }
+                    }
                 }
             };
-            let again = match retryable {
-                Retryable::Unsent => body.available(),
-                Retryable::NotProcessed => body.replayable(),
-                Retryable::MaybeProcessed => safe,
-            };
-            if !again || *attempts >= TRIES {
-                let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
-                return self.error(kind, std::mem::take(tried), *attempts, detail);
+            progress.current = None;
+            let again = again && rule.withdraw();
+            if again {
+                self.cfg.metrics.retry(&self.cfg.caller, &self.cfg.service);
+                continue;
             }
+            if let Some(response) = pending {
+                return guarded(response, admission);
+            }
+            let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
+            let tried = std::mem::take(&mut progress.tried);
+            return self.error(kind, tried, progress.attempts, detail);
+        }
+    }
+
+    /// Record a try's outcome with the balancer, and count an ejection it caused.
+    fn record(&self, balancer: &Balancer, pick: Pick, outcome: Outcome) {
+        if pick.record(outcome) {
+            self.cfg
+                .metrics
+                .ejection(&self.cfg.caller, balancer.service());
         }
     }
 
@@ -413,9 +529,16 @@ impl Outbound {
         parts
             .headers
             .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
-        let Some(pick) = balancer.pick(&[], deadline).await else {
-            let detail = format!("no ready endpoint within queue_timeout {queue_timeout:?}");
-            return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
+        let pick = match balancer.pick_or(&[], deadline).await {
+            Ok(pick) => pick,
+            Err(NoPick::CircuitOpen) => {
+                let detail = "every endpoint is ejected by the circuit breaker".to_string();
+                return self.error(ErrorKind::CircuitOpen, Vec::new(), 0, detail);
+            }
+            Err(NoPick::NoEndpoints) => {
+                let detail = format!("no ready endpoint within queue_timeout {queue_timeout:?}");
+                return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
+            }
         };
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
@@ -423,7 +546,7 @@ impl Outbound {
         let peer_tls = self.target(balancer.service()).peer_tls.as_ref();
         match client::send_upgrade_via(pick.endpoint.addr, peer_tls, request).await {
             Ok(mut response) => {
-                pick.record(Outcome::Response(started.elapsed()));
+                self.record(balancer, pick, Outcome::Response(started.elapsed()));
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let upstream = hyper::upgrade::on(&mut response);
                     client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
@@ -433,9 +556,9 @@ impl Outbound {
             }
             Err(error) => {
                 if error.is_connect() {
-                    pick.record(Outcome::ConnectFailed);
+                    self.record(balancer, pick, Outcome::ConnectFailed);
                 } else {
-                    pick.record(Outcome::Failed(started.elapsed()));
+                    self.record(balancer, pick, Outcome::Failed(started.elapsed()));
                 }
                 let detail = format!("{id}: {}", error.chain());
                 self.error(error.kind(), vec![id], 1, detail)
@@ -518,6 +641,163 @@ impl Outbound {
     }
 }
 
+/// What one request is forwarded with: the route's `timeout` (else the called service's),
+/// the service's `retries` (with the budget they share) and the chosen backend's
+/// `queue_timeout`. Separate from the balancer so that a request can take one service's
+/// policy to another balancer (a route backend's).
+#[derive(Clone, Copy, Debug)]
+struct Policy<'a> {
+    timeout: Option<Duration>,
+    queue_timeout: Duration,
+    retries: Option<&'a (RetryPolicy, Budget)>,
+}
+
+/// What the tries of one request did so far.
+#[derive(Default)]
+struct Progress {
+    tried: Vec<Arc<str>>,
+    attempts: u32,
+    /// The endpoint of the try awaiting its response headers.
+    current: Option<Arc<str>>,
+}
+
+/// The retry rule one request follows: the default rule, or a `retries` table.
+struct Rule<'a> {
+    /// The configured policy and its budget; `None`: the default rule.
+    policy: Option<&'a (RetryPolicy, Budget)>,
+    /// Default rule: a safe method without a body, which may be repeated after it may
+    /// have reached the app.
+    safe: bool,
+    per_try_timeout: Option<Duration>,
+}
+
+impl<'a> Rule<'a> {
+    fn new(policy: &Policy<'a>, method: &http::Method, body: &ReqBody) -> Self {
+        let configured = policy.retries;
+        if let Some((_, budget)) = configured {
+            budget.deposit();
+        }
+        Rule {
+            policy: configured,
+            safe: retry::is_safe(method) && body.is_empty(),
+            per_try_timeout: configured.and_then(|(r, _)| r.per_try_timeout),
+        }
+    }
+
+    /// Whether another try may follow try number `attempts` for a response condition.
+    fn within(&self, attempts: u32) -> bool {
+        match self.policy {
+            None => attempts < TRIES,
+            Some((r, _)) => attempts < r.attempts,
+        }
+    }
+
+    /// A try that certainly never reached an app: always retried, up to `attempts` (and
+    /// never fewer than the default rule's tries).
+    fn connect_retry(&self, attempts: u32) -> bool {
+        match self.policy {
+            None => attempts < TRIES,
+            Some((r, _)) => attempts < r.attempts.max(TRIES),
+        }
+    }
+
+    /// A response: the default rule retries 502/503/504 of a safe request without a body;
+    /// a policy its `on` conditions with a replayable body.
+    fn on_response<B>(&self, response: &Response<B>, body: &ReqBody) -> bool {
+        match self.policy {
+            None => {
+                self.safe
+                    && matches!(
+                        response.status(),
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    )
+            }
+            Some((r, _)) => body.replayable() && r.matches(response, false),
+        }
+    }
+
+    /// The inbound reported that the app reset the request (a 502).
+    fn on_reset<B>(&self, response: &Response<B>, body: &ReqBody) -> bool {
+        match self.policy {
+            None => self.safe,
+            Some((r, _)) => body.replayable() && r.matches(response, true),
+        }
+    }
+
+    /// The connection to the inbound broke before response headers.
+    fn on_reset_error(&self, body: &ReqBody) -> bool {
+        match self.policy {
+            None => self.safe,
+            Some((r, _)) => body.replayable() && r.on(RetryOn::Reset),
+        }
+    }
+
+    /// The per-try timeout fired.
+    fn on_timeout(&self) -> bool {
+        self.policy.is_some_and(|(r, _)| r.on(RetryOn::Timeout))
+    }
+
+    /// Take a retry out of the budget (the default rule has none).
+    fn withdraw(&self) -> bool {
+        match self.policy {
+            None => true,
+            Some((_, budget)) => {
+                let granted = budget.withdraw();
+                if !granted {
+                    tracing::debug!("retry budget spent, not retrying");
+                }
+                granted
+            }
+        }
+    }
+}
+
+/// Hold the `max_concurrent` slot until the response body ends (boxed once, whatever
+/// the body).
+fn guarded<B>(response: Response<B>, admission: Admission) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::http::BoxError>,
+{
+    response.map(|body| {
+        boxed(Guarded {
+            body,
+            _admission: admission,
+        })
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's `max_concurrent` slot.
+    struct Guarded<B> {
+        #[pin]
+        body: B,
+        _admission: Admission,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The mesh error a next hop (the inbound) reported instead of an app response.
 fn hop_error(response: &Response<Incoming>) -> Option<ErrorKind> {
     response
@@ -525,13 +805,4 @@ fn hop_error(response: &Response<Incoming>) -> Option<ErrorKind> {
         .get(HDR_ERROR)
         .and_then(|v| v.to_str().ok())
         .and_then(ErrorKind::parse_simple)
-}
-
-/// A duration as a user writes it in mesh.toml (`250ms`, `2s`).
-fn as_written(d: Duration) -> String {
-    if d.subsec_millis() == 0 && d.as_secs() > 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::Traffic;
-use crate::balance::{Balancer, Outcome};
+use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick};
 use crate::metrics::{Metrics, Side};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::routes::Routes;
@@ -218,23 +218,98 @@ fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>, caller: &str
 /// Connect `client` to an endpoint through `balancer` and pipe bytes until both
 /// directions end.
 async fn proxy_outbound(
-    mut client: TcpStream,
+    client: TcpStream,
     cfg: &TcpOutboundConfig,
     balancer: &Balancer,
     queue_timeout: Duration,
     force: CancellationToken,
 ) {
-    let service = cfg.service.as_str();
-    let deadline = Instant::now() + queue_timeout;
+    let arrival = Instant::now();
     let mut tried: Vec<Arc<str>> = Vec::new();
+    let setup = setup_outbound(cfg, balancer, queue_timeout, arrival, &mut tried);
+    // `timeout` bounds the setup only (SPEC §3 "Timeouts"): queueing and connects.
+    let limited = async {
+        match cfg.traffic.timeout {
+            None => setup.await,
+            Some(timeout) => tokio::time::timeout_at(arrival + timeout, setup)
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
+                        "timeout",
+                        format!("connection not set up within timeout {timeout:?}"),
+                    ))
+                }),
+        }
+    };
+    let result = tokio::select! {
+        result = limited => result,
+        () = force.cancelled() => return,
+    };
+    let mut client = client;
+    match result {
+        Ok((admission, pick, mut upstream)) => {
+            let endpoint = pick.endpoint.id.clone();
+            let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
+            let _ = client.set_nodelay(true);
+            pipe(&mut client, &mut upstream, &force)
+                .instrument(span)
+                .await;
+            drop(pick);
+            drop(admission);
+        }
+        Err((kind, detail)) => {
+            // Dropping `client` closes it without data.
+            let service = cfg.service.as_str();
+            let tried_list = if tried.is_empty() {
+                "none".to_string()
+            } else {
+                tried.join(",")
+            };
+            cfg.metrics.mesh_error(&cfg.caller, service, kind);
+            tracing::warn!(
+                kind,
+                service,
+                tried = %tried_list,
+                attempts = tried.len(),
+                "mesh: {kind}: service={service} tried={tried_list} attempts={}: {detail}",
+                tried.len(),
+            );
+        }
+    }
+}
+
+/// A failure to set up a connection: the mesh error kind and its detail.
+type SetupError = (&'static str, String);
+
+/// Take a `max_concurrent` slot of `balancer` (the service's, or the drawn route
+/// backend's), then connect to an endpoint (trying up to [`MAX_CONNECT_TRIES`] of them);
+/// `tried` collects the endpoints tried.
+async fn setup_outbound(
+    cfg: &TcpOutboundConfig,
+    balancer: &Balancer,
+    queue_timeout: Duration,
+    arrival: Instant,
+    tried: &mut Vec<Arc<str>>,
+) -> Result<(Admission, Pick, Box<dyn Stream>), SetupError> {
+    let deadline = arrival + queue_timeout;
+    let Some(admission) = balancer.admit(deadline).await else {
+        return Err((
+            "overloaded",
+            format!("max_concurrent connections open for {queue_timeout:?} (queue_timeout)"),
+        ));
+    };
     let mut last_error: Option<String> = None;
-    let mut connected = None;
     while tried.len() < MAX_CONNECT_TRIES {
-        let pick = tokio::select! {
-            pick = balancer.pick(&tried, deadline) => pick,
-            () = force.cancelled() => return,
+        let pick = match balancer.pick_or(tried, deadline).await {
+            Ok(pick) => pick,
+            Err(NoPick::CircuitOpen) if last_error.is_none() => {
+                return Err((
+                    "circuit-open",
+                    "every endpoint is ejected by the circuit breaker".to_string(),
+                ));
+            }
+            Err(_) => break,
         };
-        let Some(pick) = pick else { break };
         let started = Instant::now();
         let error = match tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -246,9 +321,10 @@ async fn proxy_outbound(
                 // The connect time is the latency p2c compares; the pick stays in
                 // flight for the life of the connection, so open connections count as
                 // load.
-                pick.observe(Outcome::Response(started.elapsed()));
-                connected = Some((pick, upstream));
-                break;
+                if pick.observe(Outcome::Response(started.elapsed())) {
+                    cfg.metrics.ejection(&cfg.caller, balancer.service());
+                }
+                return Ok((admission, pick, upstream));
             }
             Ok(Err(error)) => error,
             Err(_) => format!("connect timed out after {CONNECT_TIMEOUT:?}"),
@@ -256,41 +332,17 @@ async fn proxy_outbound(
         tracing::debug!(endpoint = %pick.endpoint.id, addr = %pick.endpoint.addr, %error, "connect failed");
         last_error = Some(format!("{}: {error}", pick.endpoint.addr));
         tried.push(Arc::clone(&pick.endpoint.id));
-        pick.record(Outcome::ConnectFailed);
+        if pick.record(Outcome::ConnectFailed) {
+            cfg.metrics.ejection(&cfg.caller, balancer.service());
+        }
     }
-
-    let Some((pick, mut upstream)) = connected else {
-        // Dropping `client` closes it without data.
-        let (kind, detail) = match last_error {
-            Some(error) => ("connect-failed", error),
-            None => (
-                "no-endpoints",
-                format!("no ready endpoint within queue_timeout {queue_timeout:?}"),
-            ),
-        };
-        let tried_list = if tried.is_empty() {
-            "none".to_string()
-        } else {
-            tried.join(",")
-        };
-        cfg.metrics.mesh_error(&cfg.caller, service, kind);
-        tracing::warn!(
-            kind,
-            service,
-            tried = %tried_list,
-            attempts = tried.len(),
-            "mesh: {kind}: service={service} tried={tried_list} attempts={}: {detail}",
-            tried.len(),
-        );
-        return;
-    };
-    let endpoint = pick.endpoint.id.clone();
-    let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
-    let _ = client.set_nodelay(true);
-    pipe(&mut client, &mut upstream, &force)
-        .instrument(span)
-        .await;
-    drop(pick);
+    Err(match last_error {
+        Some(error) => ("connect-failed", error),
+        None => (
+            "no-endpoints",
+            format!("no ready endpoint within queue_timeout {queue_timeout:?}"),
+        ),
+    })
 }
 
 /// A byte stream to the next hop: plain TCP, or TLS over it.

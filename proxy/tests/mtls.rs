@@ -98,6 +98,7 @@ async fn tls_outbound(
         traffic: Traffic {
             load_balancer: Algorithm::RoundRobin,
             queue_timeout: Duration::from_secs(1),
+            ..Traffic::default()
         },
         ingress: false,
         metrics: metrics.clone(),

@@ -295,7 +295,30 @@ async fn route(
     state: &Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<AppBody>, CloseConnection> {
-    let path = req.uri().path();
+    // `/only/<id>/<rest>`: `/<rest>` on the replica `<id>`, `/headers` on the others, so
+    // that a test can make one replica misbehave.
+    if let Some(rest) = req.uri().path().strip_prefix("/only/") {
+        let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let target = if id == state.id {
+            format!("/{rest}")
+        } else {
+            "/headers".to_owned()
+        };
+        let mut response = route_path(state, req, &target).await?;
+        response
+            .headers_mut()
+            .insert("x-replica", state.id_header.clone());
+        return Ok(response);
+    }
+    let path = req.uri().path().to_owned();
+    route_path(state, req, &path).await
+}
+
+async fn route_path(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<AppBody>, CloseConnection> {
     if path != "/count" && path != "/healthz" {
         state.served.fetch_add(1, Ordering::Relaxed);
     }
@@ -337,6 +360,8 @@ async fn route(
                     Some(status) => text(status, format!("status {}", status.as_u16())),
                     None => text(StatusCode::BAD_REQUEST, format!("bad status {code:?}")),
                 }
+            } else if let Some(code) = path.strip_prefix("/grpc-status/") {
+                grpc_trailers_only(code)
             } else if let Some(ms) = path.strip_prefix("/sleep/") {
                 match ms.parse::<u64>() {
                     Ok(ms) => {
@@ -427,6 +452,25 @@ fn headers_json(req: &Request<Incoming>) -> Response<AppBody> {
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A gRPC trailers-only response: HTTP 200 with `grpc-status` in the headers, no body.
+fn grpc_trailers_only(code: &str) -> Response<AppBody> {
+    let Ok(status) = HeaderValue::from_str(code) else {
+        return text(StatusCode::BAD_REQUEST, format!("bad grpc status {code:?}"));
+    };
+    let mut r = Response::new(AppBody::Full(None));
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(HeaderName::from_static("grpc-status"), status);
+    headers.insert(
+        HeaderName::from_static("grpc-message"),
+        HeaderValue::from_static("trailers-only"),
     );
     r
 }

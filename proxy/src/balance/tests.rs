@@ -88,6 +88,7 @@ fn peak_ewma_jumps_up_and_decays_down_with_time() {
         observed_at: start,
         connect_failures: 0,
         ejected_until: None,
+        breaker: BreakerState::default(),
     };
     health.observe(Duration::from_millis(100), start);
     assert_eq!(health.estimate(start), nanos(Duration::from_millis(100)));
@@ -282,4 +283,199 @@ async fn state_of_departed_endpoints_is_dropped() {
     // A pick of a departed endpoint can still be recorded and dropped.
     held.record(Outcome::ConnectFailed);
     assert!(balancer.has_endpoints());
+}
+
+// === circuit breaker and max_concurrent ===
+
+fn breaker(consecutive_failures: u32, max_ejected_percent: u32) -> Breaker {
+    Breaker {
+        consecutive_failures,
+        base_ejection: Duration::from_secs(1),
+        max_ejection: Duration::from_secs(3),
+        max_ejected_percent,
+    }
+}
+
+fn with_breaker(n: usize, breaker: Breaker) -> (Registry, Balancer) {
+    let registry = Registry::new();
+    registry.set("api", (0..n).map(ep).collect());
+    let policy = Policy {
+        breaker: Some(breaker),
+        max_concurrent: DEFAULT_MAX_CONCURRENT,
+    };
+    let balancer =
+        Balancer::with_policy("api", Algorithm::RoundRobin, policy, registry.watch("api"));
+    (registry, balancer)
+}
+
+/// Pick `id` (steering with the avoid list) and record `outcome`; whether it ejected.
+async fn hit(balancer: &Balancer, n: usize, id: &str, outcome: Outcome) -> bool {
+    let avoid: Vec<Arc<str>> = (0..n)
+        .map(|i| Arc::from(format!("api.{i}")))
+        .filter(|other: &Arc<str>| &**other != id)
+        .collect();
+    let pick = balancer.pick(&avoid, soon()).await.unwrap();
+    assert_eq!(&*pick.endpoint.id, id);
+    pick.record(outcome)
+}
+
+/// The ids the next `k` picks choose (each recorded as a fast success).
+async fn next_ids(balancer: &Balancer, k: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..k {
+        let pick = balancer.pick(&[], soon()).await.unwrap();
+        ids.push(pick.endpoint.id.to_string());
+        pick.record(Outcome::Response(Duration::from_millis(1)));
+    }
+    ids
+}
+
+const FAIL: Outcome = Outcome::ErrorResponse(Duration::from_millis(1));
+const OK: Outcome = Outcome::Response(Duration::from_millis(1));
+
+#[tokio::test(start_paused = true)]
+async fn breaker_ejects_probes_once_and_doubles_up_to_max_ejection() {
+    let (_registry, balancer) = with_breaker(2, breaker(2, 50));
+    assert!(!hit(&balancer, 2, "api.0", FAIL).await);
+    // Another endpoint's success does not reset api.0's count.
+    assert!(!hit(&balancer, 2, "api.1", OK).await);
+    assert!(
+        hit(&balancer, 2, "api.0", FAIL).await,
+        "second failure ejects"
+    );
+
+    // Ejected for base_ejection: only api.1 until then.
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(next_ids(&balancer, 4).await.iter().all(|id| id == "api.1"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+
+    // The next pick is the one probe; while it is in flight nobody else gets api.0.
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0");
+    assert!(next_ids(&balancer, 4).await.iter().all(|id| id == "api.1"));
+    assert!(probe.record(FAIL), "a failed probe ejects again");
+
+    // k = 2: 2 s.
+    tokio::time::advance(Duration::from_millis(1999)).await;
+    assert!(next_ids(&balancer, 2).await.iter().all(|id| id == "api.1"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(hit(&balancer, 2, "api.0", FAIL).await);
+
+    // k = 3: 4 s, capped at max_ejection = 3 s.
+    tokio::time::advance(Duration::from_millis(2999)).await;
+    assert!(next_ids(&balancer, 2).await.iter().all(|id| id == "api.1"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // A successful probe readmits: round-robin over both again, and k starts over.
+    assert!(!hit(&balancer, 2, "api.0", OK).await);
+    let ids = next_ids(&balancer, 4).await;
+    assert_eq!(ids.iter().filter(|id| *id == "api.0").count(), 2, "{ids:?}");
+    assert!(!hit(&balancer, 2, "api.0", FAIL).await);
+    assert!(hit(&balancer, 2, "api.0", FAIL).await);
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(next_ids(&balancer, 2).await.iter().all(|id| id == "api.1"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        next_ids(&balancer, 1).await,
+        ["api.0"],
+        "k was reset: 1 s again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_success_resets_the_consecutive_count() {
+    let (_registry, balancer) = with_breaker(2, breaker(2, 50));
+    assert!(!hit(&balancer, 2, "api.0", FAIL).await);
+    assert!(!hit(&balancer, 2, "api.0", OK).await);
+    assert!(!hit(&balancer, 2, "api.0", FAIL).await);
+    // A reset and a timeout count as failures too.
+    assert!(
+        hit(
+            &balancer,
+            2,
+            "api.0",
+            Outcome::Failed(Duration::from_millis(1))
+        )
+        .await
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_max_ejected_percent_but_always_one() {
+    let (_registry, balancer) = with_breaker(4, breaker(1, 50));
+    assert!(hit(&balancer, 4, "api.0", FAIL).await);
+    assert!(hit(&balancer, 4, "api.1", FAIL).await);
+    // 50 % of 4: a third endpoint stays in, failing or not.
+    assert!(!hit(&balancer, 4, "api.2", FAIL).await);
+    assert!(!hit(&balancer, 4, "api.2", FAIL).await);
+    let ids = next_ids(&balancer, 4).await;
+    assert!(
+        ids.iter().all(|id| id == "api.2" || id == "api.3"),
+        "{ids:?}"
+    );
+
+    // With one endpoint and 0 %, that one can still be ejected; then the circuit is open
+    // at once, without waiting for the deadline.
+    let (_registry, balancer) = with_breaker(1, breaker(1, 0));
+    assert!(hit(&balancer, 1, "api.0", FAIL).await);
+    let before = Instant::now();
+    let far = before + Duration::from_secs(60);
+    assert_eq!(
+        balancer.pick_or(&[], far).await.err(),
+        Some(NoPick::CircuitOpen)
+    );
+    assert_eq!(Instant::now(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_probe_lets_the_next_request_probe() {
+    let (_registry, balancer) = with_breaker(2, breaker(1, 50));
+    assert!(hit(&balancer, 2, "api.0", FAIL).await);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0");
+    drop(probe);
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0", "the probe is offered again");
+    assert!(!probe.record(OK));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_breaker_error_responses_do_not_eject() {
+    let (_registry, balancer) = setup(1, Algorithm::RoundRobin);
+    for _ in 0..10 {
+        assert!(!hit(&balancer, 1, "api.0", FAIL).await);
+    }
+    assert!(hit(&balancer, 1, "api.0", Outcome::ConnectFailed).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_concurrent_admits_up_to_the_limit_and_queues_until_the_deadline() {
+    let registry = Registry::new();
+    let policy = Policy {
+        breaker: None,
+        max_concurrent: 1,
+    };
+    let balancer =
+        Balancer::with_policy("api", Algorithm::RoundRobin, policy, registry.watch("api"));
+    let first = balancer.admit(soon()).await.unwrap();
+    let started = Instant::now();
+    assert!(
+        balancer
+            .admit(started + Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    // A waiter gets the slot as soon as it is given back.
+    let waiter = {
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            balancer
+                .admit(Instant::now() + Duration::from_secs(5))
+                .await
+        })
+    };
+    tokio::time::advance(Duration::from_millis(100)).await;
+    drop(first);
+    assert!(waiter.await.unwrap().is_some());
 }

@@ -86,6 +86,7 @@ async fn outbound(
     let traffic = Traffic {
         load_balancer: algorithm,
         queue_timeout,
+        ..Traffic::default()
     };
     let listener = bind().await;
     let addr = listener.local_addr().unwrap();

@@ -123,6 +123,11 @@ pub struct OutboundOpts {
     pub algorithm: Algorithm,
     pub ingress: bool,
     pub limits: Limits,
+    /// `timeout`, `retries`, breaker and `max_concurrent`; `load_balancer` and
+    /// `queue_timeout` come from the fields above.
+    pub traffic: Traffic,
+    /// Where the outbound records; tests that read metrics pass a clone.
+    pub metrics: Metrics,
 }
 
 impl Default for OutboundOpts {
@@ -133,6 +138,8 @@ impl Default for OutboundOpts {
             algorithm: Algorithm::P2cEwma,
             ingress: false,
             limits: Limits::default(),
+            traffic: Traffic::default(),
+            metrics: Metrics::new(),
         }
     }
 }
@@ -141,7 +148,12 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let balancer = Balancer::new(service, opts.algorithm, registry.watch(service));
+    let balancer = Balancer::with_policy(
+        service,
+        opts.algorithm,
+        opts.traffic.balance,
+        registry.watch(service),
+    );
     let cfg = OutboundConfig {
         mesh_name: MESH.into(),
         caller: if opts.ingress { "ingress" } else { "web" }.into(),
@@ -150,11 +162,12 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
         traffic: Traffic {
             load_balancer: opts.algorithm,
             queue_timeout: opts.queue_timeout,
+            ..opts.traffic
         },
         ingress: opts.ingress,
-        metrics: Metrics::new(),
         routes: Default::default(),
         tls: None,
+        metrics: opts.metrics,
     };
     let task = tokio::spawn(outbound::serve_with(
         listener,

@@ -103,13 +103,22 @@ pub struct Service {
 }
 
 /// `[services.NAME.traffic]`, the parts built so far.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Traffic {
     pub load_balancer: LoadBalancer,
     /// How long a request waits for a ready endpoint (default 3 s).
     pub queue_timeout: Duration,
     /// `traffic.rate_limit`, applied by each replica's inbound.
     pub rate_limit: Option<RateLimit>,
+    /// From a request's arrival to its response headers (tcp: connection setup); none by
+    /// default.
+    pub timeout: Option<Duration>,
+    /// `retries`; `None`: the default retry rule.
+    pub retries: Option<Retries>,
+    /// `circuit_breaker`; `None`: only connect failures eject.
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Requests (tcp: connections) in flight per caller (default 10000).
+    pub max_concurrent: u32,
 }
 
 impl Default for Traffic {
@@ -118,6 +127,10 @@ impl Default for Traffic {
             load_balancer: LoadBalancer::P2cEwma,
             queue_timeout: Duration::from_secs(3),
             rate_limit: None,
+            timeout: None,
+            retries: None,
+            circuit_breaker: None,
+            max_concurrent: 10_000,
         }
     }
 }
@@ -158,6 +171,44 @@ pub struct Fault {
     pub abort: Option<u16>,
     /// Share of matched requests aborted, 0–100 (100 when only `abort` is given).
     pub abort_percent: f64,
+}
+
+/// `traffic.retries`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retries {
+    /// Total tries, the first included (default 3).
+    pub attempts: u32,
+    /// `None`: `timeout` bounds each try.
+    pub per_try_timeout: Option<Duration>,
+    /// Default `["gateway-error"]`.
+    pub on: Vec<RetryOn>,
+    /// Default 0.2.
+    pub budget: f64,
+}
+
+/// A `traffic.retries.on` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOn {
+    GatewayError,
+    ServerError,
+    Reset,
+    Timeout,
+    Status(u16),
+    /// A `grpc-status` code (`grpc:<code-name>`).
+    Grpc(u32),
+}
+
+/// `traffic.circuit_breaker`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Default 5.
+    pub consecutive_failures: u32,
+    /// Default 1 s.
+    pub base_ejection: Duration,
+    /// Default 60 s.
+    pub max_ejection: Duration,
+    /// Default 50.
+    pub max_ejected_percent: u32,
 }
 
 /// `traffic.load_balancer`.

@@ -330,12 +330,12 @@ pub(crate) const HEALTH: &[Field] = &[
 ];
 
 pub(crate) const TRAFFIC: &[Field] = &[
-    not_yet(key("timeout")),
+    key("timeout"),
     key("load_balancer"),
-    not_yet(table("retries", RETRIES)),
-    not_yet(table("circuit_breaker", CIRCUIT_BREAKER)),
+    table("retries", RETRIES),
+    table("circuit_breaker", CIRCUIT_BREAKER),
     table("rate_limit", RATE_LIMIT),
-    not_yet(key("max_concurrent")),
+    key("max_concurrent"),
     key("queue_timeout"),
 ];
 

@@ -407,3 +407,56 @@ fn type_errors_in_tables_split_over_headers_are_all_reported() {
          mesh.toml:8:12: error: wrong type for `services.web.replicas`: expected an integer, found boolean `true`"
     );
 }
+
+#[test]
+fn traffic_policies_reach_the_model_with_their_defaults() {
+    let config = parse_ok(
+        r#"version = 1
+[services.api]
+command = "api"
+[services.api.traffic]
+timeout = "10s"
+retries = { per_try_timeout = "2s", on = ["5xx", "reset", "timeout", "409", "grpc:unavailable", "grpc:cancelled"] }
+circuit_breaker = { consecutive_failures = 3, max_ejected_percent = 100 }
+max_concurrent = 7
+[services.web]
+command = "web"
+traffic = { retries = {} }
+"#,
+    );
+    let api = &config.services["api"].traffic;
+    assert_eq!(api.timeout, Some(Duration::from_secs(10)));
+    assert_eq!(api.max_concurrent, 7);
+    assert_eq!(
+        api.retries,
+        Some(Retries {
+            attempts: 3,
+            per_try_timeout: Some(Duration::from_secs(2)),
+            on: vec![
+                RetryOn::ServerError,
+                RetryOn::Reset,
+                RetryOn::Timeout,
+                RetryOn::Status(409),
+                RetryOn::Grpc(14),
+                RetryOn::Grpc(1),
+            ],
+            budget: 0.2,
+        })
+    );
+    assert_eq!(
+        api.circuit_breaker,
+        Some(CircuitBreaker {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        })
+    );
+    let web = &config.services["web"].traffic;
+    assert_eq!(web.timeout, None);
+    assert_eq!(web.max_concurrent, 10_000);
+    assert_eq!(web.circuit_breaker, None);
+    let retries = web.retries.as_ref().unwrap();
+    assert_eq!(retries.on, [RetryOn::GatewayError]);
+    assert_eq!((retries.attempts, retries.per_try_timeout), (3, None));
+}

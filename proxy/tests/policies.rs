@@ -1,0 +1,209 @@
+//! Traffic policies of the outbound in process: metrics of retries and ejections, a try
+//! cut by `timeout` feeding the breaker, the gRPC form of `timeout`, and a streaming body
+//! that is never retried.
+
+#![allow(clippy::unwrap_used, reason = "a failing test panics")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use mesh_proxy::balance::{Algorithm, Breaker, DEFAULT_MAX_CONCURRENT, Policy};
+use mesh_proxy::discovery::Registry;
+use mesh_proxy::http::{Body, full};
+use mesh_proxy::metrics::{Metrics, sum_of};
+use mesh_proxy::outbound::{RetryOn, RetryPolicy};
+use mesh_proxy::{Protocol, Traffic};
+use tokio::time::{Instant, timeout};
+
+use support::*;
+
+fn breaker(consecutive_failures: u32) -> Policy {
+    Policy {
+        breaker: Some(Breaker {
+            consecutive_failures,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(10),
+            max_ejected_percent: 50,
+        }),
+        max_concurrent: DEFAULT_MAX_CONCURRENT,
+    }
+}
+
+/// An app that counts requests and never answers.
+async fn hanging_app(count: Arc<AtomicUsize>) -> App {
+    App::start(move |_req: Request<Incoming>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        futures_util::future::pending::<Response<Body>>()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_ejections_are_counted() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let failing = App::start(|_req: Request<Incoming>| async {
+            let mut r = respond("down");
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        })
+        .await;
+        let ok = echo_app("b").await;
+        let _inbounds = replicas(&registry, Protocol::Http, &[&failing, &ok]).await;
+        let metrics = Metrics::new();
+        let opts = OutboundOpts {
+            algorithm: Algorithm::RoundRobin,
+            traffic: Traffic {
+                retries: Some(RetryPolicy {
+                    attempts: 2,
+                    per_try_timeout: None,
+                    on: vec![RetryOn::GatewayError],
+                    budget: 0.2,
+                }),
+                balance: breaker(1),
+                ..Traffic::default()
+            },
+            metrics: metrics.clone(),
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        // Round-robin starts at api.0: the first request fails there once, is retried on
+        // api.1, and api.0 is ejected; the others go to api.1 at once.
+        for _ in 0..4 {
+            let response = get(out.addr, "/").await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()["x-replica"], "b");
+        }
+        let text = metrics.encode();
+        assert_eq!(sum_of(&text, "mesh_retries_total"), 1, "{text}");
+        assert_eq!(sum_of(&text, "mesh_ejections_total"), 1, "{text}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_cut_by_the_timeout_is_a_breaker_failure() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let app = hanging_app(Arc::default()).await;
+        let _inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let opts = OutboundOpts {
+            queue_timeout: Duration::from_secs(10),
+            traffic: Traffic {
+                timeout: Some(Duration::from_millis(200)),
+                balance: breaker(1),
+                ..Traffic::default()
+            },
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        let started = Instant::now();
+        let response = get(out.addr, "/").await;
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(response.headers()["x-mesh-error"], "timeout");
+        assert!(
+            text(response)
+                .await
+                .starts_with("mesh: timeout: service=api tried=api.0 attempts=1: api.0: ")
+        );
+        // The only endpoint is ejected: the circuit is open, without waiting.
+        let started = Instant::now();
+        let response = get(out.addr, "/").await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["x-mesh-error"], "circuit-open");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_timeout_is_trailers_only_with_status_4() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let app = hanging_app(Arc::default()).await;
+        let _inbounds = replicas(&registry, Protocol::Grpc, &[&app]).await;
+        let opts = OutboundOpts {
+            protocol: Protocol::Grpc,
+            traffic: Traffic {
+                timeout: Some(Duration::from_millis(200)),
+                ..Traffic::default()
+            },
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        let mut client = h2(out.addr).await;
+        let request = Request::post(format!("http://{}/pkg.Svc/Call", out.addr))
+            .header("content-type", "application/grpc")
+            .body(full(vec![0u8, 0, 0, 0, 0]))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "4");
+        assert_eq!(response.headers()["x-mesh-error"], "timeout");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_body_is_not_retried_after_a_per_try_timeout() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = hanging_app(Arc::clone(&count)).await;
+        let b = hanging_app(Arc::clone(&count)).await;
+        let _inbounds = replicas(&registry, Protocol::Http, &[&a, &b]).await;
+        let opts = OutboundOpts {
+            traffic: Traffic {
+                retries: Some(RetryPolicy {
+                    attempts: 3,
+                    per_try_timeout: Some(Duration::from_millis(200)),
+                    on: vec![RetryOn::Timeout],
+                    budget: 1.0,
+                }),
+                ..Traffic::default()
+            },
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        let (tx, body) = channel_body();
+        tx.send(bytes::Bytes::from_static(b"still streaming"))
+            .await
+            .unwrap();
+        let mut client = h1(out.addr).await;
+        let request = Request::post("/")
+            .header("host", "api.test")
+            .body(body)
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(text(response).await.contains("attempts=1"));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        drop(tx);
+
+        // A small body is replayed: every try reaches an app.
+        let mut client = h1(out.addr).await;
+        let response = client
+            .send_request(
+                Request::post("/")
+                    .header("host", "api.test")
+                    .body(full("small"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(text(response).await.contains("attempts=3"));
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+    })
+    .await
+    .unwrap();
+}
