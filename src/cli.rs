@@ -72,6 +72,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The mesh CA (issuer, fingerprint, expiry) and every certificate in use.
+    Certs {
+        #[command(flatten)]
+        file: FileArg,
+    },
     /// Stop the running mesh (as SIGTERM does) and wait until it is gone.
     Down {
         #[command(flatten)]
@@ -143,6 +148,13 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Certs { file } => match control_call(&file, &env, "certs") {
+            Ok(data) => {
+                print!("{}", data.as_str().unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::Down { file } => {
             let config = match load(&file, &env) {
                 Ok(c) => c,
@@ -166,9 +178,7 @@ pub fn main() -> ExitCode {
         }
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
-            const LATER: &[&str] = &[
-                "logs", "start", "stop", "restart", "reload", "exec", "run", "certs",
-            ];
+            const LATER: &[&str] = &["logs", "start", "stop", "restart", "reload", "exec", "run"];
             if LATER.contains(&name) {
                 eprintln!("mesh: `{name}` is not supported yet");
             } else {
@@ -389,7 +399,7 @@ async fn run_up(
                 metrics: mesh.metrics().clone(),
                 status: mesh.status(),
                 stopping: Arc::clone(&stopping),
-                warning: Arc::default(),
+                warning: Arc::new(parking_lot::Mutex::new(mesh.ca_warning())),
             },
         ));
     }
@@ -399,6 +409,7 @@ async fn run_up(
         Arc::new(Answers {
             status: mesh.status(),
             metrics: mesh.metrics().clone(),
+            certs: Box::new(mesh.certs_reporter()),
         }),
         requests_tx,
     ));
@@ -449,6 +460,7 @@ async fn run_up(
 struct Answers {
     status: tokio::sync::watch::Receiver<mesh_supervisor::supervisor::Statuses>,
     metrics: mesh_proxy::metrics::Metrics,
+    certs: Box<dyn Fn() -> Option<crate::runtime::CertsReport> + Send + Sync>,
 }
 
 impl control::Answer for Answers {
@@ -456,6 +468,12 @@ impl control::Answer for Answers {
         match cmd {
             "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow(), &self.metrics))
                 .map_err(|e| e.to_string()),
+            "certs" => match (self.certs)() {
+                Some(report) => Ok(serde_json::Value::String(report.to_string())),
+                None => {
+                    Err("tls = \"off\": no certificates are in use (mutual TLS is off)".to_string())
+                }
+            },
             other => Err(format!("unknown command `{other}`")),
         }
     }

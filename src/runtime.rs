@@ -45,7 +45,7 @@ pub(crate) struct Runtime {
     supervisor: Supervisor,
     sidecars: Arc<Sidecars>,
     /// The mesh CA and the identities issued; `None` with `tls = "off"`.
-    certs: Option<certs::Certs>,
+    certs: Option<Arc<certs::Certs>>,
 }
 
 /// One running listener: cancel the token to stop it accepting; the task ends once its
@@ -90,7 +90,7 @@ impl Runtime {
         let metrics = Metrics::new();
         let mesh_name = config.mesh.name.clone();
         let certs = match config.mesh.tls {
-            TlsMode::Mutual => Some(certs::Certs::load(&config, &base_env, &metrics)?),
+            TlsMode::Mutual => Some(Arc::new(certs::Certs::load(&config, &base_env, &metrics)?)),
             TlsMode::Off => {
                 eprintln!("{TLS_OFF_WARNING}");
                 None
@@ -252,7 +252,27 @@ impl Runtime {
     /// The mesh CA and every leaf certificate in use now (for `mesh certs`); `None` with
     /// `tls = "off"`.
     pub(crate) fn certs(&self) -> Option<CertsReport> {
-        self.certs.as_ref().map(certs::Certs::report)
+        self.certs.as_deref().map(certs::Certs::report)
+    }
+
+    /// What makes [`Runtime::certs`]'s report at any later time, for the control socket.
+    pub(crate) fn certs_reporter(
+        &self,
+    ) -> impl Fn() -> Option<CertsReport> + Send + Sync + 'static {
+        let certs = self.certs.clone();
+        move || certs.as_deref().map(certs::Certs::report)
+    }
+
+    /// A warning about the mesh CA (it expires within 30 days), for `/ready`.
+    pub(crate) fn ca_warning(&self) -> Option<String> {
+        let report = self.certs()?;
+        let soon = std::time::SystemTime::now() + std::time::Duration::from_secs(30 * 24 * 3600);
+        (report.ca_not_after <= soon).then(|| {
+            format!(
+                "the mesh CA expires at {}: replace it before then",
+                humantime::format_rfc3339_seconds(report.ca_not_after)
+            )
+        })
     }
 
     /// Wait until no replica is active any more.

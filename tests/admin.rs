@@ -200,3 +200,86 @@ restart = "never"
     assert_eq!(mesh.exit_code(T), 0);
     assert_eq!(mesh.count("admin on"), 0, "{:?}", mesh.output());
 }
+
+#[test]
+fn certs_lists_the_ca_and_every_identity_in_use() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+replicas = 2
+
+[services.web]
+command = ["sh", "-c", "exec sleep 1000"]
+port = "none"
+upstreams = ["api"]
+"#,
+        app = test_app()
+    ));
+    let mut mesh = p.up(&[]);
+    let line = mesh.wait_line("mutual TLS between sidecars: CA sha256 ", T);
+    let fingerprint = line
+        .split("CA sha256 ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("fingerprint")
+        .to_string();
+    let (code, out, err) = mesh_cmd(&p, &["certs"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("CA  ") && lines[0].contains("CN="),
+        "{out}"
+    );
+    assert_eq!(lines[1].trim(), format!("sha256 {fingerprint}"), "{out}");
+    assert!(lines[2].trim().starts_with("not after 20"), "{out}");
+    // One leaf per replica inbound, and the callers' leaf of web.
+    let leaf = |service: &str, replica: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.first() == Some(&service) && cols.get(1) == Some(&replica)
+            })
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no {service} {replica} in\n{out}"))
+    };
+    for replica in ["0", "1"] {
+        let cols = leaf("api", replica);
+        assert_eq!(cols[2], "spiffe://t/api", "{out}");
+        assert!(
+            cols[3].len() >= 2 && cols[3].chars().all(|c| c.is_ascii_hexdigit()),
+            "serial in {out}"
+        );
+    }
+    assert_ne!(
+        leaf("api", "0")[3],
+        leaf("api", "1")[3],
+        "serials differ\n{out}"
+    );
+    assert_eq!(leaf("web", "callers")[2], "spiffe://t/web", "{out}");
+    mesh.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+}
+
+#[test]
+fn certs_with_tls_off_says_why_there_are_none() {
+    let p = Project::new(
+        r#"
+[mesh]
+name = "t"
+tls = "off"
+
+[services.job]
+command = ["sh", "-c", "exec sleep 1000"]
+port = "none"
+"#,
+    );
+    let mut mesh = p.up(&[]);
+    mesh.wait_line("mesh `t` starting", T);
+    let (code, _, err) = mesh_cmd(&p, &["certs"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("tls = \"off\""), "{err}");
+    mesh.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+}

@@ -25,6 +25,8 @@ pub(crate) struct CertsReport {
     /// SHA-256 of the CA certificate's DER, as `AB:CD:…` (`openssl x509 -fingerprint
     /// -sha256`).
     pub(crate) ca_fingerprint: String,
+    /// The CA's subject: the issuer of every leaf.
+    pub(crate) issuer: String,
     pub(crate) ca_not_after: SystemTime,
     /// Inbound leaves by service and replica, then the callers' outbound leaves.
     pub(crate) leaves: Vec<LeafReport>,
@@ -48,12 +50,14 @@ pub(crate) struct LeafReport {
 impl std::fmt::Display for CertsReport {
     /// A table, as `mesh certs` prints it: the CA, then one line per leaf.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "CA  sha256 {}", self.ca_fingerprint)?;
+        writeln!(f, "CA  {}", self.issuer)?;
+        writeln!(f, "    sha256 {}", self.ca_fingerprint)?;
         writeln!(
             f,
             "    not after {}",
             humantime::format_rfc3339_seconds(self.ca_not_after)
         )?;
+        writeln!(f, "leaves issued by the CA above:")?;
         writeln!(
             f,
             "{:<24} {:<8} {:<40} {:<32} NOT AFTER",
@@ -187,6 +191,7 @@ impl Certs {
             .collect();
         CertsReport {
             ca_fingerprint: self.ca.fingerprint_sha256(),
+            issuer: self.ca.subject(),
             ca_not_after: self.ca.not_after(),
             leaves,
         }

@@ -184,6 +184,15 @@ impl Ca {
         hex(digest.as_ref(), ":")
     }
 
+    /// The CA certificate's subject, the issuer of every leaf (`CN=…`, as `openssl x509
+    /// -subject` prints it, RFC 4514 order).
+    pub fn subject(&self) -> String {
+        match x509_parser::parse_x509_certificate(&self.cert) {
+            Ok((_, parsed)) => parsed.subject().to_string(),
+            Err(_) => String::from("(unreadable)"),
+        }
+    }
+
     /// When the CA certificate expires.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
