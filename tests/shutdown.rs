@@ -236,14 +236,18 @@ command = ["sh", "count.sh"]
 port = "none"
 "#,
     );
-    // Counts SIGTERMs; after the first it stays a moment to catch a duplicate.
+    // Counts SIGTERMs; after the first it stays a moment to catch a duplicate. It says
+    // it is up only once its `sleep` runs: a SIGTERM landing before that would be
+    // trapped, and the script would then start a `sleep 1000` nobody signals.
     p.write(
         "count.sh",
         r#"
 n=0
 trap 'n=$((n+1))' TERM
+sleep 1000 &
+pid=$!
 echo counter-up
-sleep 1000 & wait $!
+wait $pid
 sleep 0.3 & wait $!
 echo "terms=$n"
 "#,
