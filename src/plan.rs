@@ -94,6 +94,9 @@ pub(crate) fn render(config: &Config) -> String {
                 rl.rps, rl.burst
             );
         }
+        if let Some(line) = traffic_line(&svc.traffic) {
+            let _ = writeln!(out, "       traffic (applied by callers): {line}");
+        }
         render_routes(&mut out, svc);
         if let Some(h) = &svc.health {
             let check = match &h.check {
@@ -109,6 +112,54 @@ pub(crate) fn render(config: &Config) -> String {
         }
     }
     out
+}
+
+/// The policies callers apply to a service, when any differs from the defaults.
+fn traffic_line(t: &mesh_supervisor::config::Traffic) -> Option<String> {
+    let d = humantime::format_duration;
+    let mut parts = Vec::new();
+    if let Some(timeout) = t.timeout {
+        parts.push(format!("timeout {}", d(timeout)));
+    }
+    if let Some(r) = &t.retries {
+        let on: Vec<String> =
+            r.on.iter()
+                .map(|c| match c {
+                    mesh_supervisor::config::RetryOn::GatewayError => "gateway-error".to_string(),
+                    mesh_supervisor::config::RetryOn::ServerError => "5xx".to_string(),
+                    mesh_supervisor::config::RetryOn::Reset => "reset".to_string(),
+                    mesh_supervisor::config::RetryOn::Timeout => "timeout".to_string(),
+                    mesh_supervisor::config::RetryOn::Status(s) => s.to_string(),
+                    mesh_supervisor::config::RetryOn::Grpc(code) => format!("grpc code {code}"),
+                })
+                .collect();
+        let mut retries = format!(
+            "retries {} tries on {} (budget {})",
+            r.attempts,
+            on.join(", "),
+            r.budget
+        );
+        if let Some(per_try) = r.per_try_timeout {
+            retries.push_str(&format!(", {} per try", d(per_try)));
+        }
+        parts.push(retries);
+    }
+    if let Some(cb) = &t.circuit_breaker {
+        parts.push(format!(
+            "circuit breaker after {} failures, ejection {}..{}, at most {}%",
+            cb.consecutive_failures,
+            d(cb.base_ejection),
+            d(cb.max_ejection),
+            cb.max_ejected_percent
+        ));
+    }
+    if t.max_concurrent != 10_000 {
+        parts.push(format!("max_concurrent {}", t.max_concurrent));
+    }
+    if t.load_balancer != mesh_supervisor::config::LoadBalancer::P2cEwma {
+        parts.push("round-robin".to_string());
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// `routes:` lines, one per route in match order (empty without routes).

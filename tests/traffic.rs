@@ -562,3 +562,32 @@ upstreams = ["echo", "late"]
 
     finish(mesh, &[("echo", 1)]);
 }
+
+#[test]
+fn mesh_check_shows_the_traffic_policies_callers_apply() {
+    let p = Project::new(
+        r#"
+[services.api]
+command = "api"
+traffic = { timeout = "5s", retries = { attempts = 2, on = ["5xx", "reset"], per_try_timeout = "1s" }, circuit_breaker = { consecutive_failures = 3 }, max_concurrent = 8 }
+
+[services.plain]
+command = "plain"
+"#,
+    );
+    let (code, out, err) = p.check();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "traffic (applied by callers): timeout 5s; retries 2 tries on 5xx, reset (budget 0.2), 1s per try; \
+             circuit breaker after 3 failures, ejection 1s..1m, at most 50%; max_concurrent 8"
+        ),
+        "{out}"
+    );
+    // Defaults print nothing.
+    assert_eq!(
+        out.matches("traffic (applied by callers)").count(),
+        1,
+        "{out}"
+    );
+}
