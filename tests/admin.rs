@@ -1,43 +1,13 @@
-//! The admin server (SPEC §5) and the control socket commands `ps` and `down` (SPEC §4),
-//! against the real binary.
+//! The admin server (SPEC §5) and the control socket commands `ps`, `certs` and `down`
+//! (SPEC §4), against the real binary.
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::*;
 
 const T: Duration = Duration::from_secs(30);
-
-fn admin_addr(mesh: &MeshProc) -> String {
-    let line = mesh.wait_line("admin on http://", T);
-    line.rsplit("http://")
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
-fn ingress(mesh: &MeshProc, service: &str) -> String {
-    let line = mesh.wait_line(&format!("ingress of `{service}` on "), T);
-    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
-}
-
-/// Run `mesh ARGS -f mesh.toml` and return (exit code, stdout, stderr).
-fn mesh_cmd(p: &Project, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(mesh_bin())
-        .args(args)
-        .arg("-f")
-        .arg(p.file("mesh.toml"))
-        .output()
-        .expect("run mesh");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn project() -> Project {
     Project::new(&format!(
@@ -55,7 +25,7 @@ expose = "127.0.0.1:0"
 fn admin_serves_metrics_status_and_readiness() {
     let p = project();
     let mut mesh = p.up(&[]);
-    let admin = admin_addr(&mesh);
+    let admin = admin(&mesh);
     let ingress = ingress(&mesh, "api");
 
     let live = get(&admin, "/live").expect("live");
@@ -122,7 +92,7 @@ fn admin_serves_metrics_status_and_readiness() {
     assert_eq!(get(&admin, "/nope").expect("404").status, 404);
 
     // `mesh ps` talks to the running mesh through the control socket.
-    let (code, out, err) = mesh_cmd(&p, &["ps", "--json"]);
+    let (code, out, err) = p.run(&["ps", "--json"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<serde_json::Value> = out
         .lines()
@@ -130,7 +100,7 @@ fn admin_serves_metrics_status_and_readiness() {
         .collect();
     assert_eq!(lines.len(), 2, "{out}");
     assert_eq!(lines[1]["replica"], 1);
-    let (code, out, err) = mesh_cmd(&p, &["ps"]);
+    let (code, out, err) = p.run(&["ps"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("SERVICE"), "{out}");
     assert!(
@@ -143,17 +113,17 @@ fn admin_serves_metrics_status_and_readiness() {
         .flat_map(|r| pids_of(&mesh, "mesh-test-app", "api", r))
         .collect();
     assert_eq!(pids.len(), 2);
-    let (code, _, err) = mesh_cmd(&p, &["down"]);
+    let (code, _, err) = p.run(&["down"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(mesh.exit_code(T), 0);
     assert_gone(&pids, Duration::from_secs(2));
     assert!(!p.file(".mesh/mesh.sock").exists());
 
     // With no mesh running, control commands say so.
-    let (code, _, err) = mesh_cmd(&p, &["ps"]);
+    let (code, _, err) = p.run(&["ps"]);
     assert_eq!(code, 1);
     assert!(err.contains("no running mesh"), "{err}");
-    let (code, _, err) = mesh_cmd(&p, &["down"]);
+    let (code, _, err) = p.run(&["down"]);
     assert_eq!(code, 1);
     assert!(err.contains("no running mesh"), "{err}");
 }
@@ -170,7 +140,7 @@ stop_timeout = "3s"
 "#,
     );
     let mut mesh = p.up(&[]);
-    let admin = admin_addr(&mesh);
+    let admin = admin(&mesh);
     eventually("/ready to turn 200", T, || {
         (get(&admin, "/ready").ok()?.status == 200).then_some(())
     });
@@ -224,7 +194,7 @@ upstreams = ["api"]
         .and_then(|rest| rest.split(',').next())
         .expect("fingerprint")
         .to_string();
-    let (code, out, err) = mesh_cmd(&p, &["certs"]);
+    let (code, out, err) = p.run(&["certs"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(
@@ -277,7 +247,7 @@ port = "none"
     );
     let mut mesh = p.up(&[]);
     mesh.wait_line("mesh `t` starting", T);
-    let (code, _, err) = mesh_cmd(&p, &["certs"]);
+    let (code, _, err) = p.run(&["certs"]);
     assert_eq!(code, 1);
     assert!(err.contains("tls = \"off\""), "{err}");
     mesh.signal(nix::sys::signal::Signal::SIGTERM);

@@ -17,12 +17,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// The ingress address of `service`, from mesh's start-up line.
-fn ingress(mesh: &MeshProc, service: &str) -> String {
-    let line = mesh.wait_line(&format!("ingress of `{service}` on "), T);
-    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
-}
-
 /// The CA fingerprint mesh announced at start.
 fn fingerprint(mesh: &MeshProc) -> String {
     let line = mesh.wait_line("mutual TLS between sidecars: CA sha256 ", T);

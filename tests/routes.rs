@@ -18,22 +18,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// The ingress address of `service`, from mesh's start-up line.
-fn ingress(mesh: &MeshProc, service: &str) -> String {
-    let line = mesh.wait_line(&format!("ingress of `{service}` on "), T);
-    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
-}
-
-/// The admin server's address, from mesh's start-up line.
-fn admin(mesh: &MeshProc) -> String {
-    let line = mesh.wait_line("admin on http://", T);
-    line.rsplit("http://")
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
 /// Which replica answered `path` with `headers`, and with which status.
 fn routed(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let r = http(addr, "GET", path, headers, "").expect("request");

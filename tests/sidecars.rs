@@ -12,20 +12,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// The ingress address of `service`, from mesh's start-up line.
-fn ingress(mesh: &MeshProc, service: &str) -> String {
-    let line = mesh.wait_line(&format!("ingress of `{service}` on "), T);
-    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
-}
-
-/// The outbound address a caller printed as `url=http://ADDR`.
-fn outbound(mesh: &MeshProc, caller: &str) -> String {
-    let line = mesh.wait_line(&format!("{caller}.0 | url="), T);
-    field_of(&line, "url")
-        .trim_start_matches("http://")
-        .to_string()
-}
-
 /// Wait until both replicas of `api` are endpoints: successful answers come from each.
 fn both_replicas_answer(out: &str) {
     eventually("both replicas to answer", T, || {

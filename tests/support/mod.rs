@@ -107,19 +107,25 @@ impl Project {
         MeshProc::spawn(cmd)
     }
 
-    /// Run `mesh check` and return (exit code, stdout, stderr).
-    pub fn check(&self) -> (i32, String, String) {
+    /// Run `mesh ARGS -f mesh.toml` (a control command such as `ps`) and return (exit
+    /// code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(mesh_bin())
-            .arg("check")
+            .args(args)
             .arg("-f")
             .arg(self.file("mesh.toml"))
             .output()
-            .expect("run mesh check");
+            .expect("run mesh");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Run `mesh check` and return (exit code, stdout, stderr).
+    pub fn check(&self) -> (i32, String, String) {
+        self.run(&["check"])
     }
 }
 
@@ -425,4 +431,31 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How long start-up lines may take to appear.
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// The ingress address of `service`, from mesh's start-up line.
+pub fn ingress(mesh: &MeshProc, service: &str) -> String {
+    let line = mesh.wait_line(&format!("ingress of `{service}` on "), STARTUP);
+    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
+}
+
+/// The admin server's address, from mesh's start-up line.
+pub fn admin(mesh: &MeshProc) -> String {
+    let line = mesh.wait_line("admin on http://", STARTUP);
+    line.rsplit("http://")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The outbound address a caller printed as `url=http://ADDR`.
+pub fn outbound(mesh: &MeshProc, caller: &str) -> String {
+    let line = mesh.wait_line(&format!("{caller}.0 | url="), STARTUP);
+    field_of(&line, "url")
+        .trim_start_matches("http://")
+        .to_string()
 }
