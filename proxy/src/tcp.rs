@@ -370,7 +370,7 @@ async fn connect(
         Ok(stream) => Ok(Box::new(stream)),
         Err(error) => {
             cfg.metrics.tls_handshake_failure(target, Side::Client);
-            let error = format!("tls handshake failed: {}", error_chain(&error));
+            let error = format!("tls handshake failed: {}", tls::error_chain(&error));
             tracing::warn!(service = %target, %addr, %error, "tls handshake with an inbound failed");
             Err(error)
         }
@@ -394,23 +394,20 @@ async fn accept_inbound(
         }
         return proxy_inbound(client, cfg.app, force).await;
     };
-    let handshake =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::accept(Arc::clone(config), client));
-    let (client, identity) = tokio::select! {
-        accepted = handshake => match accepted {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(error)) => {
-                cfg.metrics.tls_handshake_failure(&cfg.service, Side::Server);
-                tracing::info!(service = %cfg.service, %peer, error = %error_chain(&error), "tls handshake failed, connection refused");
-                return;
-            }
-            Err(_elapsed) => {
-                cfg.metrics.tls_handshake_failure(&cfg.service, Side::Server);
-                tracing::info!(service = %cfg.service, %peer, "no tls handshake in time, connection closed");
-                return;
-            }
-        },
+    let handshake = tls::accept_counted(
+        Arc::clone(config),
+        client,
+        HANDSHAKE_TIMEOUT,
+        &cfg.metrics,
+        &cfg.service,
+        peer,
+    );
+    let accepted = tokio::select! {
+        accepted = handshake => accepted,
         () = force.cancelled() => return,
+    };
+    let Some((client, identity)) = accepted else {
+        return;
     };
     let trust_domain = format!("spiffe://{}/", cfg.mesh_name);
     let name = identity.strip_prefix(trust_domain.as_str());
@@ -477,18 +474,6 @@ where
         Ok((sent, received)) => tracing::debug!(sent, received, "connection closed"),
         Err(error) => tracing::debug!(%error, "connection ended with an error"),
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -311,6 +311,47 @@ where
     Ok((tls, peer))
 }
 
+/// [`accept`] on an inbound of `service`, bounded by `within`: a failure (or no
+/// handshake in time) is counted in `mesh_tls_handshake_failures_total{side="server"}`
+/// and logged with the peer's address, and gives `None` (the connection is dropped).
+pub(crate) async fn accept_counted<S>(
+    config: Arc<rustls::ServerConfig>,
+    stream: S,
+    within: std::time::Duration,
+    metrics: &crate::metrics::Metrics,
+    service: &str,
+    peer: std::net::SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<S>, String)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(within, accept(config, stream)).await {
+        Ok(Ok(accepted)) => Some(accepted),
+        Ok(Err(error)) => {
+            metrics.tls_handshake_failure(service, crate::metrics::Side::Server);
+            tracing::info!(service, %peer, error = %error_chain(&error), "tls handshake failed, connection refused");
+            None
+        }
+        Err(_elapsed) => {
+            metrics.tls_handshake_failure(service, crate::metrics::Side::Server);
+            tracing::info!(service, %peer, "no tls handshake in time, connection closed");
+            None
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated, on one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 // === impl Identity ===
 
 impl Identity {

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Body;
-use crate::metrics::{Metrics, Side};
+use crate::metrics::Metrics;
 use crate::tls;
 
 /// The TLS side of an inbound listener.
@@ -202,55 +202,31 @@ pub(crate) async fn serve_tls<H, F>(
         let span = tracing::debug_span!("conn", ?local, %peer);
         let connection = async move {
             let Some(tls) = tls else {
-                let io = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    sniffed = tokio::time::timeout(timeout, sniff(stream)) => match sniffed {
-                        Ok(Ok(io)) => io,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%error, "connection failed before a request");
-                            return;
-                        }
-                        Err(_elapsed) => {
-                            tracing::debug!("client sent no request in time, closed");
-                            return;
-                        }
-                    },
+                let Some(io) = sniff_within(stream, timeout, &shutdown).await else {
+                    return;
                 };
                 serve_connection(&builder, io, peer, None, handle, &shutdown).await;
                 return;
             };
             let started = tokio::time::Instant::now();
-            let handshake = tokio::time::timeout(timeout, tls::accept(tls.config, stream));
-            let (stream, identity) = tokio::select! {
+            let handshake = tls::accept_counted(
+                tls.config,
+                stream,
+                timeout,
+                &tls.metrics,
+                &tls.service,
+                peer,
+            );
+            let accepted = tokio::select! {
                 () = shutdown.cancelled() => return,
-                accepted = handshake => match accepted {
-                    Ok(Ok(accepted)) => accepted,
-                    Ok(Err(error)) => {
-                        tls.metrics.tls_handshake_failure(&tls.service, Side::Server);
-                        tracing::info!(service = %tls.service, %peer, error = %error_chain(&error), "tls handshake failed, connection refused");
-                        return;
-                    }
-                    Err(_elapsed) => {
-                        tls.metrics.tls_handshake_failure(&tls.service, Side::Server);
-                        tracing::info!(service = %tls.service, %peer, "no tls handshake in time, connection closed");
-                        return;
-                    }
-                },
+                accepted = handshake => accepted,
+            };
+            let Some((stream, identity)) = accepted else {
+                return;
             };
             let left = timeout.saturating_sub(started.elapsed());
-            let io = tokio::select! {
-                () = shutdown.cancelled() => return,
-                sniffed = tokio::time::timeout(left, sniff(stream)) => match sniffed {
-                    Ok(Ok(io)) => io,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, "connection failed before a request");
-                        return;
-                    }
-                    Err(_elapsed) => {
-                        tracing::debug!("client sent no request in time, closed");
-                        return;
-                    }
-                },
+            let Some(io) = sniff_within(stream, left, &shutdown).await else {
+                return;
             };
             let header = http::HeaderValue::from_maybe_shared(Bytes::from(identity.clone())).ok();
             let identity = PeerIdentity {
@@ -314,16 +290,27 @@ async fn serve_connection<S, H, F>(
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
+/// [`sniff`] within `within` (the header-read timeout: a client that sends nothing is
+/// cut), unless `shutdown` comes first; `None` when the connection is to be dropped.
+async fn sniff_within<S: AsyncRead + Unpin>(
+    stream: S,
+    within: Duration,
+    shutdown: &CancellationToken,
+) -> Option<Prefixed<S>> {
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        sniffed = tokio::time::timeout(within, sniff(stream)) => match sniffed {
+            Ok(Ok(io)) => Some(io),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "connection failed before a request");
+                None
+            }
+            Err(_elapsed) => {
+                tracing::debug!("client sent no request in time, closed");
+                None
+            }
+        },
     }
-    out
 }
 
 /// The HTTP/2 connection preface, which h2c prior-knowledge clients send first.
