@@ -324,3 +324,64 @@ async fn other_grpc_statuses_in_the_trailers_do_not_eject() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_body_ending_without_a_status_resets_the_count() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        // Calls alternate: 14 in the trailers, then a body without trailers, then 14 …
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = App::start(move |_req: Request<Incoming>| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut response = if call % 2 == 0 {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "14".parse().unwrap());
+                    let frames: Vec<
+                        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                    > = vec![
+                        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(&[
+                            0, 0, 0, 0, 0,
+                        ]))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    Response::new(boxed(http_body_util::StreamBody::new(
+                        futures_util::stream::iter(frames),
+                    )))
+                } else {
+                    Response::new(full(vec![0u8, 0, 0, 0, 0]))
+                };
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/grpc".parse().unwrap());
+                response
+            }
+        })
+        .await;
+        let _inbounds = replicas(&registry, Protocol::Grpc, &[&app]).await;
+        let metrics = Metrics::new();
+        let out = outbound(&registry, "api", grpc_outbound_opts(&metrics, 2)).await;
+        let mut client = h2(out.addr).await;
+        for i in 0..5 {
+            let request = Request::post(format!("http://{}/pkg.Svc/Call", out.addr))
+                .header("content-type", "application/grpc")
+                .body(full(vec![0u8, 0, 0, 0, 0]))
+                .unwrap();
+            let response = client.send_request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "call {i}");
+            assert!(response.headers().get("x-mesh-error").is_none(), "call {i}");
+            use http_body_util::BodyExt;
+            let collected = response.into_body().collect().await.unwrap();
+            let status = collected.trailers().and_then(|t| t.get("grpc-status"));
+            if i % 2 == 0 {
+                assert_eq!(status.unwrap(), "14", "call {i}");
+            } else {
+                assert!(status.is_none(), "call {i}");
+            }
+        }
+        let text = metrics.encode();
+        assert_eq!(sum_of(&text, "mesh_ejections_total"), 0, "{text}");
+    })
+    .await
+    .unwrap();
+}
