@@ -14,7 +14,9 @@
 //! * with a [`Breaker`] (`traffic.circuit_breaker`), consecutive failures (connect
 //!   failure, reset, timeout, 5xx, gRPC 2/4/13/14) eject the endpoint for
 //!   `base_ejection` × 2^(k−1) capped at `max_ejection`; then the next pick is the one
-//!   probe, whose outcome readmits the endpoint or ejects it again (k+1). When every
+//!   probe, whose outcome readmits the endpoint or ejects it again (k+1). A gRPC status
+//!   in the trailers is known only after the body: [`Pick::defer`] takes the latency at
+//!   header time and leaves the breaker's part to a [`Verdict`]. When every
 //!   endpoint is ejected by it, [`Balancer::pick_or`] answers [`NoPick::CircuitOpen`] at
 //!   once instead of waiting;
 //! * `max_concurrent` caps the requests (tcp: connections) in flight through the
@@ -250,6 +252,11 @@ impl Balancer {
         }
     }
 
+    /// Whether this balancer has a circuit breaker (`traffic.circuit_breaker`).
+    pub fn has_breaker(&self) -> bool {
+        self.shared.breaker.is_some()
+    }
+
     /// Whether any endpoint is currently available (ready and not ejected).
     pub fn has_endpoints(&self) -> bool {
         let list = self.shared.endpoints.borrow().clone();
@@ -383,88 +390,177 @@ impl Pick {
             Outcome::Response(_) => false,
             Outcome::ErrorResponse(_) | Outcome::ConnectFailed | Outcome::Failed(_) => true,
         };
-        let mut ejected = false;
-        {
-            let mut health = self.state.health.lock();
-            match outcome {
-                Outcome::Response(took) | Outcome::ErrorResponse(took) => {
-                    health.observe(took, now);
-                    health.connect_failures = 0;
-                }
-                Outcome::Failed(took) => health.observe(took + FAILURE_PENALTY, now),
-                Outcome::ConnectFailed => {
-                    health.connect_failures = health.connect_failures.saturating_add(1);
-                    let doublings = (health.connect_failures - 1).min(16);
-                    let ejection = BASE_EJECTION
-                        .saturating_mul(1 << doublings)
-                        .min(MAX_EJECTION);
-                    health.ejected_until = Some(now + ejection);
-                    ejected = true;
-                    tracing::debug!(
-                        endpoint = %self.endpoint.id,
-                        ejection = ?ejection,
-                        "connect failed, endpoint ejected"
-                    );
-                }
+        let ejected = self.observe_health(outcome, now);
+        match self.shared.breaker {
+            Some(breaker) => {
+                let by_breaker = breaker_verdict(
+                    &self.state,
+                    &self.shared,
+                    &breaker,
+                    self.probe,
+                    failure,
+                    now,
+                );
+                ejected || by_breaker
             }
+            None => ejected,
         }
-        let Some(breaker) = self.shared.breaker else {
-            return ejected;
+    }
+
+    /// Record the latency of a response whose circuit breaker verdict comes later (a gRPC
+    /// status in the trailers, after the body): the latency estimate and the connect
+    /// failure count are updated now, and the in-flight slot is released now, as
+    /// [`Pick::record`] does; the returned [`Verdict`] settles the breaker (and a probe)
+    /// when the outcome is known. Dropping the verdict unsettled counts nothing (and lets
+    /// the next request probe).
+    pub fn defer(mut self, took: Duration) -> Verdict {
+        self.observe_health(Outcome::Response(took), Instant::now());
+        let verdict = Verdict {
+            state: Arc::clone(&self.state),
+            shared: Arc::clone(&self.shared),
+            probe: self.probe,
         };
-        if !failure {
-            let mut health = self.state.health.lock();
-            let b = &mut health.breaker;
-            b.failures = 0;
-            if b.ejected_until.is_some() && self.probe {
-                tracing::debug!(endpoint = %self.endpoint.id, "probe succeeded, endpoint readmitted");
-            }
-            if self.probe || b.ejected_until.is_none() {
-                b.ejected_until = None;
-                b.ejections = 0;
-                b.probing = false;
-            }
-            return ejected;
-        }
-        // Whether this failure ejects: decided under the health lock, applied after the
-        // room check (which takes the state lock first, as `try_pick` does).
-        let wants = {
-            let mut health = self.state.health.lock();
-            let b = &mut health.breaker;
-            b.failures = b.failures.saturating_add(1);
-            if self.probe {
-                true
-            } else {
-                b.ejected_until.is_none() && b.failures >= breaker.consecutive_failures
-            }
-        };
-        if !wants {
-            return ejected;
-        }
-        if !self.probe {
-            let (allowed, already) = self.shared.ejection_room(&breaker);
-            if already >= allowed {
-                tracing::debug!(endpoint = %self.endpoint.id, allowed, "not ejected: max_ejected_percent reached");
-                return ejected;
-            }
-        }
+        // The verdict owns the probe now; `Drop` must not reopen it.
+        self.probe = false;
+        verdict
+        // The in-flight slot is released by `Drop`.
+    }
+
+    /// The part of an outcome that does not depend on the circuit breaker: the latency
+    /// estimate and the connect-failure ejection. `true` when it ejected the endpoint.
+    fn observe_health(&self, outcome: Outcome, now: Instant) -> bool {
         let mut health = self.state.health.lock();
+        match outcome {
+            Outcome::Response(took) | Outcome::ErrorResponse(took) => {
+                health.observe(took, now);
+                health.connect_failures = 0;
+                false
+            }
+            Outcome::Failed(took) => {
+                health.observe(took + FAILURE_PENALTY, now);
+                false
+            }
+            Outcome::ConnectFailed => {
+                health.connect_failures = health.connect_failures.saturating_add(1);
+                let doublings = (health.connect_failures - 1).min(16);
+                let ejection = BASE_EJECTION
+                    .saturating_mul(1 << doublings)
+                    .min(MAX_EJECTION);
+                health.ejected_until = Some(now + ejection);
+                tracing::debug!(
+                    endpoint = %self.endpoint.id,
+                    ejection = ?ejection,
+                    "connect failed, endpoint ejected"
+                );
+                true
+            }
+        }
+    }
+}
+
+/// The circuit breaker's part of an outcome: a success resets the consecutive count (and
+/// readmits a probed endpoint), a failure counts and may eject. `true` when it ejected.
+fn breaker_verdict(
+    state: &EndpointState,
+    shared: &Shared,
+    breaker: &Breaker,
+    probe: bool,
+    failure: bool,
+    now: Instant,
+) -> bool {
+    if !failure {
+        let mut health = state.health.lock();
         let b = &mut health.breaker;
-        b.ejections = b.ejections.saturating_add(1);
         b.failures = 0;
-        b.probing = false;
-        let doublings = (b.ejections - 1).min(30);
-        let ejection = breaker
-            .base_ejection
-            .saturating_mul(1 << doublings)
-            .min(breaker.max_ejection);
-        b.ejected_until = Some(now + ejection);
-        tracing::debug!(
-            endpoint = %self.endpoint.id,
-            ejection = ?ejection,
-            k = b.ejections,
-            "circuit breaker ejected the endpoint"
-        );
-        true
+        if b.ejected_until.is_some() && probe {
+            tracing::debug!(endpoint = %state.endpoint.id, "probe succeeded, endpoint readmitted");
+        }
+        if probe || b.ejected_until.is_none() {
+            b.ejected_until = None;
+            b.ejections = 0;
+            b.probing = false;
+        }
+        return false;
+    }
+    // Whether this failure ejects: decided under the health lock, applied after the
+    // room check (which takes the state lock first, as `try_pick` does).
+    let wants = {
+        let mut health = state.health.lock();
+        let b = &mut health.breaker;
+        b.failures = b.failures.saturating_add(1);
+        if probe {
+            true
+        } else {
+            b.ejected_until.is_none() && b.failures >= breaker.consecutive_failures
+        }
+    };
+    if !wants {
+        return false;
+    }
+    if !probe {
+        let (allowed, already) = shared.ejection_room(breaker);
+        if already >= allowed {
+            tracing::debug!(endpoint = %state.endpoint.id, allowed, "not ejected: max_ejected_percent reached");
+            return false;
+        }
+    }
+    let mut health = state.health.lock();
+    let b = &mut health.breaker;
+    b.ejections = b.ejections.saturating_add(1);
+    b.failures = 0;
+    b.probing = false;
+    let doublings = (b.ejections - 1).min(30);
+    let ejection = breaker
+        .base_ejection
+        .saturating_mul(1 << doublings)
+        .min(breaker.max_ejection);
+    b.ejected_until = Some(now + ejection);
+    tracing::debug!(
+        endpoint = %state.endpoint.id,
+        ejection = ?ejection,
+        k = b.ejections,
+        "circuit breaker ejected the endpoint"
+    );
+    true
+}
+
+/// The circuit breaker verdict of a try whose response arrived but whose outcome is not
+/// known yet (see [`Pick::defer`]). Holds no in-flight slot; holds the probe when the try
+/// was one.
+#[derive(Debug)]
+pub struct Verdict {
+    state: Arc<EndpointState>,
+    shared: Arc<Shared>,
+    probe: bool,
+}
+
+impl Verdict {
+    /// Settle the breaker: `failure` counts toward an ejection (a probe's failure ejects
+    /// again), a success resets the count (a probe's readmits). `true` when it ejected.
+    pub fn settle(mut self, failure: bool) -> bool {
+        let ejected = match self.shared.breaker {
+            Some(breaker) => breaker_verdict(
+                &self.state,
+                &self.shared,
+                &breaker,
+                self.probe,
+                failure,
+                Instant::now(),
+            ),
+            None => false,
+        };
+        // Settled; `Drop` must not reopen the probe.
+        self.probe = false;
+        ejected
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if self.probe {
+            // Abandoned unsettled (the client went away mid-body): let the next pick probe.
+            self.state.health.lock().breaker.probing = false;
+        }
     }
 }
 

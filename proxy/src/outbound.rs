@@ -7,7 +7,9 @@
 //! over one shared HTTP/2 connection per endpoint, and is retried by the default rule of
 //! SPEC §3 "Retries" (when it certainly never reached an app, or when it is safe to
 //! repeat) or by the service's `retries` table, within its budget. `timeout` bounds all
-//! of it up to the response headers. Failures the mesh produces are answered as
+//! of it up to the response headers. For a grpc service under a circuit breaker, a
+//! response that is not trailers-only gets its breaker verdict from its trailers (the
+//! response body settles it as it ends). Failures the mesh produces are answered as
 //! [`MeshError`]s. docs/traffic.md records the choices SPEC leaves open.
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
@@ -32,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick};
+use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick, Verdict};
 use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
 use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
@@ -132,6 +134,7 @@ pub async fn serve_with(
         (r, budget)
     });
     let outbound = Arc::new(Outbound {
+        caller: Arc::from(cfg.caller.as_str()),
         retries,
         cfg,
         source,
@@ -175,6 +178,8 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
+    /// `cfg.caller`, shared with the response bodies that record a deferred ejection.
+    caller: Arc<str>,
     /// The service's `retries` table and the budget its retries share (also for
     /// requests routed to a backend).
     retries: Option<(RetryPolicy, Budget)>,
@@ -330,13 +335,14 @@ impl Outbound {
         // The failure of the last try, answered if no further try happens.
         let mut last: Option<(ErrorKind, String)> = None;
         // A response that asked for a retry, answered if no further try happens.
-        let mut pending: Option<Response<Body>> = None;
+        // (With the breaker verdict still to come from its trailers, if deferred.)
+        let mut pending: Option<(Response<Incoming>, Option<Deferred>)> = None;
         loop {
             let pick = match balancer.pick_or(&progress.tried, deadline).await {
                 Ok(pick) => pick,
                 Err(why) => {
-                    if let Some(response) = pending {
-                        return guarded(response, admission);
+                    if let Some((response, verdict)) = pending {
+                        return guarded(response, admission, verdict);
                     }
                     let (kind, detail) = match (last, why) {
                         (Some(last), _) => last,
@@ -443,13 +449,30 @@ impl Outbound {
                         hop => {
                             let failure = response.status().is_server_error()
                                 || retry::grpc_status(&response)
-                                    .is_some_and(|code| matches!(code, 2 | 4 | 13 | 14));
-                            let outcome = if failure {
-                                Outcome::ErrorResponse(took)
+                                    .is_some_and(retry::is_failing_grpc_status);
+                            // A gRPC response with a body carries its status in the
+                            // trailers: with a breaker, its verdict waits for them.
+                            let deferred = !failure
+                                && self.cfg.protocol == Protocol::Grpc
+                                && balancer.has_breaker()
+                                && retry::grpc_status(&response).is_none()
+                                && !hyper::body::Body::is_end_stream(response.body());
+                            let verdict = if deferred {
+                                Some(Deferred {
+                                    verdict: pick.defer(took),
+                                    balancer: balancer.clone(),
+                                    metrics: self.cfg.metrics.clone(),
+                                    caller: Arc::clone(&self.caller),
+                                })
                             } else {
-                                Outcome::Response(took)
+                                let outcome = if failure {
+                                    Outcome::ErrorResponse(took)
+                                } else {
+                                    Outcome::Response(took)
+                                };
+                                self.record(balancer, pick, outcome);
+                                None
                             };
-                            self.record(balancer, pick, outcome);
                             // Other reports of a next hop (rate-limited, unauthorized) are
                             // the mesh's own answers: never retried.
                             if hop.is_none()
@@ -457,11 +480,11 @@ impl Outbound {
                                 && rule.within(attempts)
                             {
                                 tracing::debug!(endpoint = %id, status = %response.status(), "retrying response");
-                                pending = Some(response.map(boxed));
+                                pending = Some((response, verdict));
                                 last = None;
                                 true
                             } else {
-                                return guarded(response, admission);
+                                return guarded(response, admission, verdict);
                             }
                         }
                     }
@@ -494,8 +517,8 @@ impl Outbound {
                 self.cfg.metrics.retry(&self.cfg.caller, &self.cfg.service);
                 continue;
             }
-            if let Some(response) = pending {
-                return guarded(response, admission);
+            if let Some((response, verdict)) = pending {
+                return guarded(response, admission, verdict);
             }
             let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
             let tried = std::mem::take(&mut progress.tried);
@@ -755,8 +778,12 @@ impl<'a> Rule<'a> {
 }
 
 /// Hold the `max_concurrent` slot until the response body ends (boxed once, whatever
-/// the body).
-fn guarded<B>(response: Response<B>, admission: Admission) -> Response<Body>
+/// the body), and settle a deferred breaker verdict from the body's trailers.
+fn guarded<B>(
+    response: Response<B>,
+    admission: Admission,
+    verdict: Option<Deferred>,
+) -> Response<Body>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::http::BoxError>,
@@ -764,16 +791,40 @@ where
     response.map(|body| {
         boxed(Guarded {
             body,
+            verdict,
             _admission: admission,
         })
     })
 }
 
+/// The circuit breaker verdict of a gRPC response that is not trailers-only: its
+/// `grpc-status` comes in the trailers, after the body.
+struct Deferred {
+    verdict: Verdict,
+    /// The balancer the try went through, and where an ejection is counted.
+    balancer: Balancer,
+    metrics: crate::metrics::Metrics,
+    caller: Arc<str>,
+}
+
+impl Deferred {
+    /// Settle the verdict; count the ejection it caused.
+    fn settle(self, failure: bool) {
+        if self.verdict.settle(failure) {
+            self.metrics.ejection(&self.caller, self.balancer.service());
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A response body that holds its request's `max_concurrent` slot.
+    /// A response body that holds its request's `max_concurrent` slot, and for a gRPC
+    /// response under a circuit breaker, the verdict its trailers settle.
     struct Guarded<B> {
         #[pin]
         body: B,
+        // `None` on the hot path (http, or no breaker); taken once settled. Dropped
+        // unsettled (the client went away mid-body), it counts nothing.
+        verdict: Option<Deferred>,
         _admission: Admission,
     }
 }
@@ -786,7 +837,33 @@ impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let mut body = this.body;
+        let polled = body.as_mut().poll_frame(cx);
+        if this.verdict.is_none() {
+            return polled;
+        }
+        // `Some(failure)` once the outcome is known.
+        let failure = match &polled {
+            std::task::Poll::Pending => None,
+            std::task::Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                Some(trailers) => {
+                    Some(retry::grpc_status_in(trailers).is_some_and(retry::is_failing_grpc_status))
+                }
+                // The last data frame, and no trailers to follow (hyper may stop polling
+                // here): the body ended without a `grpc-status`.
+                None => body.is_end_stream().then_some(false),
+            },
+            // The stream broke mid-body: a reset.
+            std::task::Poll::Ready(Some(Err(_))) => Some(true),
+            std::task::Poll::Ready(None) => Some(false),
+        };
+        if let Some(failure) = failure {
+            if let Some(verdict) = this.verdict.take() {
+                verdict.settle(failure);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1,6 +1,6 @@
 //! Traffic policies of the outbound in process: metrics of retries and ejections, a try
-//! cut by `timeout` feeding the breaker, the gRPC form of `timeout`, and a streaming body
-//! that is never retried.
+//! cut by `timeout` feeding the breaker, the gRPC form of `timeout`, a streaming body
+//! that is never retried, and the breaker verdict of a gRPC status in the trailers.
 
 #![allow(clippy::unwrap_used, reason = "a failing test panics")]
 
@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_proxy::balance::{Algorithm, Breaker, DEFAULT_MAX_CONCURRENT, Policy};
 use mesh_proxy::discovery::Registry;
-use mesh_proxy::http::{Body, full};
+use mesh_proxy::http::{Body, boxed, full};
 use mesh_proxy::metrics::{Metrics, sum_of};
 use mesh_proxy::outbound::{RetryOn, RetryPolicy};
 use mesh_proxy::{Protocol, Traffic};
@@ -203,6 +203,184 @@ async fn a_streaming_body_is_not_retried_after_a_per_try_timeout() {
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(text(response).await.contains("attempts=3"));
         assert_eq!(count.load(Ordering::SeqCst), 4);
+    })
+    .await
+    .unwrap();
+}
+
+/// A gRPC app answering every call with 200, one message, and `grpc-status: <code>` in
+/// the trailers (not trailers-only); `x-replica` names it.
+async fn grpc_trailers_app(name: &'static str, code: &'static str) -> App {
+    App::start(move |_req: Request<Incoming>| async move {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", code.parse().unwrap());
+        let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(&[
+                0, 0, 0, 0, 1, 7,
+            ]))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut response = Response::new(boxed(body));
+        let headers = response.headers_mut();
+        headers.insert("content-type", "application/grpc".parse().unwrap());
+        headers.insert("x-replica", name.parse().unwrap());
+        response
+    })
+    .await
+}
+
+/// `n` gRPC calls one after the other, each read to its trailers: the replica and the
+/// trailers' `grpc-status` of each.
+async fn grpc_calls(addr: std::net::SocketAddr, n: usize) -> Vec<(String, String)> {
+    use http_body_util::BodyExt;
+    let mut client = h2(addr).await;
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let request = Request::post(format!("http://{addr}/pkg.Svc/Call"))
+            .header("content-type", "application/grpc")
+            .body(full(vec![0u8, 0, 0, 0, 0]))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers().get("grpc-status").is_none(),
+            "not trailers-only"
+        );
+        let replica = response.headers()["x-replica"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let collected = response.into_body().collect().await.unwrap();
+        let status = collected.trailers().unwrap()["grpc-status"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        seen.push((replica, status));
+    }
+    seen
+}
+
+fn grpc_outbound_opts(metrics: &Metrics, consecutive_failures: u32) -> OutboundOpts {
+    OutboundOpts {
+        protocol: Protocol::Grpc,
+        algorithm: Algorithm::RoundRobin,
+        traffic: Traffic {
+            balance: breaker(consecutive_failures),
+            ..Traffic::default()
+        },
+        metrics: metrics.clone(),
+        ..OutboundOpts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_grpc_status_in_the_trailers_ejects() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let unavailable = grpc_trailers_app("a", "14").await;
+        let ok = grpc_trailers_app("b", "0").await;
+        let _inbounds = replicas(&registry, Protocol::Grpc, &[&unavailable, &ok]).await;
+        let metrics = Metrics::new();
+        let out = outbound(&registry, "api", grpc_outbound_opts(&metrics, 2)).await;
+        // Round-robin: a, b, a; a's second 14 (read before the next call starts) ejects
+        // it for 10 s, and every later call goes to b.
+        let seen = grpc_calls(out.addr, 8).await;
+        let replicas: Vec<&str> = seen.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(
+            replicas,
+            ["a", "b", "a", "b", "b", "b", "b", "b"],
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .all(|(r, s)| (r == "a" && s == "14") || (r == "b" && s == "0")),
+            "{seen:?}"
+        );
+        let text = metrics.encode();
+        assert_eq!(sum_of(&text, "mesh_ejections_total"), 1, "{text}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_grpc_statuses_in_the_trailers_do_not_eject() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        // 0 (ok) and 5 (not-found) are answers, not failures: even one failure in a row
+        // would eject, and none does.
+        let ok = grpc_trailers_app("a", "0").await;
+        let not_found = grpc_trailers_app("b", "5").await;
+        let _inbounds = replicas(&registry, Protocol::Grpc, &[&ok, &not_found]).await;
+        let metrics = Metrics::new();
+        let out = outbound(&registry, "api", grpc_outbound_opts(&metrics, 1)).await;
+        let seen = grpc_calls(out.addr, 6).await;
+        let replicas: Vec<&str> = seen.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(replicas, ["a", "b", "a", "b", "a", "b"], "{seen:?}");
+        let text = metrics.encode();
+        assert_eq!(sum_of(&text, "mesh_ejections_total"), 0, "{text}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_body_ending_without_a_status_resets_the_count() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        // Calls alternate: 14 in the trailers, then a body without trailers, then 14 …
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = App::start(move |_req: Request<Incoming>| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut response = if call % 2 == 0 {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "14".parse().unwrap());
+                    let frames: Vec<
+                        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                    > = vec![
+                        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(&[
+                            0, 0, 0, 0, 0,
+                        ]))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    Response::new(boxed(http_body_util::StreamBody::new(
+                        futures_util::stream::iter(frames),
+                    )))
+                } else {
+                    Response::new(full(vec![0u8, 0, 0, 0, 0]))
+                };
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/grpc".parse().unwrap());
+                response
+            }
+        })
+        .await;
+        let _inbounds = replicas(&registry, Protocol::Grpc, &[&app]).await;
+        let metrics = Metrics::new();
+        let out = outbound(&registry, "api", grpc_outbound_opts(&metrics, 2)).await;
+        let mut client = h2(out.addr).await;
+        for i in 0..5 {
+            let request = Request::post(format!("http://{}/pkg.Svc/Call", out.addr))
+                .header("content-type", "application/grpc")
+                .body(full(vec![0u8, 0, 0, 0, 0]))
+                .unwrap();
+            let response = client.send_request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "call {i}");
+            assert!(response.headers().get("x-mesh-error").is_none(), "call {i}");
+            use http_body_util::BodyExt;
+            let collected = response.into_body().collect().await.unwrap();
+            let status = collected.trailers().and_then(|t| t.get("grpc-status"));
+            if i % 2 == 0 {
+                assert_eq!(status.unwrap(), "14", "call {i}");
+            } else {
+                assert!(status.is_none(), "call {i}");
+            }
+        }
+        let text = metrics.encode();
+        assert_eq!(sum_of(&text, "mesh_ejections_total"), 0, "{text}");
     })
     .await
     .unwrap();

@@ -439,6 +439,71 @@ async fn an_abandoned_probe_lets_the_next_request_probe() {
     assert!(!probe.record(OK));
 }
 
+/// Pick `id` (steering with the avoid list) and defer its verdict, as a gRPC response
+/// whose status comes in the trailers.
+async fn deferred(balancer: &Balancer, n: usize, id: &str) -> Verdict {
+    let avoid: Vec<Arc<str>> = (0..n)
+        .map(|i| Arc::from(format!("api.{i}")))
+        .filter(|other: &Arc<str>| &**other != id)
+        .collect();
+    let pick = balancer.pick(&avoid, soon()).await.unwrap();
+    assert_eq!(&*pick.endpoint.id, id);
+    pick.defer(Duration::from_millis(1))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_verdict_counts_when_settled_not_before() {
+    let (_registry, balancer) = with_breaker(2, breaker(2, 50));
+    // The latency is taken and the in-flight slot released at defer time.
+    let first = deferred(&balancer, 2, "api.0").await;
+    assert_eq!(in_flight(&balancer, "api.0"), 0);
+    let second = deferred(&balancer, 2, "api.0").await;
+    assert!(!first.settle(true));
+    assert!(
+        second.settle(true),
+        "the second failure ejects, when it settles"
+    );
+    assert!(next_ids(&balancer, 3).await.iter().all(|id| id == "api.1"));
+
+    // A deferred success resets the count; one dropped unsettled counts nothing.
+    let (_registry, balancer) = with_breaker(2, breaker(2, 50));
+    assert!(!deferred(&balancer, 2, "api.0").await.settle(true));
+    assert!(!deferred(&balancer, 2, "api.0").await.settle(false));
+    assert!(!deferred(&balancer, 2, "api.0").await.settle(true));
+    drop(deferred(&balancer, 2, "api.0").await);
+    assert!(deferred(&balancer, 2, "api.0").await.settle(true));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_probe_settles_when_its_verdict_does() {
+    let (_registry, balancer) = with_breaker(2, breaker(1, 50));
+    assert!(hit(&balancer, 2, "api.0", FAIL).await);
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    // The probe's response arrived, its verdict is pending: still nobody else gets api.0.
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0");
+    let verdict = probe.defer(Duration::from_millis(1));
+    assert!(next_ids(&balancer, 3).await.iter().all(|id| id == "api.1"));
+    // A failure in the trailers ejects again (k = 2: 2 s).
+    assert!(verdict.settle(true));
+    tokio::time::advance(Duration::from_millis(1999)).await;
+    assert!(next_ids(&balancer, 2).await.iter().all(|id| id == "api.1"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+
+    // Dropped unsettled (the client went away): the next request probes again.
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0");
+    drop(probe.defer(Duration::from_millis(1)));
+    let probe = balancer.pick(&[], soon()).await.unwrap();
+    assert_eq!(&*probe.endpoint.id, "api.0", "the probe is offered again");
+
+    // A success in the trailers readmits.
+    assert!(!probe.defer(Duration::from_millis(1)).settle(false));
+    let ids = next_ids(&balancer, 4).await;
+    assert_eq!(ids.iter().filter(|id| *id == "api.0").count(), 2, "{ids:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_breaker_error_responses_do_not_eject() {
     let (_registry, balancer) = setup(1, Algorithm::RoundRobin);

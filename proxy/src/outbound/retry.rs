@@ -168,8 +168,18 @@ impl RetryPolicy {
 
 /// The `grpc-status` in a response's headers (a trailers-only response), if any.
 pub(super) fn grpc_status<B>(response: &Response<B>) -> Option<u32> {
-    response
-        .headers()
+    grpc_status_in(response.headers())
+}
+
+/// Whether a `grpc-status` counts as a failure for the circuit breaker (SPEC §3): 2
+/// (unknown), 4 (deadline-exceeded), 13 (internal), 14 (unavailable).
+pub(super) fn is_failing_grpc_status(code: u32) -> bool {
+    matches!(code, 2 | 4 | 13 | 14)
+}
+
+/// The `grpc-status` in a header map (response headers or trailers), if any.
+pub(super) fn grpc_status_in(headers: &HeaderMap) -> Option<u32> {
+    headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
