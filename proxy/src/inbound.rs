@@ -1,6 +1,8 @@
 //! The inbound listener of one replica: requests from other sidecars (HTTP/2, and
 //! HTTP/1.1 for upgrades) go to the app at `127.0.0.1:$PORT` in the HTTP version the
 //! caller used (SPEC §3 "Timeouts"), with the caller's identity in `x-mesh-client-id`.
+//! Upgrades (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT) are spliced once the app
+//! accepts them.
 //!
 //! To the app, HTTP/1.1 travels over a small keep-alive pool and h2c over one shared
 //! connection (grpc is always h2c). When the app refuses the connection or closes it

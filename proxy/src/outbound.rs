@@ -11,7 +11,10 @@
 //! [`MeshError`]s. docs/traffic.md records the choices SPEC leaves open.
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
-//! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`.
+//! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`. An HTTP/2
+//! extended CONNECT (RFC 8441, `:protocol`) travels as a stream of the shared HTTP/2
+//! connection and is spliced after `200`. Both get one try and no timeout or fault; a
+//! CONNECT without `:protocol` (a proxy tunnel) is answered 405.
 //!
 //! Before any of that, the route step ([`crate::routes`]) picks the balancer (the
 //! service's, or a route backend's, with the backend's `queue_timeout`), the route's

@@ -583,3 +583,69 @@ async fn plain_connect_is_refused_with_405() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_without_endpoints_is_no_endpoints() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let opts = OutboundOpts {
+            queue_timeout: Duration::from_millis(100),
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        let mut client = h2_settled(out.addr).await;
+        let response = client.send_request(extended_connect("/ws")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["x-mesh-error"], "no-endpoints");
+        assert_eq!(
+            text(response).await,
+            "mesh: no-endpoints: service=api tried=none attempts=0: no ready endpoint within queue_timeout 100ms\n"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_is_cut_by_the_drain_and_the_sidecars_finish() {
+    timeout(LIMIT, async {
+        let app = App::start(|mut req: Request<Incoming>| async move {
+            if req.method() != http::Method::CONNECT {
+                return respond("ok");
+            }
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let io = TokioIo::new(on_upgrade.await.unwrap());
+                let (mut rd, mut wr) = tokio::io::split(io);
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+            Response::new(empty())
+        })
+        .await;
+        let registry = Registry::new();
+        let mut inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let mut out = outbound(&registry, "api", OutboundOpts::default()).await;
+
+        let mut client = h2_settled(out.addr).await;
+        let mut response = client.send_request(extended_connect("/ws")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+        io.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // An upgraded stream has no requests to finish: the drain cuts it, and both
+        // serve futures return although the client keeps its side open.
+        out.shutdown.cancel();
+        inbounds[0].shutdown.cancel();
+        (&mut out.task).await.unwrap();
+        (&mut inbounds[0].task).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = io.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await
+    .unwrap();
+}
