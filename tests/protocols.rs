@@ -1,6 +1,6 @@
 //! Protocols through the whole data path (SPEC §1): a caller's outbound → the callee's
 //! inbound → a real `mesh-test-app`. h2c multiplexing, gRPC trailers, streaming bodies both
-//! ways, HTTP/1.1 Upgrade, balancing over replicas, the mesh's own errors from real apps,
+//! ways, HTTP/1.1 Upgrade, HTTP/2 extended CONNECT, balancing over replicas, the mesh's own errors from real apps,
 //! hostile clients, and a request that waits out its upstream's restart.
 
 mod support;
@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(30);
@@ -466,6 +467,140 @@ async fn websocket_upgrade_passes_through_and_echoes_both_ways() {
     s.read_to_end(&mut rest).expect("read to the end");
     assert!(rest.is_empty(), "{rest:?}");
     drop(s);
+
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+}
+
+/// The ingress address of `service`, from mesh's start-up line.
+fn ingress(mesh: &MeshProc, service: &str) -> String {
+    let line = mesh.wait_line(&format!("ingress of `{service}` on "), T);
+    line.rsplit(" on ").next().unwrap_or("").trim().to_string()
+}
+
+/// An h2c connection to `addr` that has seen the server's SETTINGS and checked that they
+/// enable extended CONNECT (RFC 8441 §3: a client waits for the setting before using
+/// `:protocol`): one GET first, while the connection is driven here, then the
+/// connection goes to its own task.
+async fn h2c_settled(addr: &str) -> http2::SendRequest<Body> {
+    let io = connect(addr).await;
+    let (mut send, conn) = within("h2 handshake", http2::handshake(TokioExecutor::new(), io))
+        .await
+        .expect("h2 handshake");
+    let mut conn = Box::pin(conn);
+    let exchange = async {
+        let req = Request::get("http://api.test/whoami")
+            .body(empty())
+            .expect("request");
+        let r = send.send_request(req).await.expect("first response");
+        assert_eq!(r.status(), 200);
+        r.into_body().collect().await.expect("first body");
+    };
+    tokio::select! {
+        () = within("the first exchange", exchange) => {}
+        _ = conn.as_mut() => panic!("the connection closed during the first exchange"),
+    }
+    assert!(
+        conn.is_extended_connect_protocol_enabled(),
+        "{addr} does not send SETTINGS_ENABLE_CONNECT_PROTOCOL"
+    );
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// An HTTP/2 extended CONNECT (`:protocol` websocket) to `/ws`, through `addr`, kept
+/// open for about a second, longer than the service's 300 ms `timeout`, echoing bytes
+/// all along; then half-closed by the client, which sees the app's end of stream.
+async fn tunnel_echoes_past_the_timeout(addr: &str) {
+    let mut send = h2c_settled(addr).await;
+    let mut req = Request::connect("http://api.test/ws")
+        .body(empty())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut r = within("the CONNECT response", send.send_request(req))
+        .await
+        .expect("CONNECT response");
+    assert_eq!(r.status(), 200, "{addr}");
+    assert_eq!(header(&r, "x-protocol"), Some("websocket"), "{addr}");
+    assert_eq!(header(&r, "x-replica"), Some("api.0"), "{addr}");
+    let tunnel = within("the tunnel", hyper::upgrade::on(&mut r))
+        .await
+        .expect("upgraded stream");
+    let mut io = TokioIo::new(tunnel);
+    let opened = Instant::now();
+    let mut rounds = 0;
+    while opened.elapsed() < Duration::from_millis(1000) {
+        let msg = format!("message {rounds} through {addr} \u{0}\u{ff}");
+        within("a write", io.write_all(msg.as_bytes()))
+            .await
+            .expect("write");
+        let mut back = vec![0u8; msg.len()];
+        within("the echo", io.read_exact(&mut back))
+            .await
+            .expect("read the echo");
+        assert_eq!(String::from_utf8_lossy(&back), msg);
+        rounds += 1;
+        // Not a wait for an event: the tunnel must stay open past the timeout.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(rounds >= 4, "{rounds} rounds");
+    // Half-close: our end of stream reaches the app, which ends its side in turn.
+    within("shutdown", io.shutdown()).await.expect("shutdown");
+    let mut rest = Vec::new();
+    within("the end of the tunnel", io.read_to_end(&mut rest))
+        .await
+        .expect("read to the end");
+    assert!(rest.is_empty(), "{rest:?}");
+    // The shared connection still serves requests.
+    let req = Request::get("http://api.test/whoami")
+        .body(empty())
+        .expect("request");
+    let r = within("a request after the tunnel", send.send_request(req))
+        .await
+        .expect("response after the tunnel");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_extended_connect_tunnels_through_ingress_and_outbound_past_the_timeout() {
+    let p = api_and_caller(
+        r#"expose = "127.0.0.1:0"
+traffic = { timeout = "300ms" }"#,
+    );
+    let mut mesh = p.up(&[]);
+    let out = outbound(&mesh, "caller");
+    let ing = ingress(&mesh, "api");
+    wait_serving(&out);
+
+    for addr in [&out, &ing] {
+        // The timeout is in force for requests...
+        let r = get(addr, "/sleep/1000").expect("request");
+        assert_eq!(r.status, 504, "{addr}");
+        // ...but not for the tunnel, in both places at once.
+    }
+    tokio::join!(
+        tunnel_echoes_past_the_timeout(&out),
+        tunnel_echoes_past_the_timeout(&ing)
+    );
+
+    // A plain CONNECT (a proxy tunnel, no `:protocol`) is refused, over HTTP/2 and
+    // HTTP/1.1.
+    let mut send = h2c(&out).await;
+    let req = Request::connect("example.com:443")
+        .body(empty())
+        .expect("request");
+    let r = within("the CONNECT response", send.send_request(req))
+        .await
+        .expect("CONNECT response");
+    assert_eq!(r.status(), 405);
+    let head = raw_exchange(
+        &ing,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 405 "), "{head}");
 
     mesh.signal(Signal::SIGTERM);
     assert_eq!(mesh.exit_code(T), 0);

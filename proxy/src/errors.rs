@@ -307,6 +307,23 @@ impl ForwardError {
         )
     }
 
+    /// Whether the peer reset the stream with `PROTOCOL_ERROR` (an HTTP/2 server that
+    /// does not support what was sent, such as extended CONNECT without
+    /// SETTINGS_ENABLE_CONNECT_PROTOCOL).
+    pub fn is_protocol_error(&self) -> bool {
+        let ForwardError::Reset { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn StdError + 'static)> = source.source();
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::PROTOCOL_ERROR);
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     /// The kind a caller sees when this is the last try.
     pub fn kind(&self) -> ErrorKind {
         if self.retryable() == Retryable::Unsent {

@@ -1,6 +1,8 @@
 //! The inbound listener of one replica: requests from other sidecars (HTTP/2, and
 //! HTTP/1.1 for upgrades) go to the app at `127.0.0.1:$PORT` in the HTTP version the
 //! caller used (SPEC §3 "Timeouts"), with the caller's identity in `x-mesh-client-id`.
+//! Upgrades (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT) are spliced once the app
+//! accepts them.
 //!
 //! To the app, HTTP/1.1 travels over a small keep-alive pool and h2c over one shared
 //! connection (grpc is always h2c). When the app refuses the connection or closes it
@@ -156,7 +158,8 @@ impl Inbound {
         }
         let version = self.app_version(&req);
         let upgrade = headers::is_upgrade(&req);
-        let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let connect = headers::is_extended_connect(&req);
+        let downstream = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
         // The caller's identity: with mTLS the one its certificate proves, else what the
@@ -175,6 +178,16 @@ impl Inbound {
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
 
         let result = match (downstream, version) {
+            // Extended CONNECT exists only in HTTP/2: the app gets it as a stream of the
+            // shared h2c connection, with the caller's `:protocol` (still in the parts'
+            // extensions).
+            (Some(downstream), _) if connect => {
+                parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
+                parts.version = Version::HTTP_2;
+                let request = Request::from_parts(parts, boxed(body));
+                // Boxed: the rare path would otherwise enlarge every request's future.
+                Box::pin(self.extended_connect(downstream, request)).await
+            }
             (Some(downstream), _) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
@@ -210,7 +223,16 @@ impl Inbound {
                 response.headers_mut().remove(HDR_ERROR);
                 response.map(boxed)
             }
-            Err(error) => self.error(&error),
+            Err(error) => {
+                // An HTTP/2 server that did not enable extended CONNECT resets the stream
+                // with PROTOCOL_ERROR: say what the app lacks.
+                let hint = if connect && error.is_protocol_error() {
+                    " (extended CONNECT needs the app's HTTP/2 server to enable it: SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+                } else {
+                    ""
+                };
+                self.error(&error, hint)
+            }
         }
     }
 
@@ -291,6 +313,25 @@ impl Inbound {
         Ok(response)
     }
 
+    /// Forward an extended CONNECT to the app as a stream of the shared h2c connection,
+    /// and splice the tunnel's streams after `200`.
+    async fn extended_connect(
+        &self,
+        downstream: hyper::upgrade::OnUpgrade,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut response = self
+            .h2
+            .send(self.cfg.app, request)
+            .await
+            .map_err(|(error, _unsent)| error)?;
+        if response.status() == StatusCode::OK {
+            let upstream = hyper::upgrade::on(&mut response);
+            client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
+        }
+        Ok(response)
+    }
+
     /// The rate-limit step: `None` when the request may go on, else the `rate-limited`
     /// answer (429 with `Retry-After`; grpc-status 8 for grpc).
     fn rate_limit(
@@ -323,13 +364,14 @@ impl Inbound {
         Some(error.to_response(self.cfg.protocol).map(boxed))
     }
 
-    fn error(&self, error: &ForwardError) -> Response<Body> {
+    /// The mesh error for a request the app did not answer; `hint` ends its detail.
+    fn error(&self, error: &ForwardError, hint: &str) -> Response<Body> {
         let error = MeshError {
             kind: error.kind(),
             service: self.cfg.service.clone(),
             tried: vec![Arc::clone(&self.id)],
             attempts: 1,
-            detail: format!("app: {}", error.chain()),
+            detail: format!("app: {}{hint}", error.chain()),
         };
         tracing::info!(error = %error, "request to the app failed");
         error.to_response(self.cfg.protocol).map(boxed)

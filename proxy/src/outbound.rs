@@ -13,7 +13,10 @@
 //! [`MeshError`]s. docs/traffic.md records the choices SPEC leaves open.
 //!
 //! HTTP/1.1 upgrades (WebSocket) do not fit in an HTTP/2 stream: they travel over a
-//! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`.
+//! dedicated HTTP/1.1 connection to the inbound and are spliced after `101`. An HTTP/2
+//! extended CONNECT (RFC 8441, `:protocol`) travels as a stream of the shared HTTP/2
+//! connection and is spliced after `200`. Both get one try and no timeout or fault; a
+//! CONNECT without `:protocol` (a proxy tunnel) is answered 405.
 //!
 //! Before any of that, the route step ([`crate::routes`]) picks the balancer (the
 //! service's, or a route backend's, with the backend's `queue_timeout`), the route's
@@ -26,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -214,10 +217,21 @@ impl Outbound {
             Some(backend) => (&backend.balancer, backend.queue_timeout),
             None => (&self.balancer, self.cfg.traffic.queue_timeout),
         };
-        if headers::is_upgrade(&req) {
+        let tunnel = if headers::is_upgrade(&req) {
+            Some(Tunnel::Upgrade)
+        } else if headers::is_extended_connect(&req) {
+            Some(Tunnel::ExtendedConnect)
+        } else {
+            None
+        };
+        if let Some(tunnel) = tunnel {
             let deadline = arrival + queue_timeout;
             // Boxed: the rare path would otherwise enlarge every request's future.
-            return Box::pin(self.upgrade(peer, req, balancer, queue_timeout, deadline)).await;
+            return Box::pin(self.upgrade(tunnel, peer, req, balancer, queue_timeout, deadline))
+                .await;
+        }
+        if req.method() == Method::CONNECT {
+            return connect_refused();
         }
         let policy = Policy {
             timeout: decision.timeout.or(self.cfg.traffic.timeout),
@@ -535,10 +549,13 @@ impl Outbound {
         }
     }
 
-    /// An HTTP/1.1 upgrade: one try over a dedicated HTTP/1.1 connection to the inbound,
-    /// then both upgraded streams are spliced. Exempt from retries.
+    /// An HTTP/1.1 upgrade or an HTTP/2 extended CONNECT: one try (an HTTP/1.1 upgrade
+    /// over a dedicated HTTP/1.1 connection to the inbound, an extended CONNECT as a
+    /// stream of the shared HTTP/2 connection), then both upgraded streams are spliced.
+    /// Exempt from timeouts, retries and faults.
     async fn upgrade(
         &self,
+        tunnel: Tunnel,
         peer: SocketAddr,
         mut req: Request<Incoming>,
         balancer: &Balancer,
@@ -546,9 +563,11 @@ impl Outbound {
         deadline: Instant,
     ) -> Response<Body> {
         let downstream = hyper::upgrade::on(&mut req);
+        // The extended CONNECT's `:protocol` (the `hyper::ext::Protocol` extension) stays
+        // in the parts and goes out with the request.
         let (mut parts, body) = req.into_parts();
         self.hop_headers(&mut parts.headers, peer, parts.version);
-        headers::strip_hop_by_hop(&mut parts.headers, true);
+        headers::strip_hop_by_hop(&mut parts.headers, tunnel == Tunnel::Upgrade);
         parts
             .headers
             .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
@@ -566,14 +585,29 @@ impl Outbound {
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
         let request = Request::from_parts(parts, boxed(body));
-        let peer_tls = self.target(balancer.service()).peer_tls.as_ref();
-        match client::send_upgrade_via(pick.endpoint.addr, peer_tls, request).await {
+        let target = self.target(balancer.service());
+        let addr = pick.endpoint.addr;
+        let sent = match tunnel {
+            Tunnel::Upgrade => {
+                client::send_upgrade_via(addr, target.peer_tls.as_ref(), request).await
+            }
+            // hyper sends a CONNECT's headers without END_STREAM and keeps the stream
+            // for the tunnel; the request body (empty) is never sent.
+            Tunnel::ExtendedConnect => target
+                .pool
+                .send(addr, request)
+                .await
+                .map_err(|(error, _unsent)| error),
+        };
+        match sent {
             Ok(mut response) => {
                 self.record(balancer, pick, Outcome::Response(started.elapsed()));
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if tunnel.established(response.status()) {
                     let upstream = hyper::upgrade::on(&mut response);
                     client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
-                    headers::strip_hop_by_hop(response.headers_mut(), true);
+                    if tunnel == Tunnel::Upgrade {
+                        headers::strip_hop_by_hop(response.headers_mut(), true);
+                    }
                 }
                 response.map(boxed)
             }
@@ -662,6 +696,34 @@ impl Outbound {
             .mesh_error(&self.cfg.caller, &self.cfg.service, kind.as_str());
         error.to_response(self.cfg.protocol).map(boxed)
     }
+}
+
+/// A request that becomes a tunnel of raw bytes once its response says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tunnel {
+    /// HTTP/1.1 `Upgrade` (WebSocket): established by `101 Switching Protocols`.
+    Upgrade,
+    /// HTTP/2 extended CONNECT (RFC 8441, `:protocol`): established by `200`.
+    ExtendedConnect,
+}
+
+impl Tunnel {
+    /// Whether `status` turns the exchange into a tunnel. (hyper's HTTP/2 client hands
+    /// out the stream of a CONNECT only with a `200`.)
+    fn established(self, status: StatusCode) -> bool {
+        match self {
+            Tunnel::Upgrade => status == StatusCode::SWITCHING_PROTOCOLS,
+            Tunnel::ExtendedConnect => status == StatusCode::OK,
+        }
+    }
+}
+
+/// The answer to a CONNECT without `:protocol` (a request for a proxy tunnel to an
+/// arbitrary address): the mesh only carries requests to the called service.
+fn connect_refused() -> Response<Body> {
+    let mut response = Response::new(full("mesh: CONNECT tunnels are not proxied\n"));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
 }
 
 /// What one request is forwarded with: the route's `timeout` (else the called service's),

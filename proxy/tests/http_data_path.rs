@@ -5,15 +5,19 @@
 
 mod support;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::Protocol;
 use mesh_proxy::balance::Algorithm;
 use mesh_proxy::discovery::Registry;
-use mesh_proxy::http::{boxed, empty, full};
+use mesh_proxy::http::{Body, boxed, empty, full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -387,6 +391,260 @@ async fn many_concurrent_streams_through_one_shared_connection() {
         while let Some(result) = requests.join_next().await {
             result.unwrap();
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// An h2c client that has seen the server's SETTINGS and checked that they enable extended
+/// CONNECT (RFC 8441 §3: a client waits for the setting): one exchange first, while the
+/// connection is driven here, then the connection goes to its own task.
+async fn h2_settled(addr: SocketAddr) -> http2::SendRequest<Body> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    let mut conn = Box::pin(conn);
+    let exchange = async {
+        let response = client
+            .send_request(Request::get("http://api.test/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        text(response).await
+    };
+    tokio::select! {
+        _ = exchange => {}
+        _ = conn.as_mut() => panic!("the connection closed during the first exchange"),
+    }
+    assert!(conn.is_extended_connect_protocol_enabled());
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A WebSocket-style extended CONNECT (`:protocol`) on `path`.
+fn extended_connect(path: &str) -> Request<Body> {
+    let mut req = Request::connect(format!("http://api.test{path}"))
+        .body(empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_tunnels_through_both_sidecars_past_the_timeout() {
+    timeout(LIMIT, async {
+        // GETs answer "ok"; an extended CONNECT gets 200 with what the app saw, then an
+        // echo of the tunnel's bytes until the client ends its side.
+        let app = App::start(|mut req: Request<Incoming>| async move {
+            if req.method() != http::Method::CONNECT {
+                return respond("ok");
+            }
+            let protocol = req
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| String::from_utf8_lossy(p.as_ref()).into_owned())
+                .unwrap_or_default();
+            let seen = format!(
+                "{:?} {} {} {}",
+                req.version(),
+                req.uri(),
+                protocol,
+                req.headers()["x-mesh-client-id"].to_str().unwrap(),
+            );
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let io = TokioIo::new(on_upgrade.await.unwrap());
+                let (mut rd, mut wr) = tokio::io::split(io);
+                tokio::io::copy(&mut rd, &mut wr).await.unwrap();
+                wr.shutdown().await.unwrap();
+            });
+            let mut response = Response::new(empty());
+            response
+                .headers_mut()
+                .insert("x-seen", seen.parse().unwrap());
+            response
+        })
+        .await;
+        let registry = Registry::new();
+        let _inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let opts = OutboundOpts {
+            traffic: mesh_proxy::Traffic {
+                timeout: Some(Duration::from_millis(200)),
+                ..Default::default()
+            },
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+
+        let mut client = h2_settled(out.addr).await;
+        let mut response = client
+            .send_request(extended_connect("/chat?room=1"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["x-seen"],
+            "HTTP/2.0 http://api.test/chat?room=1 websocket spiffe://m/web"
+        );
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+        // The tunnel outlives the 200 ms timeout, and carries bytes both ways all along.
+        let opened = tokio::time::Instant::now();
+        let mut round = 0;
+        while opened.elapsed() < Duration::from_millis(500) {
+            let message = format!("message {round} \u{0}\u{ff}");
+            io.write_all(message.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; message.len()];
+            io.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, message.as_bytes());
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Half-close: our end of stream reaches the app, whose end comes back.
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_to_an_app_without_it_is_a_named_reset() {
+    timeout(LIMIT, async {
+        // An h2c app whose server does not enable extended CONNECT.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(respond("ok"))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        let registry = Registry::new();
+        let sidecar = inbound("api", 0, Protocol::Http, app).await;
+        registry.set("api", vec![endpoint("api", 0, sidecar.addr)]);
+        let out = outbound(&registry, "api", OutboundOpts::default()).await;
+
+        let mut client = h2_settled(out.addr).await;
+        let response = client.send_request(extended_connect("/ws")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()["x-mesh-error"], "reset");
+        let body = text(response).await;
+        assert!(body.contains("SETTINGS_ENABLE_CONNECT_PROTOCOL"), "{body}");
+        server.abort();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_connect_is_refused_with_405() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let app = echo_app("a").await;
+        let _inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let out = outbound(&registry, "api", OutboundOpts::default()).await;
+
+        // HTTP/2: CONNECT with only `:authority`.
+        let mut client = h2(out.addr).await;
+        let response = client
+            .send_request(Request::connect("api.test:443").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // HTTP/1.1: `CONNECT host:port`.
+        let mut client = h1(out.addr).await;
+        let response = client
+            .send_request(
+                Request::connect("api.test:443")
+                    .header("host", "api.test:443")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // Both connections still serve.
+        assert_eq!(get(out.addr, "/").await.status(), StatusCode::OK);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_without_endpoints_is_no_endpoints() {
+    timeout(LIMIT, async {
+        let registry = Registry::new();
+        let opts = OutboundOpts {
+            queue_timeout: Duration::from_millis(100),
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+        let mut client = h2_settled(out.addr).await;
+        let response = client.send_request(extended_connect("/ws")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["x-mesh-error"], "no-endpoints");
+        assert_eq!(
+            text(response).await,
+            "mesh: no-endpoints: service=api tried=none attempts=0: no ready endpoint within queue_timeout 100ms\n"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_is_cut_by_the_drain_and_the_sidecars_finish() {
+    timeout(LIMIT, async {
+        let app = App::start(|mut req: Request<Incoming>| async move {
+            if req.method() != http::Method::CONNECT {
+                return respond("ok");
+            }
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let io = TokioIo::new(on_upgrade.await.unwrap());
+                let (mut rd, mut wr) = tokio::io::split(io);
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+            Response::new(empty())
+        })
+        .await;
+        let registry = Registry::new();
+        let mut inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let mut out = outbound(&registry, "api", OutboundOpts::default()).await;
+
+        let mut client = h2_settled(out.addr).await;
+        let mut response = client.send_request(extended_connect("/ws")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+        io.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // An upgraded stream has no requests to finish: the drain cuts it, and both
+        // serve futures return although the client keeps its side open.
+        out.shutdown.cancel();
+        inbounds[0].shutdown.cancel();
+        (&mut out.task).await.unwrap();
+        (&mut inbounds[0].task).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = io.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{rest:?}");
     })
     .await
     .unwrap();

@@ -209,7 +209,9 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(4096)
         .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20);
+        .initial_connection_window_size(4 << 20)
+        // Extended CONNECT (RFC 8441) for `/ws` over h2c.
+        .enable_connect_protocol();
     b
 }
 
@@ -506,6 +508,9 @@ fn grpc(req: Request<Incoming>) -> Response<AppBody> {
 }
 
 fn upgrade(state: &Arc<State>, mut req: Request<Incoming>) -> Response<AppBody> {
+    if req.method() == Method::CONNECT {
+        return extended_connect(state, req);
+    }
     let Some(proto) = req.headers().get(header::UPGRADE).cloned() else {
         return text(StatusCode::UPGRADE_REQUIRED, "upgrade required");
     };
@@ -541,6 +546,35 @@ fn upgrade(state: &Arc<State>, mut req: Request<Incoming>) -> Response<AppBody> 
     if let Some(accept) = accept.and_then(|a| HeaderValue::from_str(&a).ok()) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
+    r
+}
+
+/// `/ws` as an HTTP/2 extended CONNECT (RFC 8441): 200 with `x-protocol: <:protocol>`,
+/// then raw bytes are echoed on the stream until the client ends its side. A CONNECT
+/// without `:protocol` gets 400.
+fn extended_connect(state: &Arc<State>, mut req: Request<Incoming>) -> Response<AppBody> {
+    let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>() else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT to /ws needs :protocol");
+    };
+    let protocol = HeaderValue::from_bytes(protocol.as_ref())
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                log_line(&state, format_args!("extended CONNECT failed: {e}"));
+                return;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        let _ = wr.shutdown().await;
+        drop(state);
+    });
+    let mut r = Response::new(AppBody::Full(None));
+    r.headers_mut().insert("x-protocol", protocol);
     r
 }
 

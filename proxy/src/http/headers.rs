@@ -4,7 +4,7 @@ use http::header::{
     CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Version};
+use http::{Method, Request, Version};
 
 /// The try number (1-based) a request reaches the app with.
 pub const HDR_ATTEMPT: HeaderName = HeaderName::from_static("x-mesh-attempt");
@@ -94,6 +94,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
+}
+
+/// Whether `req` is an HTTP/2 extended CONNECT (RFC 8441): a CONNECT with a `:protocol`
+/// pseudo-header, which hyper hands over as the [`hyper::ext::Protocol`] extension
+/// (WebSocket over HTTP/2 and the like). A plain CONNECT (a proxy tunnel) is not.
+pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
 /// Make the URI absolute (`http://<authority><path>`) for an HTTP/2 hop, taking the

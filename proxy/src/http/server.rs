@@ -127,6 +127,10 @@ pub(crate) fn builder(limits: &Limits, facing: Facing) -> auto::Builder<TokioExe
         // tight for a busy app that legitimately cancels (deadlines); 200 still bounds the
         // work a hostile client causes.
         .max_pending_accept_reset_streams(200)
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): clients may open extended CONNECT
+        // streams (WebSocket over HTTP/2), which the outbound and inbound tunnel through.
+        // A plain CONNECT is refused by the handlers either way.
+        .enable_connect_protocol()
         // Pings find dead peers (a sidecar or app that vanished without a FIN); without
         // them an idle h2 connection could stay half-open forever.
         .keep_alive_interval(Duration::from_secs(30))

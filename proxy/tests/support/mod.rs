@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 /// The bound on every test.
 pub const LIMIT: Duration = Duration::from_secs(20);
 
-/// An app: a hyper server (HTTP/1.1, h2c, upgrades) running `handler`.
+/// An app: a hyper server (HTTP/1.1, h2c, upgrades, extended CONNECT) running `handler`.
 pub struct App {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
@@ -56,7 +56,10 @@ impl App {
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    // Extended CONNECT (RFC 8441) over h2c, for the tunnel tests.
+                    builder.http2().enable_connect_protocol();
+                    let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
