@@ -237,13 +237,14 @@ port = "none"
 "#,
     );
     // Counts SIGTERMs; after the first it stays a moment to catch a duplicate. It says
-    // it is up only once its `sleep` runs: a SIGTERM landing before that would be
-    // trapped, and the script would then start a `sleep 1000` nobody signals.
+    // it is up only once its `sleep` was started, and the trap also ends that `sleep`:
+    // on a loaded machine the group's SIGTERM can reach the forked child before it has
+    // dropped the shell's trap and become `sleep`, and the signal is then lost to it.
     p.write(
         "count.sh",
         r#"
 n=0
-trap 'n=$((n+1))' TERM
+trap 'n=$((n+1)); kill $pid 2>/dev/null' TERM
 sleep 1000 &
 pid=$!
 echo counter-up
