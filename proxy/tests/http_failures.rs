@@ -447,3 +447,47 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_request_head_is_cut() {
+    timeout(LIMIT, async {
+        let read_timeout = Duration::from_millis(300);
+        let registry = Registry::new();
+        let app = echo_app("a").await;
+        let _inbounds = replicas(&registry, Protocol::Http, &[&app]).await;
+        let opts = OutboundOpts {
+            limits: Limits {
+                header_read_timeout: read_timeout,
+                ..Limits::default()
+            },
+            ..OutboundOpts::default()
+        };
+        let out = outbound(&registry, "api", opts).await;
+
+        // The preface, an empty SETTINGS frame, then a HEADERS frame announcing 64 bytes of
+        // header block of which only 3 ever come: a request head that never completes, from
+        // a client that cannot answer pings meanwhile.
+        let mut slow = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        slow.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        slow.extend_from_slice(&[0, 0, 64, 0x1, 0x4, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+        let started = Instant::now();
+        let answer = raw_exchange(out.addr, slow).await;
+        let took = started.elapsed();
+        assert!(took >= read_timeout, "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(!answer.contains("200"), "{answer:?}");
+
+        // A well-behaved HTTP/2 client answers the pings and keeps its connection.
+        let mut client = h2(out.addr).await;
+        for _ in 0..2 {
+            let req = Request::get("http://api.test/").body(empty()).unwrap();
+            let response = client.send_request(req).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            // Idle for more than two ping periods between requests.
+            tokio::time::sleep(read_timeout * 3).await;
+            assert!(!client.is_closed());
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -53,7 +53,9 @@ pub(crate) struct PeerIdentity {
 pub struct Limits {
     /// How long a client may take to send a request head (and, for a new connection, the
     /// bytes that tell HTTP/1.1 from HTTP/2). Slow or silent clients are cut after it, so
-    /// they cannot hold connections and tasks forever (slowloris).
+    /// they cannot hold connections and tasks forever (slowloris). HTTP/2 connections are
+    /// pinged at this interval and closed when a ping goes unanswered for as long, which
+    /// cuts a stalled HTTP/2 request head within twice this time.
     pub header_read_timeout: Duration,
     /// The largest request head accepted from an app: HTTP/1.1 head bytes (beyond it:
     /// 431) and the HTTP/2 header list size.
@@ -132,9 +134,12 @@ pub(crate) fn builder(limits: &Limits, facing: Facing) -> auto::Builder<TokioExe
         // A plain CONNECT is refused by the handlers either way.
         .enable_connect_protocol()
         // Pings find dead peers (a sidecar or app that vanished without a FIN); without
-        // them an idle h2 connection could stay half-open forever.
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+        // them an idle h2 connection could stay half-open forever. They are also HTTP/2's
+        // header-read timeout: a client in the middle of a request head (a HEADERS frame
+        // and its CONTINUATIONs, which no other frame may interrupt) cannot answer a PING,
+        // so a slow or stalled head is cut within two `header_read_timeout`s.
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
     builder
 }
 
