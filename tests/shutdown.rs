@@ -232,25 +232,28 @@ fn the_stop_signal_arrives_exactly_once() {
     let p = Project::new(
         r#"
 [services.counter]
-command = ["sh", "count.sh"]
+command = ["python3", "count.py"]
 port = "none"
 "#,
     );
-    // Counts SIGTERMs; after the first it stays a moment to catch a duplicate. It says
-    // it is up only once its `sleep` was started, and the trap also ends that `sleep`:
-    // on a loaded machine the group's SIGTERM can reach the forked child before it has
-    // dropped the shell's trap and become `sleep`, and the signal is then lost to it.
+    // Counts SIGTERMs; after the first it stays a moment to catch a duplicate. Python,
+    // not sh: a shell's background `sleep` can lose a signal that lands between its fork
+    // and its exec, and the script would then hang until SIGKILL.
     p.write(
-        "count.sh",
+        "count.py",
         r#"
-n=0
-trap 'n=$((n+1)); kill $pid 2>/dev/null' TERM
-sleep 1000 &
-pid=$!
-echo counter-up
-wait $pid
-sleep 0.3 & wait $!
-echo "terms=$n"
+import signal, threading, time
+n = 0
+got = threading.Event()
+def count(signum, frame):
+    global n
+    n += 1
+    got.set()
+signal.signal(signal.SIGTERM, count)
+print("counter-up", flush=True)
+got.wait()
+time.sleep(0.3)
+print(f"terms={n}", flush=True)
 "#,
     );
     let mut mesh = p.up(&[]);
