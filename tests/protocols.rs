@@ -888,7 +888,12 @@ async fn a_request_waits_out_its_upstreams_restart() {
 
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill api.0");
     let r = get(&out, "/whoami").expect("request");
-    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.status,
+        200,
+        "{r:?}\nmesh output:\n{}",
+        mesh.output().join("\n")
+    );
     assert_eq!(r.body, "api.0");
     mesh.wait_line("api.0 was killed by signal 9", T);
     let replacement = eventually("api.0's new pid", T, || {
