@@ -378,9 +378,16 @@ async fn run_up(
     let control = match control::bind(state.path()) {
         Ok(listener) => listener,
         Err(e) => {
+            let path = control::socket_path(state.path());
+            // Unix socket paths are limited to 107 bytes (sun_path).
+            let hint = if path.as_os_str().len() > 107 {
+                " (the path is longer than a Unix socket allows: use a shorter state_dir)"
+            } else {
+                ""
+            };
             eprintln!(
-                "mesh: cannot create the control socket {}: {e}",
-                control::socket_path(state.path()).display()
+                "mesh: cannot create the control socket {}: {e}{hint}",
+                path.display()
             );
             return ExitCode::from(1);
         }

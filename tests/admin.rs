@@ -253,3 +253,26 @@ port = "none"
     mesh.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(mesh.exit_code(T), 0);
 }
+
+#[test]
+fn a_state_dir_too_deep_for_the_control_socket_stops_mesh_up_before_anything_starts() {
+    let deep = "d".repeat(110);
+    let p = Project::new(&format!(
+        r#"
+[mesh]
+name = "t"
+state_dir = "{deep}"
+
+[services.job]
+command = ["sh", "-c", "echo started > started.txt"]
+port = "none"
+restart = "never"
+"#
+    ));
+    let mut mesh = p.up(&[]);
+    assert_eq!(mesh.exit_code(T), 1);
+    let out = mesh.output().join("\n");
+    assert!(out.contains("cannot create the control socket"), "{out}");
+    assert!(out.contains("use a shorter state_dir"), "{out}");
+    assert!(!p.file("started.txt").exists());
+}
