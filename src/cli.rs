@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::runtime::Runtime;
-use crate::{admin, control, plan};
+use crate::{admin, control, notify, plan};
 
 /// Exit code for an invalid configuration (EX_CONFIG), so that systemd's
 /// `RestartPreventExitStatus=78` stops a restart loop.
@@ -364,6 +364,7 @@ async fn run_up(
         }
     };
     let name = config.mesh.name.clone();
+    let systemd = notify::Systemd::from_env(&base_env);
     // Bound before any process starts, like every listener.
     let admin = match config.mesh.admin {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
@@ -426,6 +427,9 @@ async fn run_up(
         }),
         requests_tx,
     ));
+    if let Some(systemd) = systemd.clone() {
+        servers.spawn(notify::serve(systemd, mesh.status(), mesh.ca_warning()));
+    }
     for (service, addr) in mesh.ingress_addrs() {
         logs.mesh_line(&format!("ingress of `{service}` on {addr}"));
     }
@@ -446,6 +450,12 @@ async fn run_up(
         }
     };
     stopping.store(true, Ordering::SeqCst);
+    if systemd.is_some() {
+        notify::send(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping"),
+        ]);
+    }
     if let Stop::Signal(sig) = reason {
         logs.mesh_line(&format!(
             "{sig}: stopping (press Ctrl-C again to kill at once)"

@@ -6,5 +6,6 @@
 mod admin;
 pub mod cli;
 mod control;
+mod notify;
 mod plan;
 mod runtime;

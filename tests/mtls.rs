@@ -9,7 +9,6 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -25,17 +24,6 @@ fn fingerprint(mesh: &MeshProc) -> String {
         .nth(1)
         .expect("fingerprint in the line");
     rest.split(',').next().unwrap_or("").trim().to_string()
-}
-
-/// `mesh up` with extra environment variables.
-fn up_with_env(p: &Project, env: &[(&str, &str)]) -> MeshProc {
-    let mut cmd = Command::new(mesh_bin());
-    cmd.arg("up").arg("-f").arg(p.file("mesh.toml"));
-    cmd.current_dir(p.path());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    MeshProc::spawn(cmd)
 }
 
 fn api_and_caller() -> Project {
@@ -253,7 +241,7 @@ upstreams = ["echo"]
         app = test_app()
     ));
     // Leaves live 2 s and are renewed every second.
-    let mut mesh = up_with_env(&p, &[("MESH_CERT_LIFETIME", "2s"), ("MESH_LOG", "info")]);
+    let mut mesh = p.up_with_env(&[], &[("MESH_CERT_LIFETIME", "2s"), ("MESH_LOG", "info")]);
     let ingress = ingress(&mesh, "api");
     let tcp = field_of(&mesh.wait_line("caller.0 | addr=", T), "addr");
     eventually("api to serve", T, || {
