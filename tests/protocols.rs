@@ -511,8 +511,8 @@ async fn h2c_settled(addr: &str) -> http2::SendRequest<Body> {
 }
 
 /// An HTTP/2 extended CONNECT (`:protocol` websocket) to `/ws`, through `addr`, kept
-/// open for about a second, longer than the service's 300 ms `timeout`, echoing bytes
-/// all along; then half-closed by the client, which sees the app's end of stream.
+/// open across three of the service's 300 ms `timeout`s, echoing bytes all along; then
+/// half-closed by the client, which sees the app's end of stream.
 async fn tunnel_echoes_past_the_timeout(addr: &str) {
     let mut send = h2c_settled(addr).await;
     let mut req = Request::connect("http://api.test/ws")
@@ -530,9 +530,8 @@ async fn tunnel_echoes_past_the_timeout(addr: &str) {
         .await
         .expect("upgraded stream");
     let mut io = TokioIo::new(tunnel);
-    let opened = Instant::now();
     let mut rounds = 0;
-    while opened.elapsed() < Duration::from_millis(1000) {
+    while rounds < 4 {
         let msg = format!("message {rounds} through {addr} \u{0}\u{ff}");
         within("a write", io.write_all(msg.as_bytes()))
             .await
@@ -543,8 +542,17 @@ async fn tunnel_echoes_past_the_timeout(addr: &str) {
             .expect("read the echo");
         assert_eq!(String::from_utf8_lossy(&back), msg);
         rounds += 1;
-        // Not a wait for an event: the tunnel must stay open past the timeout.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if rounds < 4 {
+            // The tunnel must stay open past the timeout: a request to `/sleep/1000` on the
+            // same connection comes back 504, which proves a whole timeout went by.
+            let req = Request::get("http://api.test/sleep/1000")
+                .body(empty())
+                .expect("request");
+            let r = within("the timed-out request", send.send_request(req))
+                .await
+                .expect("response");
+            assert_eq!(r.status(), 504, "{addr}");
+        }
     }
     assert!(rounds >= 4, "{rounds} rounds");
     // Half-close: our end of stream reaches the app, which ends its side in turn.

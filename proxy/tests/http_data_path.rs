@@ -436,10 +436,13 @@ fn extended_connect(path: &str) -> Request<Body> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_connect_tunnels_through_both_sidecars_past_the_timeout() {
     timeout(LIMIT, async {
-        // GETs answer "ok"; an extended CONNECT gets 200 with what the app saw, then an
-        // echo of the tunnel's bytes until the client ends its side.
+        // GETs answer "ok" (`/hang`: never); an extended CONNECT gets 200 with what the
+        // app saw, then an echo of the tunnel's bytes until the client ends its side.
         let app = App::start(|mut req: Request<Incoming>| async move {
             if req.method() != http::Method::CONNECT {
+                if req.uri().path() == "/hang" {
+                    std::future::pending::<()>().await;
+                }
                 return respond("ok");
             }
             let protocol = req
@@ -490,17 +493,21 @@ async fn extended_connect_tunnels_through_both_sidecars_past_the_timeout() {
             "HTTP/2.0 http://api.test/chat?room=1 websocket spiffe://m/web"
         );
         let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
-        // The tunnel outlives the 200 ms timeout, and carries bytes both ways all along.
-        let opened = tokio::time::Instant::now();
-        let mut round = 0;
-        while opened.elapsed() < Duration::from_millis(500) {
+        // The tunnel outlives the 200 ms timeout, and carries bytes both ways all along:
+        // between exchanges, a request that hangs comes back 504, which proves a whole
+        // timeout went by.
+        for round in 0..3 {
             let message = format!("message {round} \u{0}\u{ff}");
             io.write_all(message.as_bytes()).await.unwrap();
             let mut buf = vec![0u8; message.len()];
             io.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, message.as_bytes());
-            round += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if round < 2 {
+                assert_eq!(
+                    get(out.addr, "/hang").await.status(),
+                    StatusCode::GATEWAY_TIMEOUT
+                );
+            }
         }
         // Half-close: our end of stream reaches the app, whose end comes back.
         io.shutdown().await.unwrap();

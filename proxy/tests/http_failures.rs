@@ -464,6 +464,15 @@ async fn a_stalled_http2_request_head_is_cut() {
         };
         let out = outbound(&registry, "api", opts).await;
 
+        // A well-behaved HTTP/2 client, connected first, answers the pings and keeps its
+        // connection while the stalled one below is cut.
+        let mut client = h2(out.addr).await;
+        let req = Request::get("http://api.test/").body(empty()).unwrap();
+        assert_eq!(
+            client.send_request(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+
         // The preface, an empty SETTINGS frame, then a HEADERS frame announcing 64 bytes of
         // header block of which only 3 ever come: a request head that never completes, from
         // a client that cannot answer pings meanwhile.
@@ -477,16 +486,13 @@ async fn a_stalled_http2_request_head_is_cut() {
         assert!(took < Duration::from_secs(5), "{took:?}");
         assert!(!answer.contains("200"), "{answer:?}");
 
-        // A well-behaved HTTP/2 client answers the pings and keeps its connection.
-        let mut client = h2(out.addr).await;
-        for _ in 0..2 {
-            let req = Request::get("http://api.test/").body(empty()).unwrap();
-            let response = client.send_request(req).await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            // Idle for more than two ping periods between requests.
-            tokio::time::sleep(read_timeout * 3).await;
-            assert!(!client.is_closed());
-        }
+        // The idle client lived through the same ping periods, and still works.
+        assert!(!client.is_closed());
+        let req = Request::get("http://api.test/").body(empty()).unwrap();
+        assert_eq!(
+            client.send_request(req).await.unwrap().status(),
+            StatusCode::OK
+        );
     })
     .await
     .unwrap();

@@ -137,7 +137,9 @@ async fn counting_app() -> (App, Arc<AtomicUsize>) {
 }
 
 /// Wait until `metrics` counts at least one handshake failure on `side`.
-async fn handshake_failures(metrics: &Metrics, side: &str) -> u64 {
+/// Wait until `mesh_tls_handshake_failures_total{side}` reaches `at_least` (the inbound
+/// counts from its connection task, after the client saw the failure).
+async fn handshake_failures(metrics: &Metrics, side: &str, at_least: u64) {
     let needle = format!("side=\"{side}\"");
     let count = || {
         metrics
@@ -147,15 +149,12 @@ async fn handshake_failures(metrics: &Metrics, side: &str) -> u64 {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>()
     };
-    // The inbound counts from its connection task: poll with a deadline.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let n = count();
-        if n > 0 || tokio::time::Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        &format!("{at_least} handshake failures on the {side} side"),
+        LIMIT,
+        || (count() >= at_least).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +308,7 @@ async fn a_plaintext_caller_is_refused_and_counted() {
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert!(response.headers().contains_key("x-mesh-error"));
 
-        assert!(handshake_failures(&metrics, "server").await >= 2);
+        handshake_failures(&metrics, "server", 2).await;
         assert_eq!(hits.load(Ordering::SeqCst), 0);
     })
     .await
@@ -341,11 +340,7 @@ async fn certificates_of_another_ca_or_expired_are_refused_and_counted() {
             assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{what}");
             let body = text(response).await;
             assert!(body.starts_with("mesh: "), "{what}: {body}");
-            assert!(
-                handshake_failures(&metrics, "server").await >= 1,
-                "{what}: {}",
-                metrics.encode()
-            );
+            handshake_failures(&metrics, "server", 1).await;
         }
         assert_eq!(hits.load(Ordering::SeqCst), 0);
     })
@@ -392,7 +387,7 @@ async fn an_inbound_with_another_identity_is_refused_by_the_caller() {
             body.contains("peer is spiffe://m/web, expected spiffe://m/api"),
             "{body}"
         );
-        assert!(handshake_failures(&metrics, "client").await >= 1);
+        handshake_failures(&metrics, "client", 1).await;
         assert_eq!(hits.load(Ordering::SeqCst), 0);
     })
     .await
@@ -467,17 +462,15 @@ async fn tcp_callers_not_admitted_are_closed_and_counted() {
         drop(s);
 
         assert_eq!(read_all(outbounds[1].0).await, b"", "closed without data");
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let text = metrics.encode();
-            if text.contains(
-                r#"mesh_errors_total{caller="intruder",service="api",kind="unauthorized"} 1"#,
-            ) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{text}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the refusal to be counted", LIMIT, || {
+            metrics
+                .encode()
+                .contains(
+                    r#"mesh_errors_total{caller="intruder",service="api",kind="unauthorized"} 1"#,
+                )
+                .then_some(())
+        })
+        .await;
         assert_eq!(
             sum_of(&metrics.encode(), "mesh_tls_handshake_failures_total"),
             0
