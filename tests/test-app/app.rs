@@ -522,21 +522,7 @@ fn upgrade(state: &Arc<State>, mut req: Request<Incoming>) -> Response<AppBody> 
         .get(header::SEC_WEBSOCKET_KEY)
         .map(|key| websocket_accept(key.as_bytes()));
 
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let state = state.clone();
-    tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                log_line(&state, format_args!("upgrade failed: {e}"));
-                return;
-            }
-        };
-        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-        let _ = tokio::io::copy(&mut rd, &mut wr).await;
-        let _ = wr.shutdown().await;
-        drop(state);
-    });
+    echo_upgraded(state, hyper::upgrade::on(&mut req), "upgrade");
 
     let mut r = Response::new(AppBody::Full(None));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -549,6 +535,26 @@ fn upgrade(state: &Arc<State>, mut req: Request<Incoming>) -> Response<AppBody> 
     r
 }
 
+/// Once `on_upgrade` gives the stream (after the response went out), echo its bytes
+/// until the client ends its side, then end ours. `state` is held meanwhile, so shutdown
+/// waits for the tunnel.
+fn echo_upgraded(state: &Arc<State>, on_upgrade: hyper::upgrade::OnUpgrade, what: &'static str) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                log_line(&state, format_args!("{what} failed: {e}"));
+                return;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        let _ = wr.shutdown().await;
+        drop(state);
+    });
+}
+
 /// `/ws` as an HTTP/2 extended CONNECT (RFC 8441): 200 with `x-protocol: <:protocol>`,
 /// then raw bytes are echoed on the stream until the client ends its side. A CONNECT
 /// without `:protocol` gets 400.
@@ -558,21 +564,7 @@ fn extended_connect(state: &Arc<State>, mut req: Request<Incoming>) -> Response<
     };
     let protocol = HeaderValue::from_bytes(protocol.as_ref())
         .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let state = state.clone();
-    tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                log_line(&state, format_args!("extended CONNECT failed: {e}"));
-                return;
-            }
-        };
-        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-        let _ = tokio::io::copy(&mut rd, &mut wr).await;
-        let _ = wr.shutdown().await;
-        drop(state);
-    });
+    echo_upgraded(state, hyper::upgrade::on(&mut req), "extended CONNECT");
     let mut r = Response::new(AppBody::Full(None));
     r.headers_mut().insert("x-protocol", protocol);
     r
