@@ -172,28 +172,20 @@ impl Metrics {
         }
     }
 
-    /// A request answered to `caller` for `service` (through `route`, "" for none).
-    pub fn request(&self, caller: &str, service: &str, route: &str, status: u16, took: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                caller: caller.to_string(),
-                service: service.to_string(),
-                route: route.to_string(),
-                status_class: class.to_string(),
-            })
-            .inc();
-        self.inner
-            .durations
-            .get_or_create(&pair(caller, service))
-            .observe(took.as_secs_f64());
+    /// The request counters of one outbound (or ingress): `caller` calling `service`.
+    /// Recording through it allocates no labels and looks nothing up in the families
+    /// after the first request of each route and status class.
+    pub fn requests(&self, caller: &str, service: &str) -> RequestMetrics {
+        RequestMetrics {
+            metrics: self.clone(),
+            caller: caller.to_string(),
+            service: service.to_string(),
+            duration: self
+                .inner
+                .durations
+                .get_or_create_owned(&pair(caller, service)),
+            routes: parking_lot::RwLock::default(),
+        }
     }
 
     /// One retry by `caller`'s outbound towards `service`.
@@ -299,6 +291,65 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// `mesh_requests_total` and `mesh_request_duration_seconds` of one (caller, service),
+/// with the counters of each route label resolved once ([`Metrics::requests`]).
+pub struct RequestMetrics {
+    metrics: Metrics,
+    caller: String,
+    service: String,
+    duration: Histogram,
+    /// Per route label (few: a service's routes, and "" for unmatched traffic), a
+    /// counter per status class once that class was seen.
+    routes: parking_lot::RwLock<Vec<(String, [Option<Counter>; 5])>>,
+}
+
+impl RequestMetrics {
+    /// A request answered through `route` ("" for none) with `status` after `took`.
+    pub fn record(&self, route: &str, status: u16, took: Duration) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.duration.observe(took.as_secs_f64());
+        let known = self
+            .routes
+            .read()
+            .iter()
+            .find(|(label, _)| label == route)
+            .and_then(|(_, counters)| counters[class].clone());
+        let counter = known.unwrap_or_else(|| self.counter(route, class));
+        counter.inc();
+    }
+
+    /// Resolve (once) the counter of `route` and status class `class`.
+    fn counter(&self, route: &str, class: usize) -> Counter {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let counter = self
+            .metrics
+            .inner
+            .requests
+            .get_or_create_owned(&RequestLabels {
+                caller: self.caller.clone(),
+                service: self.service.clone(),
+                route: route.to_string(),
+                status_class: CLASSES[class].to_string(),
+            });
+        let mut routes = self.routes.write();
+        let index = match routes.iter().position(|(label, _)| label == route) {
+            Some(index) => index,
+            None => {
+                routes.push((route.to_string(), Default::default()));
+                routes.len() - 1
+            }
+        };
+        routes[index].1[class] = Some(counter.clone());
+        counter
     }
 }
 
@@ -451,8 +502,9 @@ mod tests {
     #[test]
     fn counts_appear_in_the_text_with_their_labels() {
         let metrics = Metrics::new();
-        metrics.request("web", "api", "", 200, Duration::from_millis(3));
-        metrics.request("web", "api", "", 503, Duration::from_millis(3));
+        let requests = metrics.requests("web", "api");
+        requests.record("", 200, Duration::from_millis(3));
+        requests.record("", 503, Duration::from_millis(3));
         metrics.retry("web", "api");
         metrics.tls_handshake_failure("api", Side::Server);
         metrics.tls_handshake_failure("api", Side::Server);

@@ -136,7 +136,9 @@ pub async fn serve_with(
         let budget = Budget::new(r.budget);
         (r, budget)
     });
+    let requests = cfg.metrics.requests(&cfg.caller, &cfg.service);
     let outbound = Arc::new(Outbound {
+        requests,
         caller: Arc::from(cfg.caller.as_str()),
         retries,
         cfg,
@@ -161,13 +163,9 @@ pub async fn serve_with(
             let decision = cfg.routes.decide(req.uri().path(), req.headers());
             let route = decision.label;
             let response = outbound.handle(peer, req, decision).await;
-            cfg.metrics.request(
-                &cfg.caller,
-                &cfg.service,
-                route,
-                response.status().as_u16(),
-                arrival.elapsed(),
-            );
+            outbound
+                .requests
+                .record(route, response.status().as_u16(), arrival.elapsed());
             response
         }
     };
@@ -181,6 +179,8 @@ pub async fn serve_with(
 
 struct Outbound {
     cfg: OutboundConfig,
+    /// `mesh_requests_total` and the duration histogram of this (caller, service).
+    requests: crate::metrics::RequestMetrics,
     /// `cfg.caller`, shared with the response bodies that record a deferred ejection.
     caller: Arc<str>,
     /// The service's `retries` table and the budget its retries share (also for
