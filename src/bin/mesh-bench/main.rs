@@ -64,6 +64,12 @@ struct Args {
     /// (`tls = "off"`), or both (two meshes side by side).
     #[arg(long, value_enum, default_value_t = TlsArg::Both)]
     tls: TlsArg,
+    /// Also measure the floor of the stack: `mesh-floor`, a bare two-hop proxy built
+    /// from the same parts as the sidecars (hyper, h2, rustls with the mesh's TLS
+    /// configuration, one tokio worker) with none of the mesh's logic, in front of the
+    /// same app.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -112,6 +118,8 @@ enum Route {
     Direct,
     /// The mesh path of `Running::meshes[i]`.
     Mesh(usize),
+    /// Through `mesh-floor` (`--floor`).
+    Floor,
 }
 
 struct Row {
@@ -140,6 +148,14 @@ impl Row {
 struct Running {
     meshes: Vec<MeshRun>,
     direct: Arc<Target>,
+    floor: Option<FloorRun>,
+}
+
+/// `mesh-floor` in front of the first mesh's app.
+struct FloorRun {
+    child: MeshChild,
+    pid: i32,
+    via: Arc<Target>,
 }
 
 /// One running mesh, the pids to watch, and its mesh path.
@@ -206,7 +222,16 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         meshes.push(run);
     }
     let direct = direct.context("no mesh to measure")?;
-    let mut running = Running { meshes, direct };
+    let floor = if args.floor {
+        Some(start_floor(&direct, &rt)?)
+    } else {
+        None
+    };
+    let mut running = Running {
+        meshes,
+        direct,
+        floor,
+    };
     let ticks = procs::clock_ticks();
     let self_pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
 
@@ -214,8 +239,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
     // Warm-up on both paths: connections, pools, caches, the allocator's arenas.
     if !args.warmup.is_zero() {
-        let paths =
-            std::iter::once(&running.direct).chain(running.meshes.iter().map(|m| &m.via_mesh));
+        let paths = std::iter::once(&running.direct)
+            .chain(running.meshes.iter().map(|m| &m.via_mesh))
+            .chain(running.floor.iter().map(|f| &f.via));
         for t in paths {
             rt.block_on(load::closed_loop(t, args.connections, args.warmup))?;
         }
@@ -242,14 +268,26 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     let routes: Vec<Route> = std::iter::once(Route::Direct)
         .chain((0..running.meshes.len()).map(Route::Mesh))
+        .chain(running.floor.iter().map(|_| Route::Floor))
         .collect();
     for phase in phases {
         for &route in &routes {
-            let (target, measured) = match route {
-                Route::Direct => (&running.direct, &running.meshes[0]),
-                Route::Mesh(i) => (&running.meshes[i].via_mesh, &running.meshes[i]),
+            let app_pid = running.meshes[0].app_pid;
+            // The path, the pids of its proxy (the mesh, or mesh-floor) and app, and the
+            // output of the proxy for error messages.
+            let (target, pids, context) = match (route, &running.floor) {
+                (Route::Direct, _) => (
+                    &running.direct,
+                    [running.meshes[0].mesh_pid, app_pid, self_pid],
+                    &running.meshes[0].mesh,
+                ),
+                (Route::Mesh(i), _) => {
+                    let m = &running.meshes[i];
+                    (&m.via_mesh, [m.mesh_pid, m.app_pid, self_pid], &m.mesh)
+                }
+                (Route::Floor, Some(f)) => (&f.via, [f.pid, app_pid, self_pid], &f.child),
+                (Route::Floor, None) => unreachable!("the floor route exists only with --floor"),
             };
-            let pids = [measured.mesh_pid, measured.app_pid, self_pid];
             std::thread::sleep(Duration::from_millis(200));
             let machine_before = procs::machine_cpu_ticks()?;
             let before = pids.map(procs::cpu_sample);
@@ -271,7 +309,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 let (Ok(b), Ok(a)) = (b, a) else {
                     bail!(
                         "reading CPU times from /proc (did a process exit?)\n{}",
-                        measured.mesh.context()
+                        context.context()
                     );
                 };
                 used_us[i] = procs::cpu_between(b, a, ticks);
@@ -315,6 +353,10 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             app_rss,
         );
     }
+    if let Some(f) = &running.floor {
+        let peak_rss_kib = procs::status_kib(f.pid, "VmHWM")?;
+        print_summary(&rows, Route::Floor, "floor", peak_rss_kib, &[], None);
+    }
     print_totals(&rows, errors, queued);
 
     for m in &mut running.meshes {
@@ -330,6 +372,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
 /// `mesh` and `mesh-test-app`, next to this executable.
 fn executables() -> anyhow::Result<(PathBuf, PathBuf)> {
+    Ok((beside("mesh")?, beside("mesh-test-app")?))
+}
+
+/// The executable `name`, next to this one.
+fn beside(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating mesh-bench itself")?;
     let dir = exe.parent().context("mesh-bench has no parent directory")?;
     let find = |name: &str| {
@@ -344,7 +391,25 @@ fn executables() -> anyhow::Result<(PathBuf, PathBuf)> {
             ))
         }
     };
-    Ok((find("mesh")?, find("mesh-test-app")?))
+    find(name)
+}
+
+/// Starts `mesh-floor` in front of the app of the direct path and waits until its path
+/// answers.
+fn start_floor(direct: &Target, rt: &tokio::runtime::Runtime) -> anyhow::Result<FloorRun> {
+    let mut command = std::process::Command::new(beside("mesh-floor")?);
+    command.arg(direct.addr().to_string());
+    let mut child = MeshChild::spawn(command)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let line = child.wait_line("floor=", deadline)?;
+    let via = addr_after(&line, "floor=").with_context(|| format!("no address in {line:?}"))?;
+    let via = Target::new(via)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if let Err(e) = rt.block_on(load::wait_ok(&via, left)) {
+        bail!("{e:#}\n{}", child.context());
+    }
+    let pid = child.pid();
+    Ok(FloorRun { child, pid, via })
 }
 
 /// A mesh of one service (`server`, the test app) and a caller (`client`) that only
@@ -481,6 +546,7 @@ fn print_row(row: &Row, running: &Running) {
     let route = match row.route {
         Route::Direct => "direct",
         Route::Mesh(i) => running.meshes[i].label(),
+        Route::Floor => "floor",
     };
     println!(
         "{:<16} {:<7} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>15.1}  {:>14.1}  {:>17.1}  {:>11.0}",
@@ -588,6 +654,13 @@ fn print_summary(
         .iter()
         .map(|k| format!("{:.1}", *k as f64 / 1024.0))
         .collect();
+    if route == Route::Floor {
+        println!(
+            "{label}: notes: its CPU column is the mesh-floor process (both hops, nothing else) per request; peak RSS is its VmHWM"
+        );
+        flush();
+        return;
+    }
     println!(
         "{label}: notes: mesh CPU is the mesh process (both sidecars, plus its supervisor) per request; peak RSS is its VmHWM; \
          the shims (one per app process) peak at [{}] MiB, the test app at {} MiB",

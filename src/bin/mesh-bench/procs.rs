@@ -56,17 +56,25 @@ impl MeshChild {
     /// channel (read by a thread for the whole run, so mesh never blocks on its output),
     /// the last lines of stderr are kept for error messages.
     pub(crate) fn start(mesh: &Path, config: &Path, cwd: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(mesh)
+        let mut command = Command::new(mesh);
+        command
             .arg("up")
             .arg("-f")
             .arg(config)
             .current_dir(cwd)
-            .env_remove("MESH_LOG")
+            .env_remove("MESH_LOG");
+        Self::spawn(command)
+    }
+
+    /// Runs `command` the same way: its stdout lines to the channel, the tail of its
+    /// stderr kept (used for `mesh-floor` too).
+    pub(crate) fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", mesh.display()))?;
+            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
         let (tx, lines) = mpsc::channel();
         if let Some(out) = child.stdout.take() {
             std::thread::spawn(move || {
