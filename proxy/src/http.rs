@@ -3,6 +3,7 @@
 //! HTTP/2 connection per peer, a keep-alive HTTP/1.1 pool, upgrade forwarding), and header
 //! rewriting between HTTP versions.
 
+pub(crate) mod cancel;
 pub mod client;
 pub mod headers;
 pub mod server;

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Body;
+use super::cancel::or_cancelled;
 use crate::metrics::Metrics;
 use crate::tls;
 
@@ -246,9 +247,8 @@ pub(crate) async fn serve_tls<H, F>(
         };
         tracker.spawn(
             async move {
-                tokio::select! {
-                    () = connection => {}
-                    () = force.cancelled() => tracing::debug!("connection closed by force"),
+                if or_cancelled(connection, force).await.is_none() {
+                    tracing::debug!("connection closed by force");
                 }
             }
             .instrument(span),
@@ -285,9 +285,9 @@ async fn serve_connection<S, H, F>(
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
+    let result = match or_cancelled(conn.as_mut(), shutdown.clone()).await {
+        Some(result) => result,
+        None => {
             // Finish the requests in flight, refuse new ones (GOAWAY on
             // HTTP/2, `Connection: close` on HTTP/1.1).
             conn.as_mut().graceful_shutdown();
