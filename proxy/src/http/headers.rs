@@ -18,16 +18,35 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const MESH_PREFIX: &str = "x-mesh-";
 
 /// A new random W3C `traceparent` (version 00, sampled).
+///
+/// The value is marked sensitive, which HTTP/2 encodes as "never indexed": a value that
+/// is new on every request would otherwise be added to the HPACK tables of both
+/// sidecars of the hop, evicting the entries (mesh header names, `:authority`) that make
+/// the other headers cheap.
 pub fn new_traceparent() -> HeaderValue {
     // All-zero ids are invalid; the chance is negligible, but `max(1)` rules it out.
-    let trace_hi = fastrand::u64(..);
-    let trace_lo = fastrand::u64(..).max(1);
-    let span = fastrand::u64(..).max(1);
-    let value = format!("00-{trace_hi:016x}{trace_lo:016x}-{span:016x}-01");
+    traceparent(
+        fastrand::u64(..),
+        fastrand::u64(..).max(1),
+        fastrand::u64(..).max(1),
+    )
+}
+
+/// `00-<trace_hi><trace_lo>-<span>-01`, each id in 16 lowercase hex digits, sensitive.
+fn traceparent(trace_hi: u64, trace_lo: u64, span: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    for (at, id) in [(3, trace_hi), (19, trace_lo), (36, span)] {
+        for (i, byte) in text[at..at + 16].iter_mut().enumerate() {
+            *byte = HEX[((id >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    }
     // Hex digits and dashes only: always a valid header value.
-    HeaderValue::from_str(&value).unwrap_or_else(|_| {
+    let mut value = HeaderValue::from_bytes(&text).unwrap_or_else(|_| {
         HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
-    })
+    });
+    value.set_sensitive(true);
+    value
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
@@ -36,6 +55,11 @@ pub fn new_traceparent() -> HeaderValue {
 /// upgrade request or `101` response keeps `Upgrade` and `Connection: upgrade`, which
 /// the next HTTP/1.1 hop needs to upgrade too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names (comparisons of known
+    // headers, no hashing) instead of a lookup per hop-by-hop name.
+    if !headers.keys().any(maybe_hop_by_hop) {
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     let mut upgrade_token = false;
     for value in headers.get_all(CONNECTION) {
@@ -81,6 +105,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+/// Whether `name` is hop-by-hop by itself, or makes others so (`Connection`).
+fn maybe_hop_by_hop(name: &HeaderName) -> bool {
+    *name == CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == TRANSFER_ENCODING
+        || *name == TE
+        || *name == UPGRADE
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Whether `req` asks for an HTTP/1.1 protocol upgrade (WebSocket and the like).
@@ -189,6 +223,16 @@ mod tests {
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
         assert_ne!(t, new_traceparent().to_str().unwrap());
+        assert!(new_traceparent().is_sensitive());
+    }
+
+    #[test]
+    fn traceparent_digits() {
+        let (hi, lo, span) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210, 0x00f0_0000_0000_000a);
+        assert_eq!(
+            traceparent(hi, lo, span).to_str().unwrap(),
+            format!("00-{hi:016x}{lo:016x}-{span:016x}-01")
+        );
     }
 
     #[test]
