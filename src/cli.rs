@@ -321,18 +321,23 @@ fn up(
         },
         color: std::io::stdout().is_terminal(),
         logs_dir: Some(state.logs_dir()),
+        // Terminal writes on a thread of their own: a stalled terminal must not stop
+        // the runtime's thread, which runs every sidecar.
+        background: true,
         ..LogOptions::default()
     });
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // One worker by default: a request crosses about six tasks through the two sidecars,
-    // and on one thread those hand-offs are queue pushes instead of cross-thread wake-ups
-    // (docs/benchmark.md: 12-40 % less CPU per request, same throughput). Blocking log
-    // writes run in `block_in_place`, which hands the worker's tasks to another thread,
-    // so a stalled terminal still cannot stop the sidecars. TOKIO_WORKER_THREADS
-    // (tokio's own variable) overrides it.
-    if !env.contains_key("TOKIO_WORKER_THREADS") {
-        builder.worker_threads(1);
-    }
+    // A single-threaded runtime by default: a request crosses about six tasks through
+    // the two sidecars, and there those hand-offs are pushes onto one FIFO run queue:
+    // no cross-thread wake-ups, and the frames of requests that arrive together leave in
+    // one write of the shared HTTP/2 connection (docs/benchmark.md: about 15 % less CPU
+    // per request and 20 % more throughput than one worker of the multi-thread
+    // runtime). TOKIO_WORKER_THREADS (tokio's own variable) asks for the multi-thread
+    // runtime with that many workers instead.
+    let mut builder = if env.contains_key("TOKIO_WORKER_THREADS") {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     let runtime = match builder.enable_all().thread_name("mesh").build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -340,7 +345,11 @@ fn up(
             return ExitCode::from(1);
         }
     };
+    let terminal = logs.clone();
     let code = runtime.block_on(run_up(config, env, only, logs, &state));
+    drop(runtime);
+    // The last lines ("stopped", an app's final words) may still be with the writer.
+    terminal.flush(std::time::Duration::from_secs(5));
     drop(state);
     code
 }

@@ -11,10 +11,19 @@
 //!
 //! Each attached replica gets one task that reads both of its pipes line by line. Every
 //! line is formatted completely (prefix, text and newline) before it is written with a
-//! single `write_all` under the terminal lock, so lines from different replicas never
-//! interleave mid-line. Writes are synchronous: a terminal that stops reading stalls the
-//! relay, which stalls the applications' pipes, exactly as if they wrote to that terminal
-//! themselves; nothing is buffered without bound.
+//! single `write_all`, so lines from different replicas never interleave mid-line. A
+//! terminal that stops reading stalls the relay, which stalls the applications' pipes,
+//! exactly as if they wrote to that terminal themselves; nothing is buffered without
+//! bound.
+//!
+//! Where the terminal writes happen is [`LogOptions::background`]'s choice. By default
+//! they are synchronous, under the terminal lock (on a multi-thread runtime inside
+//! `block_in_place`). With `background`, one thread of the sink's own does them: lines go
+//! to it over a channel, and a relay task first waits (asynchronously) for room among
+//! [`BACKGROUND_LINES`] lines in flight, so a stalled terminal stalls the relays and the
+//! applications' pipes but never the runtime's thread. `mesh up` runs the sidecars on a
+//! single-threaded runtime and uses it; [`LogSink::flush`] waits for the thread to write
+//! what it was given.
 //!
 //! Each replica's lines are also appended to `logs_dir/<service>.<replica>.log`, one
 //! `<ts> <stream> <line>` per line (RFC 3339 UTC with milliseconds, `stdout` or `stderr`),
@@ -29,11 +38,12 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -88,7 +98,12 @@ pub struct LogOptions {
     pub max_file_size: u64,
     /// Longer lines are split into pieces of at most this many bytes.
     pub max_line_len: usize,
+    /// Write to the terminal from a thread of the sink's own (see the module docs).
+    pub background: bool,
 }
+
+/// Lines a background writer may hold before the relays wait for it.
+pub const BACKGROUND_LINES: usize = 256;
 
 /// A per-mesh log relay: cheap to clone, all clones write to the same place.
 #[derive(Clone)]
@@ -207,6 +222,7 @@ impl Default for LogOptions {
             logs_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             max_line_len: DEFAULT_MAX_LINE_LEN,
+            background: false,
         }
     }
 }
@@ -219,6 +235,7 @@ impl fmt::Debug for LogOptions {
             .field("logs_dir", &self.logs_dir)
             .field("max_file_size", &self.max_file_size)
             .field("max_line_len", &self.max_line_len)
+            .field("background", &self.background)
             .finish_non_exhaustive()
     }
 }
@@ -228,12 +245,18 @@ impl fmt::Debug for LogOptions {
 impl LogSink {
     /// A sink writing as `options` say.
     pub fn new(options: LogOptions) -> Self {
+        let writer_failed = Arc::new(AtomicBool::new(false));
+        let terminal = if options.background {
+            Terminal::background(options.writer, Arc::clone(&writer_failed))
+        } else {
+            Terminal::Direct(Mutex::new(options.writer))
+        };
         LogSink {
             inner: Arc::new(Inner {
                 format: options.format,
                 color: options.color,
-                writer: Mutex::new(options.writer),
-                writer_failed: AtomicBool::new(false),
+                terminal,
+                writer_failed,
                 logs_dir: options.logs_dir,
                 max_file_size: options.max_file_size,
                 // A zero cap could never make progress on a long line.
@@ -275,7 +298,33 @@ impl LogSink {
     pub fn replica_line(&self, service: &str, replica: u32, stream: Stream, line: &str) {
         let source = self.source(service, replica);
         for piece in line.split('\n') {
-            self.emit(&source, stream, piece);
+            self.emit(&source, stream, piece, false);
+        }
+    }
+
+    /// Wait until every line handed to the terminal so far is written and flushed, for
+    /// at most `within` (a stalled terminal may never take them). `true` when done.
+    /// Without a background writer, writes are already done; this flushes the writer.
+    pub fn flush(&self, within: Duration) -> bool {
+        match &self.inner.terminal {
+            Terminal::Direct(writer) => writer.lock().flush().is_ok(),
+            Terminal::Background { lines, .. } => {
+                let (done, wait) = std::sync::mpsc::channel();
+                if lines.send(Message::Flush(done)).is_err() {
+                    return false;
+                }
+                wait.recv_timeout(within).is_ok()
+            }
+        }
+    }
+
+    /// Wait for room for one more line of a relay (with a background writer).
+    async fn reserve(&self) {
+        if let Terminal::Background { room, .. } = &self.inner.terminal {
+            if let Ok(permit) = room.acquire().await {
+                // Given back by the writer thread once the line is written.
+                permit.forget();
+            }
         }
     }
 
@@ -284,8 +333,15 @@ impl LogSink {
     pub fn mesh_line(&self, line: &str) {
         for piece in line.split('\n') {
             let ts = timestamp(self.inner.format);
-            self.inner
-                .write_terminal(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, piece);
+            self.inner.write_terminal(
+                MESH_LABEL,
+                None,
+                MESH_STYLE,
+                Stream::Stderr,
+                &ts,
+                piece,
+                false,
+            );
         }
     }
 
@@ -311,7 +367,9 @@ impl LogSink {
         }
     }
 
-    fn emit(&self, source: &Source, stream: Stream, line: &str) {
+    /// Relay one line of `source`; `reserved`: the caller holds room for it
+    /// ([`LogSink::reserve`]).
+    fn emit(&self, source: &Source, stream: Stream, line: &str, reserved: bool) {
         let inner = &*self.inner;
         // Files always carry a timestamp, the terminal only in JSON.
         let ts = if source.file.is_some() || inner.format == LogFormat::Json {
@@ -326,6 +384,7 @@ impl LogSink {
             stream,
             &ts,
             line,
+            reserved,
         );
         if let Some(file) = &source.file {
             let record = format!("{ts} {stream} {line}\n");
@@ -347,14 +406,83 @@ impl fmt::Debug for LogSink {
 struct Inner {
     format: LogFormat,
     color: bool,
-    writer: Mutex<Box<dyn Write + Send>>,
+    terminal: Terminal,
     /// Set after the first terminal write error, so that it is reported once.
-    writer_failed: AtomicBool,
+    writer_failed: Arc<AtomicBool>,
     logs_dir: Option<PathBuf>,
     max_file_size: u64,
     max_line_len: usize,
     /// Width text prefixes are padded to: the longest label seen so far.
     files: Mutex<HashMap<PathBuf, Arc<Mutex<FileSlot>>>>,
+}
+
+/// Where terminal lines are written.
+enum Terminal {
+    /// By the caller, under the lock.
+    Direct(Mutex<Box<dyn Write + Send>>),
+    /// By a thread of its own.
+    Background {
+        lines: std::sync::mpsc::Sender<Message>,
+        /// Room for relayed lines not yet written ([`BACKGROUND_LINES`] at most).
+        room: Arc<Semaphore>,
+    },
+}
+
+/// What the background writer is told.
+enum Message {
+    /// A complete line (with its newline); `reserved`: it holds a permit of `room`.
+    Line { text: String, reserved: bool },
+    /// Answer once everything before is written and flushed.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+impl Terminal {
+    /// Start the writer thread (`mesh-log`). It ends when the sink is dropped.
+    fn background(mut writer: Box<dyn Write + Send>, failed: Arc<AtomicBool>) -> Terminal {
+        let (lines, inbox) = std::sync::mpsc::channel::<Message>();
+        let room = Arc::new(Semaphore::new(BACKGROUND_LINES));
+        let freed = Arc::clone(&room);
+        let spawned = std::thread::Builder::new()
+            .name("mesh-log".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                while let Ok(first) = inbox.recv() {
+                    // Whatever else is waiting goes out in the same write.
+                    let mut done = Vec::new();
+                    let mut permits = 0;
+                    for message in std::iter::once(first).chain(inbox.try_iter()) {
+                        match message {
+                            Message::Line { text, reserved } => {
+                                batch.extend_from_slice(text.as_bytes());
+                                permits += usize::from(reserved);
+                            }
+                            Message::Flush(answer) => done.push(answer),
+                        }
+                        if batch.len() >= 64 * 1024 {
+                            break;
+                        }
+                    }
+                    let result = writer.write_all(&batch).and_then(|()| writer.flush());
+                    batch.clear();
+                    freed.add_permits(permits);
+                    if let Err(e) = result {
+                        if !failed.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "cannot write logs to the terminal");
+                        }
+                    }
+                    for answer in done {
+                        let _ = answer.send(());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread (the writer went with the failed spawn): write to stdout directly
+            // rather than lose the lines.
+            tracing::warn!(error = %e, "cannot start the log writer thread; writing directly");
+            return Terminal::Direct(Mutex::new(Box::new(io::stdout())));
+        }
+        Terminal::Background { lines, room }
+    }
 }
 
 /// One replica as a source of lines.
@@ -386,6 +514,7 @@ impl Inner {
         stream: Stream,
         ts: &str,
         line: &str,
+        reserved: bool,
     ) {
         let mut out = match self.format {
             LogFormat::Text => {
@@ -421,8 +550,26 @@ impl Inner {
             }
         };
         out.push('\n');
+        let writer = match &self.terminal {
+            Terminal::Direct(writer) => writer,
+            Terminal::Background { lines, room } => {
+                if lines
+                    .send(Message::Line {
+                        text: out,
+                        reserved,
+                    })
+                    .is_err()
+                {
+                    // The writer thread is gone (it never panics; only at exit).
+                    if reserved {
+                        room.add_permits(1);
+                    }
+                }
+                return;
+            }
+        };
         let write = || {
-            let mut writer = self.writer.lock();
+            let mut writer = writer.lock();
             writer
                 .write_all(out.as_bytes())
                 .and_then(|()| writer.flush())
@@ -620,7 +767,8 @@ where
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            sink.emit(&source, stream, &String::from_utf8_lossy(&line));
+            sink.reserve().await;
+            sink.emit(&source, stream, &String::from_utf8_lossy(&line), true);
             line.clear();
         } else {
             let take = buf.len().min(room);
@@ -628,13 +776,15 @@ where
             reader.consume(take);
             if line.len() >= max {
                 let cut = utf8_cut(&line);
-                sink.emit(&source, stream, &String::from_utf8_lossy(&line[..cut]));
+                sink.reserve().await;
+                sink.emit(&source, stream, &String::from_utf8_lossy(&line[..cut]), true);
                 line.drain(..cut);
             }
         }
     }
     if !line.is_empty() {
-        sink.emit(&source, stream, &String::from_utf8_lossy(&line));
+        sink.reserve().await;
+        sink.emit(&source, stream, &String::from_utf8_lossy(&line), true);
     }
 }
 

@@ -310,3 +310,102 @@ async fn sinks_do_not_share_state() {
     assert_eq!(one_out.lines(), ["a-very-long-name.0 | x"]);
     assert_eq!(two_out.lines(), ["b.0 | y"]);
 }
+
+/// A terminal that takes nothing until it is opened: a stalled `mesh up | less`.
+#[derive(Clone)]
+struct Stalled {
+    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    out: Buffer,
+}
+
+impl Write for Stalled {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (lock, opened) = &*self.open;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = opened.wait(open).unwrap();
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_background_writer_keeps_the_order_and_flush_waits_for_it() {
+    let out = Buffer::default();
+    let sink = LogSink::new(LogOptions {
+        writer: Box::new(out.clone()),
+        background: true,
+        ..LogOptions::default()
+    });
+    let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+    sink.attach("web", 0, io::Cursor::new(text.into_bytes()), &b""[..])
+        .await
+        .unwrap();
+    sink.mesh_line("done");
+    assert!(sink.flush(Duration::from_secs(10)), "the writer answered");
+    let lines = out.lines();
+    assert_eq!(lines.len(), 1001);
+    for (i, line) in lines[..1000].iter().enumerate() {
+        assert_eq!(line, &format!("web.0 | line {i}"));
+    }
+    assert_eq!(lines[1000], "mesh | done");
+}
+
+/// The runtime's thread (one thread: what `mesh up` runs the sidecars on) keeps running
+/// other tasks while a stalled terminal holds the relay; the lines all arrive once the
+/// terminal reads again.
+#[test]
+fn a_stalled_terminal_stalls_the_relay_but_not_the_runtime() {
+    let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let out = Buffer::default();
+    let terminal = Stalled {
+        open: Arc::clone(&open),
+        out: out.clone(),
+    };
+    let (report, reports) = std::sync::mpsc::channel();
+    let lines = 4 * BACKGROUND_LINES;
+    let runtime = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sink = LogSink::new(LogOptions {
+                writer: Box::new(terminal),
+                background: true,
+                ..LogOptions::default()
+            });
+            let text: String = (0..lines).map(|i| format!("line {i}\n")).collect();
+            let relay = sink.attach("web", 0, io::Cursor::new(text.into_bytes()), &b""[..]);
+            // Another task on the same thread, as a sidecar would be: it runs while the
+            // relay waits for the terminal.
+            let (ping, pong) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move { ping.send(()).unwrap() });
+            pong.await.unwrap();
+            report.send("other task ran").unwrap();
+            relay.await.unwrap();
+            report.send("relay done").unwrap();
+            assert!(sink.flush(Duration::from_secs(10)));
+        });
+    });
+    assert_eq!(
+        reports.recv_timeout(Duration::from_secs(10)),
+        Ok("other task ran"),
+        "the runtime thread was blocked by the terminal"
+    );
+    // The relay cannot finish: only BACKGROUND_LINES lines fit before the terminal.
+    assert!(reports.recv_timeout(Duration::from_millis(200)).is_err());
+    let (lock, opened) = &*open;
+    *lock.lock().unwrap() = true;
+    opened.notify_all();
+    assert_eq!(
+        reports.recv_timeout(Duration::from_secs(10)),
+        Ok("relay done")
+    );
+    runtime.join().unwrap();
+    assert_eq!(out.lines().len(), lines);
+}
