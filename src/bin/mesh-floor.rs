@@ -1,5 +1,5 @@
 //! The floor of the sidecars' stack, for `mesh-bench --floor`: a bare two-hop proxy
-//! built from the same parts as the mesh's data path (tokio with one worker, hyper's
+//! built from the same parts as the mesh's data path (tokio's current-thread runtime, hyper's
 //! HTTP/1.1 server and client, hyper's HTTP/2 client and server over rustls with the
 //! mesh's TLS 1.3 configuration, mimalloc) and nothing else: no discovery, balancing,
 //! retries, timeouts, metrics, header rules or authorization. What the mesh costs above
@@ -38,8 +38,7 @@ fn main() -> anyhow::Result<()> {
         .context("usage: mesh-floor <app-addr>")?
         .parse()
         .context("app address")?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(run(app))

@@ -777,7 +777,12 @@ where
             if line.len() >= max {
                 let cut = utf8_cut(&line);
                 sink.reserve().await;
-                sink.emit(&source, stream, &String::from_utf8_lossy(&line[..cut]), true);
+                sink.emit(
+                    &source,
+                    stream,
+                    &String::from_utf8_lossy(&line[..cut]),
+                    true,
+                );
                 line.drain(..cut);
             }
         }

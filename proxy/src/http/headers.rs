@@ -228,7 +228,11 @@ mod tests {
 
     #[test]
     fn traceparent_digits() {
-        let (hi, lo, span) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210, 0x00f0_0000_0000_000a);
+        let (hi, lo, span) = (
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+            0x00f0_0000_0000_000a,
+        );
         assert_eq!(
             traceparent(hi, lo, span).to_str().unwrap(),
             format!("00-{hi:016x}{lo:016x}-{span:016x}-01")
