@@ -190,7 +190,8 @@ struct Outbound {
     source: Option<HeaderValue>,
     balancer: Balancer,
     /// Connections to each service requests may go to, by service name.
-    pools: std::collections::HashMap<String, Target>,
+    /// The service's first, then its route backends'.
+    pools: Vec<(String, Target)>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -249,12 +250,14 @@ impl Outbound {
     /// The connections to `service`'s inbounds (built for the service and each route
     /// backend at start).
     fn target(&self, service: &str) -> &Target {
-        match self.pools.get(service) {
-            Some(target) => target,
+        // A handful of entries (the service and its route backends): a scan is cheaper
+        // than hashing the name.
+        match self.pools.iter().find(|(name, _)| name == service) {
+            Some((_, target)) => target,
             None => {
                 // Wiring bug: every balancer's service got a pool at start.
                 tracing::error!(service, "no connection pool for this service");
-                &self.pools[&self.cfg.service]
+                &self.pools[0].1
             }
         }
     }
@@ -346,6 +349,11 @@ impl Outbound {
             }
         };
         let rule = Rule::new(policy, &parts.method, &body);
+        // The first try's number goes into the headers every try copies (a map with
+        // room to spare, where the copy would have to grow); later tries replace it.
+        parts
+            .headers
+            .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
         // The failure of the last try, answered if no further try happens.
         let mut last: Option<(ErrorKind, String)> = None;
         // A response that asked for a retry, answered if no further try happens.
@@ -396,9 +404,11 @@ impl Outbound {
             *request.uri_mut() = parts.uri.clone();
             *request.version_mut() = version;
             *request.headers_mut() = parts.headers.clone();
-            request
-                .headers_mut()
-                .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
+            if attempts > 1 {
+                request
+                    .headers_mut()
+                    .insert(HDR_ATTEMPT, HeaderValue::from(attempts));
+            }
 
             let started = Instant::now();
             // The try ends at its per-try timeout or at the request's `timeout`, whichever
@@ -461,13 +471,15 @@ impl Outbound {
                             rule.on_reset(&response, &body) && rule.within(attempts)
                         }
                         hop => {
+                            let grpc = self.cfg.protocol == Protocol::Grpc;
                             let failure = response.status().is_server_error()
-                                || retry::grpc_status(&response)
-                                    .is_some_and(retry::is_failing_grpc_status);
+                                || (grpc
+                                    && retry::grpc_status(&response)
+                                        .is_some_and(retry::is_failing_grpc_status));
                             // A gRPC response with a body carries its status in the
                             // trailers: with a breaker, its verdict waits for them.
                             let deferred = !failure
-                                && self.cfg.protocol == Protocol::Grpc
+                                && grpc
                                 && balancer.has_breaker()
                                 && retry::grpc_status(&response).is_none()
                                 && !hyper::body::Body::is_end_stream(response.body());
