@@ -385,8 +385,9 @@ fn beside(name: &str) -> anyhow::Result<PathBuf> {
             Ok(p)
         } else {
             Err(anyhow::anyhow!(
-                "{} not found: mesh-bench runs the `mesh` and `mesh-test-app` built beside it; \
-                 build them first with `cargo build --release --bins`",
+                "{} not found: mesh-bench runs the executables built beside it (`mesh`, \
+                 `mesh-test-app`, and `mesh-floor` with --floor); build them first with \
+                 `cargo build --release --bins`",
                 p.display()
             ))
         }
