@@ -333,15 +333,10 @@ impl LogSink {
     pub fn mesh_line(&self, line: &str) {
         for piece in line.split('\n') {
             let ts = timestamp(self.inner.format);
-            self.inner.write_terminal(
-                MESH_LABEL,
-                None,
-                MESH_STYLE,
-                Stream::Stderr,
-                &ts,
-                piece,
-                false,
-            );
+            let out =
+                self.inner
+                    .format_line(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, piece);
+            self.inner.write_terminal(out, false);
         }
     }
 
@@ -377,15 +372,15 @@ impl LogSink {
         } else {
             String::new()
         };
-        inner.write_terminal(
+        let out = inner.format_line(
             &source.label,
             Some((&source.service, source.replica)),
             source.style,
             stream,
             &ts,
             line,
-            reserved,
         );
+        inner.write_terminal(out, reserved);
         if let Some(file) = &source.file {
             let record = format!("{ts} {stream} {line}\n");
             file.lock().append(record.as_bytes(), inner.max_file_size);
@@ -506,7 +501,9 @@ struct JsonLine<'a> {
 }
 
 impl Inner {
-    fn write_terminal(
+    /// A terminal line: `<label> | <line>` or the JSON object, with its newline. `None`
+    /// if it cannot be formatted.
+    fn format_line(
         &self,
         label: &str,
         origin: Option<(&str, u32)>,
@@ -514,8 +511,7 @@ impl Inner {
         stream: Stream,
         ts: &str,
         line: &str,
-        reserved: bool,
-    ) {
+    ) -> Option<String> {
         let mut out = match self.format {
             LogFormat::Text => {
                 // Exactly `<label> | <line>` (SPEC §4): no padding, so that tools and
@@ -544,12 +540,24 @@ impl Inner {
                     // losing one line beats stopping the relay.
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot format log line as json");
-                        return;
+                        return None;
                     }
                 }
             }
         };
         out.push('\n');
+        Some(out)
+    }
+
+    /// Write a line from [`Inner::format_line`]; `reserved`: it holds room with the
+    /// background writer, given back once it is written (or at once if there is no line).
+    fn write_terminal(&self, out: Option<String>, reserved: bool) {
+        let Some(out) = out else {
+            if let (Terminal::Background { room, .. }, true) = (&self.terminal, reserved) {
+                room.add_permits(1);
+            }
+            return;
+        };
         let writer = match &self.terminal {
             Terminal::Direct(writer) => writer,
             Terminal::Background { lines, room } => {
