@@ -21,7 +21,8 @@
 //! `block_in_place`). With `background`, one thread of the sink's own does them: lines go
 //! to it over a channel, and a relay task first waits (asynchronously) for room among
 //! [`BACKGROUND_LINES`] lines in flight, so a stalled terminal stalls the relays and the
-//! applications' pipes but never the runtime's thread. `mesh up` runs the sidecars on a
+//! applications' pipes but never the runtime's thread. (Mesh's own lines, a few per
+//! state change, are queued without waiting.) `mesh up` runs the sidecars on a
 //! single-threaded runtime and uses it; [`LogSink::flush`] waits for the thread to write
 //! what it was given.
 //!
