@@ -166,14 +166,15 @@ impl Inbound {
         // caller's sidecar said. Whatever the request carried as x-mesh-client-id is
         // replaced (or removed).
         let source = parts.headers.remove(HDR_SOURCE);
-        parts.headers.remove(HDR_CLIENT_ID);
         let client_id = match peer {
             Some(peer) => peer.header,
             None => source,
         };
-        if let Some(client_id) = client_id {
-            parts.headers.insert(HDR_CLIENT_ID, client_id);
-        }
+        // `insert` replaces every value the request carried.
+        match client_id {
+            Some(client_id) => parts.headers.insert(HDR_CLIENT_ID, client_id),
+            None => parts.headers.remove(HDR_CLIENT_ID),
+        };
         parts.headers.remove(HDR_VERSION);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
 
