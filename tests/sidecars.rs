@@ -268,24 +268,29 @@ env = {{ TEST_APP_LOG = "1" }}
     assert_eq!(mesh.exit_code(T), 0);
 }
 
+/// An app that floods its stdout (numbered lines, far more than mesh buffers for the
+/// terminal), then serves HTTP and logs each request. `$1` is the test app.
+const FLOOD_THEN_SERVE: &str = r#"
+echo $$ > api.pid
+awk 'BEGIN { for (i = 0; i < 50000; i++) printf "flood %06d ......................................................................\n", i }'
+exec "$1"
+"#;
+
 #[test]
-fn a_stalled_terminal_does_not_freeze_the_sidecars() {
+fn a_stalled_terminal_never_holds_the_apps() {
     use std::io::BufRead;
+    const FLOOD: usize = 50_000;
+    const REQUESTS: usize = 50;
     let p = Project::new(&format!(
         r#"
 [services.api]
-command = [{app:?}]
+command = ["sh", "flood.sh", {app:?}]
 expose = "127.0.0.1:0"
-
-[services.chatty]
-command = ["sh", "-c", "yes 'a line of chatter that nobody reads' | head -c 3000000; exec sleep 1000"]
-port = "none"
-replicas = 3
+env = {{ TEST_APP_LOG = "1" }}
 "#,
         app = test_app()
     ));
-    // mesh's stdout is a pipe that stops being read once the ingress is known: it fills
-    // up and every terminal write of mesh blocks from then on.
+    p.write("flood.sh", FLOOD_THEN_SERVE);
     /// Kills mesh if the test fails half-way (its shims then stop everything else).
     struct Guard(std::process::Child);
     impl Drop for Guard {
@@ -294,9 +299,14 @@ replicas = 3
             let _ = self.0.wait();
         }
     }
+    // mesh's stdout is a pipe that the test stops reading once it knows the ingress, as
+    // a paused `mesh up | less` would: it fills, and mesh's terminal writes block.
     let mut child = std::process::Command::new(mesh_bin())
         .args(["up", "-f"])
         .arg(p.file("mesh.toml"))
+        .current_dir(p.path())
+        .env("MESH_STATE_DIR", ".mesh")
+        .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -304,27 +314,95 @@ replicas = 3
         .expect("spawn mesh");
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut child = Guard(child);
-    let mut line = String::new();
+    let mut shown = Vec::new();
     let ingress = loop {
-        line.clear();
+        let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).expect("read") > 0,
             "mesh ended early"
         );
-        if let Some(addr) = line.trim().split("ingress of `api` on ").nth(1) {
-            break addr.to_string();
+        let addr = line
+            .trim()
+            .split("ingress of `api` on ")
+            .nth(1)
+            .map(str::to_string);
+        shown.push(line.trim_end().to_string());
+        if let Some(addr) = addr {
+            break addr;
         }
     };
-    // The chatter now fills the pipe; the data path must keep working regardless.
-    for _ in 0..20 {
-        let r = eventually("a response through the ingress", T, || {
-            get(&ingress, "/whoami").ok().filter(|r| r.status == 200)
-        });
-        assert_eq!(r.body, "api.0");
+
+    // The app gets past its flood and serves, and logging each request never blocks it.
+    let app = read_pid(&p, "api.pid", T);
+    let shim = parent_of(app).expect("the app's parent");
+    let first = eventually("api to answer while the terminal is stalled", T, || {
+        get(&ingress, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    assert_eq!(first.body, "api.0");
+    for i in 1..REQUESTS {
+        let r = get(&ingress, "/whoami").unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!((r.status, r.body.as_str()), (200, "api.0"), "request {i}");
     }
+    // Its file gets every line, in order, while the terminal still takes nothing.
+    let log = p.file(".mesh/logs/api.0.log");
+    let flood_of = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.split_once(" stdout flood "))
+            .map(|(_, rest)| rest.chars().take(6).collect())
+            .collect()
+    };
+    let text = eventually("every line in api.0.log", T, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let requests = text.lines().filter(|l| l.contains(" GET /whoami ")).count();
+        (requests == REQUESTS && flood_of(&text).len() == FLOOD).then_some(text)
+    });
+    for (i, n) in flood_of(&text).iter().enumerate() {
+        assert_eq!(n, &format!("{i:06}"), "line {i} of the flood");
+    }
+
+    // Reading again, the terminal gets mesh's notice of what it did not show.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(shown));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                seen.lock().expect("lock").push(line);
+            }
+        })
+    };
+    let notice = eventually("the notice of lines not shown", T, || {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .find(|l| l.contains("lines not shown"))
+            .cloned()
+    });
+    let dir = notice
+        .split_once(" lines not shown (terminal too slow); all are in ")
+        .map(|(_, dir)| std::path::PathBuf::from(dir))
+        .unwrap_or_else(|| panic!("{notice:?}"));
+    assert!(notice.starts_with("mesh | "), "{notice:?}");
+    assert_eq!(
+        dir.canonicalize().expect("the named directory"),
+        p.file(".mesh/logs").canonicalize().expect("logs dir")
+    );
+
     let _ = kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM);
-    // Drain what mesh wrote so it can finish its shutdown.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let status = eventually("mesh to exit", T, || child.0.try_wait().expect("try_wait"));
     assert_eq!(status.code(), Some(0));
+    reader.join().expect("reader");
+    assert_gone(&[app, shim], Duration::from_secs(2));
+
+    // Every line of the app was either shown or counted in a notice.
+    let seen = seen.lock().expect("lock");
+    let on_terminal = seen.iter().filter(|l| l.starts_with("api.0 | ")).count();
+    let not_shown: usize = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("mesh | ")?.split_once(" lines not shown ("))
+        .map(|(n, _)| n.parse::<usize>().expect("a count"))
+        .sum();
+    let in_file = std::fs::read_to_string(&log).expect("log").lines().count();
+    assert!(not_shown > 0);
+    assert_eq!(on_terminal + not_shown, in_file);
 }

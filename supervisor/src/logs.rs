@@ -11,20 +11,24 @@
 //!
 //! Each attached replica gets one task that reads both of its pipes line by line. Every
 //! line is formatted completely (prefix, text and newline) before it is written with a
-//! single `write_all`, so lines from different replicas never interleave mid-line. A
-//! terminal that stops reading stalls the relay, which stalls the applications' pipes,
-//! exactly as if they wrote to that terminal themselves; nothing is buffered without
-//! bound.
+//! single `write_all`, so lines from different replicas never interleave mid-line.
 //!
 //! Where the terminal writes happen is [`LogOptions::background`]'s choice. By default
 //! they are synchronous, under the terminal lock (on a multi-thread runtime inside
-//! `block_in_place`). With `background`, one thread of the sink's own does them: lines go
-//! to it over a channel, and a relay task first waits (asynchronously) for room among
-//! [`BACKGROUND_LINES`] lines in flight, so a stalled terminal stalls the relays and the
-//! applications' pipes but never the runtime's thread. (Mesh's own lines, a few per
-//! state change, are queued without waiting.) `mesh up` runs the sidecars on a
-//! single-threaded runtime and uses it; [`LogSink::flush`] waits for the thread to write
-//! what it was given.
+//! `block_in_place`): a writer that blocks then blocks the relays, so this is for writers
+//! that never block (tests, in-memory buffers). With `background`, which `mesh up` uses,
+//! one thread of the sink's own (`mesh-log`) does them, and a terminal that stops reading
+//! (a paused `mesh up | less`) never holds an application: the relays only append the
+//! formatted line to a buffer of at most [`TERMINAL_BUFFER`] bytes (besides the batch
+//! being written) and go back to the pipe at once. While the buffer is full, relayed lines are not shown but counted; once
+//! the thread takes the buffer again (the terminal caught up), it writes one line of
+//! mesh's own, `N lines not shown (terminal too slow); all are in <logs_dir>/`, in the
+//! terminal's format (a JSON line from service `mesh` with `--log-format json`; without
+//! `logs_dir`, the notice ends after the parenthesis). The files still get every line:
+//! the relays write them themselves. This is what journald, supervisord and docker do:
+//! whoever reads an application's pipe never waits on a viewer. Mesh's own lines (a few
+//! per state change) are never skipped and never wait. [`LogSink::flush`] waits for the
+//! thread to write what it was given.
 //!
 //! Each replica's lines are also appended to `logs_dir/<service>.<replica>.log`, one
 //! `<ts> <stream> <line>` per line (RFC 3339 UTC with milliseconds, `stdout` or `stderr`),
@@ -41,10 +45,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -99,12 +102,17 @@ pub struct LogOptions {
     pub max_file_size: u64,
     /// Longer lines are split into pieces of at most this many bytes.
     pub max_line_len: usize,
-    /// Write to the terminal from a thread of the sink's own (see the module docs).
+    /// Write to the terminal from a thread of the sink's own, skipping lines rather than
+    /// waiting when the terminal falls behind (see the module docs). Without it, terminal
+    /// writes are synchronous: only for a writer that never blocks.
     pub background: bool,
 }
 
-/// Lines a background writer may hold before the relays wait for it.
-pub const BACKGROUND_LINES: usize = 256;
+/// Bytes of formatted lines a background writer holds for a terminal that falls behind,
+/// besides the batch it is writing: about 10 000 lines of 100 bytes, docker's
+/// `max-buffer-size` for its non-blocking log mode. Relayed lines that do not fit are
+/// skipped and counted until the writer takes the buffer again.
+pub const TERMINAL_BUFFER: usize = 1024 * 1024;
 
 /// A per-mesh log relay: cheap to clone, all clones write to the same place.
 #[derive(Clone)]
@@ -247,15 +255,23 @@ impl LogSink {
     /// A sink writing as `options` say.
     pub fn new(options: LogOptions) -> Self {
         let writer_failed = Arc::new(AtomicBool::new(false));
+        let layout = Layout {
+            format: options.format,
+            color: options.color,
+        };
         let terminal = if options.background {
-            Terminal::background(options.writer, Arc::clone(&writer_failed))
+            Terminal::background(
+                options.writer,
+                Arc::clone(&writer_failed),
+                layout,
+                options.logs_dir.clone(),
+            )
         } else {
             Terminal::Direct(Mutex::new(options.writer))
         };
         LogSink {
             inner: Arc::new(Inner {
-                format: options.format,
-                color: options.color,
+                layout,
                 terminal,
                 writer_failed,
                 logs_dir: options.logs_dir,
@@ -306,26 +322,11 @@ impl LogSink {
     /// Wait until every line handed to the terminal so far is written and flushed, for
     /// at most `within` (a stalled terminal may never take them). `true` when done.
     /// Without a background writer, writes are already done; this flushes the writer.
+    /// A pending notice of skipped lines counts as handed over.
     pub fn flush(&self, within: Duration) -> bool {
         match &self.inner.terminal {
             Terminal::Direct(writer) => writer.lock().flush().is_ok(),
-            Terminal::Background { lines, .. } => {
-                let (done, wait) = std::sync::mpsc::channel();
-                if lines.send(Message::Flush(done)).is_err() {
-                    return false;
-                }
-                wait.recv_timeout(within).is_ok()
-            }
-        }
-    }
-
-    /// Wait for room for one more line of a relay (with a background writer).
-    async fn reserve(&self) {
-        if let Terminal::Background { room, .. } = &self.inner.terminal {
-            if let Ok(permit) = room.acquire().await {
-                // Given back by the writer thread once the line is written.
-                permit.forget();
-            }
+            Terminal::Background(backlog) => backlog.wait_written(within),
         }
     }
 
@@ -333,10 +334,11 @@ impl LogSink {
     /// `"replica": null`, `"stream": "stderr"`). Not written to any file.
     pub fn mesh_line(&self, line: &str) {
         for piece in line.split('\n') {
-            let ts = timestamp(self.inner.format);
+            let ts = timestamp(self.inner.layout.format);
             let out =
                 self.inner
-                    .format_line(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, piece);
+                    .layout
+                    .line(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, piece);
             self.inner.write_terminal(out, false);
         }
     }
@@ -363,17 +365,17 @@ impl LogSink {
         }
     }
 
-    /// Relay one line of `source`; `reserved`: the caller holds room for it
-    /// ([`LogSink::reserve`]).
-    fn emit(&self, source: &Source, stream: Stream, line: &str, reserved: bool) {
+    /// Relay one line of `source`; `relayed`: it comes from the application's pipe, and
+    /// the terminal may skip it when it falls behind (mesh's own notes are always shown).
+    fn emit(&self, source: &Source, stream: Stream, line: &str, relayed: bool) {
         let inner = &*self.inner;
         // Files always carry a timestamp, the terminal only in JSON.
-        let ts = if source.file.is_some() || inner.format == LogFormat::Json {
+        let ts = if source.file.is_some() || inner.layout.format == LogFormat::Json {
             humantime::format_rfc3339_millis(SystemTime::now()).to_string()
         } else {
             String::new()
         };
-        let out = inner.format_line(
+        let out = inner.layout.line(
             &source.label,
             Some((&source.service, source.replica)),
             source.style,
@@ -381,7 +383,7 @@ impl LogSink {
             &ts,
             line,
         );
-        inner.write_terminal(out, reserved);
+        inner.write_terminal(out, relayed);
         if let Some(file) = &source.file {
             let record = format!("{ts} {stream} {line}\n");
             file.lock().append(record.as_bytes(), inner.max_file_size);
@@ -392,92 +394,195 @@ impl LogSink {
 impl fmt::Debug for LogSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogSink")
-            .field("format", &self.inner.format)
-            .field("color", &self.inner.color)
+            .field("format", &self.inner.layout.format)
+            .field("color", &self.inner.layout.color)
             .field("logs_dir", &self.inner.logs_dir)
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
-    format: LogFormat,
-    color: bool,
+    layout: Layout,
     terminal: Terminal,
     /// Set after the first terminal write error, so that it is reported once.
     writer_failed: Arc<AtomicBool>,
     logs_dir: Option<PathBuf>,
     max_file_size: u64,
     max_line_len: usize,
-    /// Width text prefixes are padded to: the longest label seen so far.
+    /// One slot per replica's file, shared by all of its attachments.
     files: Mutex<HashMap<PathBuf, Arc<Mutex<FileSlot>>>>,
+}
+
+/// How terminal lines look.
+#[derive(Clone, Copy)]
+struct Layout {
+    format: LogFormat,
+    color: bool,
 }
 
 /// Where terminal lines are written.
 enum Terminal {
     /// By the caller, under the lock.
     Direct(Mutex<Box<dyn Write + Send>>),
-    /// By a thread of its own.
-    Background {
-        lines: std::sync::mpsc::Sender<Message>,
-        /// Room for relayed lines not yet written ([`BACKGROUND_LINES`] at most).
-        room: Arc<Semaphore>,
-    },
+    /// By the `mesh-log` thread, from a bounded buffer.
+    Background(Arc<Backlog>),
 }
 
-/// What the background writer is told.
-enum Message {
-    /// A complete line (with its newline); `reserved`: it holds a permit of `room`.
-    Line { text: String, reserved: bool },
-    /// Answer once everything before is written and flushed.
-    Flush(std::sync::mpsc::Sender<()>),
+/// What the sink and its `mesh-log` thread share.
+struct Backlog {
+    queue: Mutex<Queue>,
+    /// Wakes the thread: there is something to write, or the sink is gone.
+    work: Condvar,
+    /// Wakes [`LogSink::flush`]: a batch was written.
+    written: Condvar,
+    /// How the notice of skipped lines looks, and the directory it names.
+    layout: Layout,
+    logs_dir: Option<PathBuf>,
+}
+
+struct Queue {
+    /// Formatted lines for the thread, back to back; relayed lines are added only while
+    /// this stays within [`TERMINAL_BUFFER`] bytes.
+    pending: Vec<u8>,
+    /// Relayed lines not shown since the thread last took `pending`. While it is not
+    /// zero every relayed line is skipped, so the notice that reports them stands where
+    /// they would have been.
+    skipped: u64,
+    /// Lines handed over so far, skipped ones included (their notice is still to be
+    /// written); `flush` waits for `written` to reach it.
+    queued: u64,
+    /// `queued` as of the last batch the thread finished writing.
+    written: u64,
+    /// The sink is gone: the thread ends once everything is written.
+    closed: bool,
 }
 
 impl Terminal {
     /// Start the writer thread (`mesh-log`). It ends when the sink is dropped.
-    fn background(mut writer: Box<dyn Write + Send>, failed: Arc<AtomicBool>) -> Terminal {
-        let (lines, inbox) = std::sync::mpsc::channel::<Message>();
-        let room = Arc::new(Semaphore::new(BACKGROUND_LINES));
-        let freed = Arc::clone(&room);
+    fn background(
+        mut writer: Box<dyn Write + Send>,
+        failed: Arc<AtomicBool>,
+        layout: Layout,
+        logs_dir: Option<PathBuf>,
+    ) -> Terminal {
+        let backlog = Arc::new(Backlog {
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                skipped: 0,
+                queued: 0,
+                written: 0,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            written: Condvar::new(),
+            layout,
+            logs_dir,
+        });
+        let shared = Arc::clone(&backlog);
         let spawned = std::thread::Builder::new()
             .name("mesh-log".into())
-            .spawn(move || {
-                let mut batch = Vec::new();
-                while let Ok(first) = inbox.recv() {
-                    // Whatever else is waiting goes out in the same write.
-                    let mut done = Vec::new();
-                    let mut permits = 0;
-                    for message in std::iter::once(first).chain(inbox.try_iter()) {
-                        match message {
-                            Message::Line { text, reserved } => {
-                                batch.extend_from_slice(text.as_bytes());
-                                permits += usize::from(reserved);
-                            }
-                            Message::Flush(answer) => done.push(answer),
-                        }
-                        if batch.len() >= 64 * 1024 {
-                            break;
-                        }
-                    }
-                    let result = writer.write_all(&batch).and_then(|()| writer.flush());
-                    batch.clear();
-                    freed.add_permits(permits);
-                    if let Err(e) = result {
-                        if !failed.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(error = %e, "cannot write logs to the terminal");
-                        }
-                    }
-                    for answer in done {
-                        let _ = answer.send(());
-                    }
-                }
-            });
+            .spawn(move || shared.run(&mut *writer, &failed));
         if let Err(e) = spawned {
             // No thread (the writer went with the failed spawn): write to stdout directly
             // rather than lose the lines.
             tracing::warn!(error = %e, "cannot start the log writer thread; writing directly");
             return Terminal::Direct(Mutex::new(Box::new(io::stdout())));
         }
-        Terminal::Background { lines, room }
+        Terminal::Background(backlog)
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Terminal::Background(backlog) = self {
+            backlog.queue.lock().closed = true;
+            backlog.work.notify_one();
+        }
+    }
+}
+
+impl Backlog {
+    /// Hand a formatted line to the thread. A `relayed` line is skipped (and counted)
+    /// when the buffer is full; any other line is always taken, after the notice of the
+    /// lines skipped before it. Never waits for the terminal.
+    fn push(&self, text: &str, relayed: bool) {
+        let mut queue = self.queue.lock();
+        if relayed {
+            let full =
+                !queue.pending.is_empty() && queue.pending.len() + text.len() > TERMINAL_BUFFER;
+            if queue.skipped > 0 || full {
+                queue.skipped += 1;
+                queue.queued += 1;
+                // No wake-up needed: `pending` is not empty, the thread has work.
+                return;
+            }
+        } else if queue.skipped > 0 {
+            let notice = self.notice(std::mem::take(&mut queue.skipped));
+            queue.pending.extend_from_slice(notice.as_bytes());
+        }
+        queue.pending.extend_from_slice(text.as_bytes());
+        queue.queued += 1;
+        drop(queue);
+        self.work.notify_one();
+    }
+
+    /// The thread: write whatever is pending in one go, then the notice of what was
+    /// skipped meanwhile, until the sink is gone.
+    fn run(&self, writer: &mut dyn Write, failed: &AtomicBool) {
+        let mut batch = Vec::new();
+        loop {
+            let upto = {
+                let mut queue = self.queue.lock();
+                while queue.pending.is_empty() && queue.skipped == 0 && !queue.closed {
+                    self.work.wait(&mut queue);
+                }
+                if queue.pending.is_empty() && queue.skipped == 0 {
+                    return;
+                }
+                // The emptied buffer of the last batch takes the next lines.
+                std::mem::swap(&mut batch, &mut queue.pending);
+                if queue.skipped > 0 {
+                    let notice = self.notice(std::mem::take(&mut queue.skipped));
+                    batch.extend_from_slice(notice.as_bytes());
+                }
+                queue.queued
+            };
+            let result = writer.write_all(&batch).and_then(|()| writer.flush());
+            batch.clear();
+            // Do not keep a burst's megabyte for good.
+            batch.shrink_to(64 * 1024);
+            if let Err(e) = result {
+                if !failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot write logs to the terminal");
+                }
+            }
+            self.queue.lock().written = upto;
+            self.written.notify_all();
+        }
+    }
+
+    /// Wait until everything handed over so far is written, for at most `within`.
+    fn wait_written(&self, within: Duration) -> bool {
+        let mut queue = self.queue.lock();
+        let target = queue.queued;
+        self.written
+            .wait_while_for(&mut queue, |q| q.written < target, within);
+        queue.written >= target
+    }
+
+    /// Mesh's line about `n` relayed lines it did not show.
+    fn notice(&self, n: u64) -> String {
+        let mut text = format!("{n} lines not shown (terminal too slow)");
+        if let Some(dir) = &self.logs_dir {
+            let dir = dir.display().to_string();
+            let slash = if dir.ends_with('/') { "" } else { "/" };
+            text.push_str(&format!("; all are in {dir}{slash}"));
+        }
+        let ts = timestamp(self.layout.format);
+        // A line that cannot be formatted (it can't) leaves only the count behind.
+        self.layout
+            .line(MESH_LABEL, None, MESH_STYLE, Stream::Stderr, &ts, &text)
+            .unwrap_or_else(|| format!("{text}\n"))
     }
 }
 
@@ -501,10 +606,10 @@ struct JsonLine<'a> {
     line: &'a str,
 }
 
-impl Inner {
+impl Layout {
     /// A terminal line: `<label> | <line>` or the JSON object, with its newline. `None`
     /// if it cannot be formatted.
-    fn format_line(
+    fn line(
         &self,
         label: &str,
         origin: Option<(&str, u32)>,
@@ -549,31 +654,19 @@ impl Inner {
         out.push('\n');
         Some(out)
     }
+}
 
-    /// Write a line from [`Inner::format_line`]; `reserved`: it holds room with the
-    /// background writer, given back once it is written (or at once if there is no line).
-    fn write_terminal(&self, out: Option<String>, reserved: bool) {
+impl Inner {
+    /// Write a line from [`Layout::line`]; `relayed`: it comes from an application's
+    /// pipe, and a background writer that has fallen behind skips it.
+    fn write_terminal(&self, out: Option<String>, relayed: bool) {
         let Some(out) = out else {
-            if let (Terminal::Background { room, .. }, true) = (&self.terminal, reserved) {
-                room.add_permits(1);
-            }
             return;
         };
         let writer = match &self.terminal {
             Terminal::Direct(writer) => writer,
-            Terminal::Background { lines, room } => {
-                if lines
-                    .send(Message::Line {
-                        text: out,
-                        reserved,
-                    })
-                    .is_err()
-                {
-                    // The writer thread is gone (it never panics; only at exit).
-                    if reserved {
-                        room.add_permits(1);
-                    }
-                }
+            Terminal::Background(backlog) => {
+                backlog.push(&out, relayed);
                 return;
             }
         };
@@ -776,16 +869,18 @@ where
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            sink.reserve().await;
             sink.emit(&source, stream, &String::from_utf8_lossy(&line), true);
             line.clear();
+            // Nothing here waits any more (the pipe's buffer refills only every 8 KiB):
+            // count each line against the task's budget so that a flooding app yields the
+            // runtime's one thread to the sidecars every so many lines.
+            tokio::task::consume_budget().await;
         } else {
             let take = buf.len().min(room);
             line.extend_from_slice(&buf[..take]);
             reader.consume(take);
             if line.len() >= max {
                 let cut = utf8_cut(&line);
-                sink.reserve().await;
                 sink.emit(
                     &source,
                     stream,
@@ -793,11 +888,11 @@ where
                     true,
                 );
                 line.drain(..cut);
+                tokio::task::consume_budget().await;
             }
         }
     }
     if !line.is_empty() {
-        sink.reserve().await;
         sink.emit(&source, stream, &String::from_utf8_lossy(&line), true);
     }
 }

@@ -355,19 +355,39 @@ async fn a_background_writer_keeps_the_order_and_flush_waits_for_it() {
     assert_eq!(lines[1000], "mesh | done");
 }
 
-/// The runtime's thread (one thread: what `mesh up` runs the sidecars on) keeps running
-/// other tasks while a stalled terminal holds the relay; the lines all arrive once the
-/// terminal reads again.
-#[test]
-fn a_stalled_terminal_stalls_the_relay_but_not_the_runtime() {
+/// What [`stall_then_release`] saw.
+struct Stall {
+    /// Every line the terminal got, once released.
+    terminal: Vec<String>,
+    /// The replica's file, stored lines parsed.
+    file: Vec<String>,
+    /// The lines the app wrote, in order.
+    wrote: Vec<String>,
+    logs: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+/// Relay a flood of lines (well past [`TERMINAL_BUFFER`]) to a terminal that takes nothing,
+/// on a current-thread runtime (what `mesh up` runs the sidecars on), then print a line of
+/// mesh's own, then release the terminal. Panics unless the relay and the runtime kept
+/// going while the terminal was stalled.
+fn stall_then_release(format: LogFormat, files: bool) -> Stall {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = files.then(|| dir.path().join("logs"));
     let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let out = Buffer::default();
     let terminal = Stalled {
         open: Arc::clone(&open),
         out: out.clone(),
     };
+    // About 60 bytes a line, 3 MB in all: more than the buffer and a batch in flight.
+    let wrote: Vec<String> = (0..50_000)
+        .map(|i| format!("line {i:06} {}", "x".repeat(40)))
+        .collect();
+    let text: String = wrote.iter().map(|l| format!("{l}\n")).collect();
     let (report, reports) = std::sync::mpsc::channel();
-    let lines = 4 * BACKGROUND_LINES;
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let sink_logs = logs.clone();
     let runtime = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -375,37 +395,140 @@ fn a_stalled_terminal_stalls_the_relay_but_not_the_runtime() {
             .unwrap();
         rt.block_on(async move {
             let sink = LogSink::new(LogOptions {
+                format,
                 writer: Box::new(terminal),
+                logs_dir: sink_logs,
                 background: true,
                 ..LogOptions::default()
             });
-            let text: String = (0..lines).map(|i| format!("line {i}\n")).collect();
             let relay = sink.attach("web", 0, io::Cursor::new(text.into_bytes()), &b""[..]);
-            // Another task on the same thread, as a sidecar would be: it runs while the
-            // relay waits for the terminal.
+            // Another task on the same thread, as a sidecar would be.
             let (ping, pong) = tokio::sync::oneshot::channel();
             tokio::spawn(async move { ping.send(()).unwrap() });
             pong.await.unwrap();
             report.send("other task ran").unwrap();
             relay.await.unwrap();
+            sink.mesh_line("after the flood");
+            // The terminal still holds the first batch: nothing can be flushed yet.
+            assert!(!sink.flush(Duration::from_millis(50)));
             report.send("relay done").unwrap();
-            assert!(sink.flush(Duration::from_secs(10)));
+            released.recv().unwrap();
+            assert!(sink.flush(Duration::from_secs(10)), "the writer caught up");
         });
     });
+    let limit = Duration::from_secs(30);
     assert_eq!(
-        reports.recv_timeout(Duration::from_secs(10)),
+        reports.recv_timeout(limit),
         Ok("other task ran"),
         "the runtime thread was blocked by the terminal"
     );
-    // The relay cannot finish: only BACKGROUND_LINES lines fit before the terminal.
-    assert!(reports.recv_timeout(Duration::from_millis(200)).is_err());
+    assert_eq!(
+        reports.recv_timeout(limit),
+        Ok("relay done"),
+        "the relay waited for the terminal"
+    );
+    assert!(out.lines().is_empty(), "the terminal was stalled");
+    // Everything is in the file before the terminal reads again.
+    let file = match &logs {
+        Some(logs) => fs::read_to_string(logs.join("web.0.log"))
+            .unwrap()
+            .lines()
+            .map(|l| parse_file_line(l).unwrap().line)
+            .collect(),
+        None => Vec::new(),
+    };
     let (lock, opened) = &*open;
     *lock.lock().unwrap() = true;
     opened.notify_all();
-    assert_eq!(
-        reports.recv_timeout(Duration::from_secs(10)),
-        Ok("relay done")
-    );
+    release.send(()).unwrap();
     runtime.join().unwrap();
-    assert_eq!(out.lines().len(), lines);
+    Stall {
+        terminal: out.lines(),
+        file,
+        wrote,
+        logs,
+        _dir: dir,
+    }
+}
+
+/// Check what the terminal showed, as (service or label, line) pairs: runs of the app's
+/// lines in order, each gap replaced by exactly one notice of mesh counting the lines of
+/// the gap, and mesh's own line last.
+fn check_terminal(stall: &Stall, shown: &[(String, String)]) {
+    let where_ = match &stall.logs {
+        Some(logs) => format!("; all are in {}/", logs.display()),
+        None => String::new(),
+    };
+    let mut next = 0;
+    let mut notices = 0;
+    let mut after_notice = false;
+    let (last, lines) = shown.split_last().unwrap();
+    assert_eq!(last, &("mesh".to_owned(), "after the flood".to_owned()));
+    for (who, line) in lines {
+        if who == "mesh" {
+            let (n, rest) = line.split_once(' ').unwrap();
+            assert_eq!(rest, format!("lines not shown (terminal too slow){where_}"));
+            assert!(!after_notice, "one notice per gap");
+            next += n.parse::<usize>().unwrap();
+            notices += 1;
+            after_notice = true;
+        } else {
+            after_notice = false;
+            assert_eq!(who, "web.0");
+            assert_eq!(line, &stall.wrote[next], "line {next}");
+            next += 1;
+        }
+    }
+    assert_eq!(next, stall.wrote.len(), "every line shown or counted");
+    assert!(notices > 0);
+    // The terminal showed the first lines: only a full buffer skips.
+    assert_eq!(lines[0].1, stall.wrote[0]);
+}
+
+/// Text lines as (label, line).
+fn text_pairs(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let (who, line) = l.split_once(" | ").unwrap();
+            (who.to_owned(), line.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn a_stalled_terminal_skips_lines_and_says_where_they_are() {
+    let stall = stall_then_release(LogFormat::Text, true);
+    assert_eq!(stall.file, stall.wrote, "the file got every line");
+    check_terminal(&stall, &text_pairs(&stall.terminal));
+}
+
+#[test]
+fn the_notice_is_a_json_line_of_mesh() {
+    let stall = stall_then_release(LogFormat::Json, true);
+    assert_eq!(stall.file, stall.wrote);
+    let pairs: Vec<(String, String)> = stall
+        .terminal
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let service = v["service"].as_str().unwrap();
+            if service == "mesh" {
+                assert!(v["replica"].is_null());
+                assert_eq!(v["stream"], "stderr");
+                assert!(humantime::parse_rfc3339(v["ts"].as_str().unwrap()).is_ok());
+            } else {
+                assert_eq!(v["replica"], 0);
+            }
+            let label = if service == "mesh" { "mesh" } else { "web.0" };
+            (label.to_owned(), v["line"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    check_terminal(&stall, &pairs);
+}
+
+#[test]
+fn without_files_the_notice_only_counts() {
+    let stall = stall_then_release(LogFormat::Text, false);
+    check_terminal(&stall, &text_pairs(&stall.terminal));
 }
