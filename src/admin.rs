@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use mesh_proxy::http::server::{ACCEPT_WARN_INTERVAL, WarnLimiter};
 use mesh_proxy::metrics::Metrics;
 use mesh_supervisor::supervisor::Statuses;
 use tokio::net::TcpListener;
@@ -38,11 +39,15 @@ pub(crate) struct AdminState {
 /// Serve `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     let state = Arc::new(state);
+    let mut accept_warnings = WarnLimiter::new(ACCEPT_WARN_INTERVAL);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(%error, "admin accept failed");
+                // Said once per interval, not once per retry.
+                if let Some(more) = accept_warnings.hit(tokio::time::Instant::now()) {
+                    tracing::warn!(%error, "admin accept failed{more}");
+                }
                 // Out of descriptors or similar: wait for the condition to pass rather
                 // than spin.
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

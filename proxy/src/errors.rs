@@ -17,10 +17,17 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
+use crate::http::BoxError;
+
 use crate::Protocol;
 
 /// Response header naming the kind of a mesh-produced failure.
 pub const HDR_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
+
+/// Internal response header from an inbound to the caller's outbound: why the app did not
+/// answer (the detail of the inbound's error line), which the outbound's own error line
+/// repeats. Removed by the outbound.
+pub const HDR_DETAIL: HeaderName = HeaderName::from_static("x-mesh-detail");
 
 /// The kind of a failure the mesh produced itself, with its HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,7 +241,7 @@ pub enum ForwardError {
         addr: SocketAddr,
         /// The handshake error.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The TLS handshake with the next hop (an inbound) failed: another CA, another
     /// identity than the service's, an expired certificate, or not TLS at all.
@@ -251,35 +258,61 @@ pub enum ForwardError {
     NotSent {
         /// The peer address.
         addr: SocketAddr,
-        /// The error hyper gave.
+        /// The error the HTTP stack gave.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The peer refused the stream before processing it (REFUSED_STREAM or GOAWAY).
     #[error("{addr} refused the stream before processing it")]
     Refused {
         /// The peer address.
         addr: SocketAddr,
-        /// The error hyper gave.
+        /// The error the HTTP stack gave.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
+    },
+    /// The next hop answered bytes that are not HTTP (or broke the HTTP/2 protocol).
+    #[error("protocol error: {addr} answered with something that is not a valid HTTP response")]
+    Protocol {
+        /// The peer address.
+        addr: SocketAddr,
+        /// The error the HTTP stack gave.
+        #[source]
+        source: BoxError,
     },
     /// The connection or stream broke before response headers.
     #[error("{addr} closed the connection before response headers")]
     Reset {
         /// The peer address.
         addr: SocketAddr,
-        /// The error hyper gave.
+        /// The error the HTTP stack gave.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
 }
 
 impl ForwardError {
     /// Classify a hyper error of a request that was handed to the connection.
     pub fn from_send(addr: SocketAddr, source: hyper::Error) -> Self {
-        if is_refused(&source) {
+        if source.is_parse() || source.is_parse_status() {
+            return ForwardError::Protocol {
+                addr,
+                source: source.into(),
+            };
+        }
+        Self::classify(addr, source.into())
+    }
+
+    /// Classify an h2 error of a request that was handed to the connection.
+    pub fn from_h2(addr: SocketAddr, source: h2::Error) -> Self {
+        Self::classify(addr, source.into())
+    }
+
+    fn classify(addr: SocketAddr, source: BoxError) -> Self {
+        if is_refused(&*source) {
             ForwardError::Refused { addr, source }
+        } else if is_protocol(&*source) {
+            ForwardError::Protocol { addr, source }
         } else {
             ForwardError::Reset { addr, source }
         }
@@ -293,7 +326,7 @@ impl ForwardError {
             | ForwardError::Tls { .. }
             | ForwardError::NotSent { .. } => Retryable::Unsent,
             ForwardError::Refused { .. } => Retryable::NotProcessed,
-            ForwardError::Reset { .. } => Retryable::MaybeProcessed,
+            ForwardError::Reset { .. } | ForwardError::Protocol { .. } => Retryable::MaybeProcessed,
         }
     }
 
@@ -311,17 +344,7 @@ impl ForwardError {
     /// does not support what was sent, such as extended CONNECT without
     /// SETTINGS_ENABLE_CONNECT_PROTOCOL).
     pub fn is_protocol_error(&self) -> bool {
-        let ForwardError::Reset { source, .. } = self else {
-            return false;
-        };
-        let mut cause: Option<&(dyn StdError + 'static)> = source.source();
-        while let Some(e) = cause {
-            if let Some(h2) = e.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::PROTOCOL_ERROR);
-            }
-            cause = e.source();
-        }
-        false
+        matches!(self, ForwardError::Protocol { .. })
     }
 
     /// The kind a caller sees when this is the last try.
@@ -348,16 +371,29 @@ impl ForwardError {
 
 /// Whether `err` says the HTTP/2 peer did not process the stream: REFUSED_STREAM, or a
 /// GOAWAY (a stream failed by a GOAWAY is above its last stream id, hence unprocessed).
-fn is_refused(err: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn StdError + 'static)> = err.source();
+fn is_refused(err: &(dyn StdError + 'static)) -> bool {
+    h2_cause(err).is_some_and(|h2| {
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+    })
+}
+
+/// Whether `err` says the HTTP/2 peer broke the protocol or found us to (a stream or
+/// connection error with PROTOCOL_ERROR, such as an HTTP/2 server that does not support
+/// extended CONNECT, or a peer that does not speak HTTP/2 at all).
+fn is_protocol(err: &(dyn StdError + 'static)) -> bool {
+    h2_cause(err).is_some_and(|h2| h2.reason() == Some(h2::Reason::PROTOCOL_ERROR))
+}
+
+/// The first h2 error in `err`'s chain, `err` included.
+fn h2_cause<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a h2::Error> {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cause {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote());
+            return Some(h2);
         }
         cause = e.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]

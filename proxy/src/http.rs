@@ -5,6 +5,7 @@
 
 pub(crate) mod cancel;
 pub mod client;
+pub mod finish;
 pub mod headers;
 pub mod server;
 

@@ -27,11 +27,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::errors::{ErrorKind, ForwardError, HDR_ERROR, MeshError};
+use crate::errors::{ErrorKind, ForwardError, HDR_DETAIL, HDR_ERROR, MeshError};
 use crate::http::client::{self, H1Pool, H2Pool};
+use crate::http::finish::{End, Finish};
 use crate::http::headers::{self, HDR_CLIENT_ID};
 use crate::http::server::{self, Facing, Limits, PeerIdentity, ServerTls};
 use crate::http::{Body, boxed};
+use crate::metrics::ReplicaStats;
 use crate::ratelimit::{self, RateLimit, TokenBucket};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol};
 
@@ -87,7 +89,12 @@ pub async fn serve_with(
         metrics: cfg.metrics.clone(),
         service: cfg.service.clone(),
     });
+    let errors = cfg
+        .metrics
+        .connection_errors(crate::metrics::Listener::Inbound, "", &cfg.service);
+    let stats = cfg.metrics.replica(&cfg.service, cfg.replica);
     let inbound = Arc::new(Inbound {
+        stats,
         id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
         trust_domain: format!("spiffe://{}/", cfg.mesh_name),
         h1: H1Pool::new(cfg.app),
@@ -100,10 +107,7 @@ pub async fn serve_with(
         shutdown: shutdown.clone(),
     });
     let builder = server::builder(&limits, Facing::Sidecars);
-    let stats = inbound
-        .cfg
-        .metrics
-        .replica(&inbound.cfg.service, inbound.cfg.replica);
+    let stats = Arc::clone(&inbound.stats);
     let handle = move |_peer, req| {
         let inbound = Arc::clone(&inbound);
         let stats = Arc::clone(&stats);
@@ -116,7 +120,7 @@ pub async fn serve_with(
     };
     async move {
         server::serve_tls(
-            listener, builder, limits, tracker, shutdown, server_tls, handle,
+            listener, builder, limits, tracker, shutdown, server_tls, errors, handle,
         )
         .await;
         tracing::debug!("shutdown complete");
@@ -127,6 +131,8 @@ pub async fn serve_with(
 
 struct Inbound {
     cfg: InboundConfig,
+    /// This replica's recent traffic, for `mesh ps`.
+    stats: Arc<ReplicaStats>,
     /// `service.replica`, as `tried=` shows it.
     id: Arc<str>,
     /// `spiffe://<mesh>/`, the prefix of every identity of this mesh.
@@ -166,6 +172,11 @@ impl Inbound {
         // caller's sidecar said. Whatever the request carried as x-mesh-client-id is
         // replaced (or removed).
         let source = parts.headers.remove(HDR_SOURCE);
+        // Who called, for the report of a response the app cuts (rare: kept cheap).
+        let caller = Caller {
+            identity: peer.as_ref().map(|p| Arc::clone(&p.identity)),
+            source: source.clone(),
+        };
         let client_id = match peer {
             Some(peer) => peer.header,
             None => source,
@@ -199,7 +210,10 @@ impl Inbound {
             (None, AppVersion::Http1) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
-                self.h1.send(Request::from_parts(parts, boxed(body))).await
+                self.h1
+                    .send(Request::from_parts(parts, boxed(body)))
+                    .await
+                    .map(|response| response.map(boxed))
             }
             (None, AppVersion::Http2) => {
                 parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
@@ -212,6 +226,7 @@ impl Inbound {
                 self.h2
                     .send(self.cfg.app, request)
                     .await
+                    .map(|response| response.map(boxed))
                     .map_err(|(error, _unsent)| error)
             }
         };
@@ -222,7 +237,11 @@ impl Inbound {
                 // Only the mesh reports mesh errors: an app's own x-mesh-error must not
                 // make the caller's outbound retry or rewrite its response.
                 response.headers_mut().remove(HDR_ERROR);
-                response.map(boxed)
+                response.headers_mut().remove(HDR_DETAIL);
+                if upgraded || connect {
+                    return response;
+                }
+                self.watch_body(response, caller)
             }
             Err(error) => {
                 // An HTTP/2 server that did not enable extended CONNECT resets the stream
@@ -305,13 +324,13 @@ impl Inbound {
         &self,
         downstream: hyper::upgrade::OnUpgrade,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<Body>, ForwardError> {
         let mut response = client::send_upgrade(self.cfg.app, request).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
             client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
         }
-        Ok(response)
+        Ok(response.map(boxed))
     }
 
     /// Forward an extended CONNECT to the app as a stream of the shared h2c connection,
@@ -320,15 +339,10 @@ impl Inbound {
         &self,
         downstream: hyper::upgrade::OnUpgrade,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let mut response = self
-            .h2
-            .send(self.cfg.app, request)
-            .await
-            .map_err(|(error, _unsent)| error)?;
-        if response.status() == StatusCode::OK {
-            let upstream = hyper::upgrade::on(&mut response);
-            client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
+    ) -> Result<Response<Body>, ForwardError> {
+        let (response, tunnel) = self.h2.send_connect(self.cfg.app, request).await?;
+        if let Some(upstream) = tunnel {
+            client::splice_tunnel(&self.tracker, self.shutdown.clone(), downstream, upstream);
         }
         Ok(response)
     }
@@ -375,7 +389,62 @@ impl Inbound {
             detail: format!("app: {}{hint}", error.chain()),
         };
         tracing::info!(error = %error, "request to the app failed");
-        error.to_response(self.cfg.protocol).map(boxed)
+        let mut response = error.to_response(self.cfg.protocol).map(boxed);
+        // The caller's outbound words its own error line (with every try in it) and
+        // takes the why from here; it removes the header.
+        if let Ok(detail) = HeaderValue::from_str(&error.detail) {
+            response.headers_mut().insert(HDR_DETAIL, detail);
+        }
+        response
+    }
+
+    /// The app's response, whose body is watched: an app that breaks it mid-way (a
+    /// `Content-Length` it does not fill, a connection closed, a stream reset) is a failed
+    /// request of this replica for `mesh ps` and the metrics, and is logged. The caller
+    /// still gets the status and the bytes that came, then the break.
+    fn watch_body(&self, response: Response<Body>, caller: Caller) -> Response<Body> {
+        let stats = Arc::clone(&self.stats);
+        let metrics = self.cfg.metrics.clone();
+        let service = self.cfg.service.clone();
+        let id = Arc::clone(&self.id);
+        let trust_domain = self.trust_domain.clone();
+        response.map(move |body| {
+            boxed(Finish::new(body, move |end| {
+                let End::Cut { bytes, error } = end else {
+                    return;
+                };
+                stats.cut();
+                let name = caller.name(&trust_domain);
+                metrics.mesh_error(&name, &service, ErrorKind::Reset.as_str());
+                tracing::warn!(
+                    "{id}: the app broke its response to {name} after {bytes} body bytes: {error}"
+                );
+            }))
+        })
+    }
+}
+
+/// The caller of one request, kept for the report of a response the app cuts.
+struct Caller {
+    identity: Option<Arc<str>>,
+    source: Option<HeaderValue>,
+}
+
+impl Caller {
+    /// The caller's name (`web`, `ingress`), as the metrics label it.
+    fn name(&self, trust_domain: &str) -> String {
+        if let Some(identity) = &self.identity {
+            return identity
+                .strip_prefix(trust_domain)
+                .unwrap_or(identity)
+                .to_string();
+        }
+        self.source
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| id.rsplit('/').next())
+            .unwrap_or("unknown")
+            .to_string()
     }
 }
 

@@ -34,6 +34,66 @@ impl Side {
     }
 }
 
+/// The kind of listener a connection came to, for
+/// `mesh_http_connection_errors_total{listener}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// A caller's outbound, facing its local app.
+    Outbound,
+    /// An ingress (`expose`), facing whoever can reach its address.
+    Ingress,
+    /// A replica's inbound, facing other sidecars.
+    Inbound,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Ingress => "ingress",
+            Listener::Inbound => "inbound",
+        }
+    }
+}
+
+/// Why a client's HTTP connection to a sidecar ended with an error: what the peer did, in
+/// a few bounded kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionError {
+    /// The HTTP/2 client reset or provoked more streams than allowed (rapid reset) and
+    /// was sent GOAWAY `ENHANCE_YOUR_CALM`.
+    Flood,
+    /// The client broke HTTP: a malformed HTTP/1.1 head, an HTTP/2 protocol error.
+    Protocol,
+    /// The client sent no request (head) in time, or stopped answering HTTP/2 pings.
+    Timeout,
+    /// The connection broke: reset by the client, or closed in the middle of a message.
+    Io,
+    /// Anything else.
+    Other,
+}
+
+impl ConnectionError {
+    /// The `kind` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionError::Flood => "flood",
+            ConnectionError::Protocol => "protocol",
+            ConnectionError::Timeout => "timeout",
+            ConnectionError::Io => "io",
+            ConnectionError::Other => "other",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    listener: String,
+    caller: String,
+    service: String,
+    kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     caller: String,
@@ -85,6 +145,7 @@ struct Inner {
     ejections: Family<PairLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
+    connection_errors: Family<ConnectionLabels, Counter>,
     restarts: Family<ReplicaLabels, Counter>,
     cert_expiry: Family<ReplicaLabels, Gauge>,
 }
@@ -118,6 +179,7 @@ impl Metrics {
         let ejections = Family::<PairLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let connection_errors = Family::<ConnectionLabels, Counter>::default();
         let restarts = Family::<ReplicaLabels, Counter>::default();
         let cert_expiry = Family::<ReplicaLabels, Gauge>::default();
         registry.register(
@@ -147,6 +209,12 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register(
+            "http_connection_errors",
+            "Clients' HTTP connections to sidecars that ended with an error, by kind (counted, \
+             not logged)",
+            connection_errors.clone(),
+        );
+        registry.register(
             "process_restarts",
             "Restarts of each replica's process",
             restarts.clone(),
@@ -166,6 +234,7 @@ impl Metrics {
                 ejections,
                 errors,
                 handshake_failures,
+                connection_errors,
                 restarts,
                 cert_expiry,
             }),
@@ -227,6 +296,24 @@ impl Metrics {
                 side: side.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Where one HTTP listener counts the connections its clients end with an error:
+    /// `caller` is the app (or "ingress") an outbound or ingress listener serves, "" for
+    /// an inbound, whose clients are other sidecars; `service` the called service (the
+    /// replica's own for an inbound).
+    pub fn connection_errors(
+        &self,
+        listener: Listener,
+        caller: &str,
+        service: &str,
+    ) -> ConnectionErrors {
+        ConnectionErrors {
+            metrics: self.clone(),
+            listener,
+            caller: caller.into(),
+            service: service.into(),
+        }
     }
 
     /// Raise a replica's restart counter to `total` (restarts are counted by the
@@ -291,6 +378,41 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// `mesh_http_connection_errors_total` of one listener ([`Metrics::connection_errors`]).
+#[derive(Clone)]
+pub struct ConnectionErrors {
+    metrics: Metrics,
+    listener: Listener,
+    caller: Arc<str>,
+    service: Arc<str>,
+}
+
+impl std::fmt::Debug for ConnectionErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionErrors")
+            .field("listener", &self.listener)
+            .field("caller", &self.caller)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionErrors {
+    /// One client connection ended with an error of `kind`.
+    pub fn record(&self, kind: ConnectionError) {
+        self.metrics
+            .inner
+            .connection_errors
+            .get_or_create(&ConnectionLabels {
+                listener: self.listener.as_str().to_string(),
+                caller: self.caller.to_string(),
+                service: self.service.to_string(),
+                kind: kind.as_str().to_string(),
+            })
+            .inc();
     }
 }
 
@@ -435,6 +557,17 @@ impl ReplicaStats {
         slot.latency[bucket] += 1;
     }
 
+    /// A response already recorded whose body the app then broke: one success fewer
+    /// in the current second (the request counts as failed).
+    pub fn cut(&self) {
+        let now = self.started.elapsed().as_secs();
+        let mut ring = self.ring.lock();
+        let slot = &mut ring[(now % WINDOW_SECS) as usize];
+        if slot.at == now && slot.ok > 0 {
+            slot.ok -= 1;
+        }
+    }
+
     /// The window up to now.
     pub fn summary(&self) -> Summary {
         let elapsed = self.started.elapsed();
@@ -510,6 +643,12 @@ mod tests {
         metrics.tls_handshake_failure("api", Side::Server);
         metrics.set_restarts("api", 0, 3);
         metrics.set_restarts("api", 0, 2);
+        let ingress = metrics.connection_errors(Listener::Ingress, "ingress", "web");
+        ingress.record(ConnectionError::Flood);
+        ingress.record(ConnectionError::Flood);
+        metrics
+            .connection_errors(Listener::Inbound, "", "api")
+            .record(ConnectionError::Timeout);
         let text = metrics.encode();
         assert!(
             text.contains(
@@ -527,6 +666,18 @@ mod tests {
         );
         assert!(
             text.contains(r#"mesh_process_restarts_total{service="api",replica="0"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"mesh_http_connection_errors_total{listener="ingress",caller="ingress",service="web",kind="flood"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"mesh_http_connection_errors_total{listener="inbound",caller="",service="api",kind="timeout"} 1"#
+            ),
             "{text}"
         );
         assert_eq!(metrics.tls_handshake_failures_total(), 2);

@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick, Verdict};
-use crate::errors::{ErrorKind, HDR_ERROR, MeshError, Retryable};
+use crate::errors::{ErrorKind, HDR_DETAIL, HDR_ERROR, MeshError, Retryable};
 use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
 use crate::http::server::{self, Facing, Limits};
@@ -155,6 +155,15 @@ pub async fn serve_with(
         service = %outbound.cfg.service,
         ingress = outbound.cfg.ingress,
     );
+    let errors = outbound.cfg.metrics.connection_errors(
+        if outbound.cfg.ingress {
+            crate::metrics::Listener::Ingress
+        } else {
+            crate::metrics::Listener::Outbound
+        },
+        &outbound.cfg.caller,
+        &outbound.cfg.service,
+    );
     let handle = move |peer, req: Request<Incoming>| {
         let outbound = Arc::clone(&outbound);
         async move {
@@ -170,7 +179,7 @@ pub async fn serve_with(
         }
     };
     async move {
-        server::serve(listener, builder, limits, tracker, shutdown, handle).await;
+        server::serve(listener, builder, limits, tracker, shutdown, errors, handle).await;
         tracing::debug!("shutdown complete");
     }
     .instrument(span)
@@ -358,7 +367,7 @@ impl Outbound {
         let mut last: Option<(ErrorKind, String)> = None;
         // A response that asked for a retry, answered if no further try happens.
         // (With the breaker verdict still to come from its trailers, if deferred.)
-        let mut pending: Option<(Response<Incoming>, Option<Deferred>)> = None;
+        let mut pending: Option<(client::H2Response, Option<Deferred>)> = None;
         loop {
             let pick = match balancer.pick_or(&progress.tried, deadline).await {
                 Ok(pick) => pick,
@@ -462,12 +471,15 @@ impl Outbound {
                         }
                         Some(ErrorKind::Reset) => {
                             self.record(balancer, pick, Outcome::Failed(took));
-                            last = Some((
-                                ErrorKind::Reset,
-                                format!(
-                                    "{id}: the app closed the connection before response headers"
-                                ),
-                            ));
+                            // The inbound says why: closed, or not HTTP (a protocol error).
+                            let why = response
+                                .headers()
+                                .get(HDR_DETAIL)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or(
+                                    "app: the app closed the connection before response headers",
+                                );
+                            last = Some((ErrorKind::Reset, format!("{id}: {why}")));
                             rule.on_reset(&response, &body) && rule.within(attempts)
                         }
                         hop => {
@@ -600,28 +612,38 @@ impl Outbound {
         let target = self.target(balancer.service());
         let addr = pick.endpoint.addr;
         let sent = match tunnel {
-            Tunnel::Upgrade => {
-                client::send_upgrade_via(addr, target.peer_tls.as_ref(), request).await
-            }
-            // hyper sends a CONNECT's headers without END_STREAM and keeps the stream
-            // for the tunnel; the request body (empty) is never sent.
-            Tunnel::ExtendedConnect => target
-                .pool
-                .send(addr, request)
+            Tunnel::Upgrade => client::send_upgrade_via(addr, target.peer_tls.as_ref(), request)
                 .await
-                .map_err(|(error, _unsent)| error),
-        };
-        match sent {
-            Ok(mut response) => {
-                self.record(balancer, pick, Outcome::Response(started.elapsed()));
-                if tunnel.established(response.status()) {
-                    let upstream = hyper::upgrade::on(&mut response);
-                    client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
-                    if tunnel == Tunnel::Upgrade {
+                .map(|mut response| {
+                    let mut upstream = None;
+                    if tunnel.established(response.status()) {
+                        upstream = Some(hyper::upgrade::on(&mut response));
                         headers::strip_hop_by_hop(response.headers_mut(), true);
                     }
+                    (response.map(boxed), upstream.map(Upstream::Upgraded))
+                }),
+            // The CONNECT's headers go without END_STREAM and the stream is kept for the
+            // tunnel; the request body (empty) is never sent.
+            Tunnel::ExtendedConnect => target
+                .pool
+                .send_connect(addr, request)
+                .await
+                .map(|(response, tunnel)| (response, tunnel.map(Upstream::Tunnel))),
+        };
+        match sent {
+            Ok((response, upstream)) => {
+                self.record(balancer, pick, Outcome::Response(started.elapsed()));
+                match upstream {
+                    Some(Upstream::Upgraded(upstream)) => {
+                        client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
+                    }
+                    Some(Upstream::Tunnel(upstream)) => {
+                        let shutdown = self.shutdown.clone();
+                        client::splice_tunnel(&self.tracker, shutdown, downstream, upstream);
+                    }
+                    None => {}
                 }
-                response.map(boxed)
+                response
             }
             Err(error) => {
                 if error.is_connect() {
@@ -717,6 +739,12 @@ enum Tunnel {
     Upgrade,
     /// HTTP/2 extended CONNECT (RFC 8441, `:protocol`): established by `200`.
     ExtendedConnect,
+}
+
+/// The next hop's side of an established tunnel.
+enum Upstream {
+    Upgraded(hyper::upgrade::OnUpgrade),
+    Tunnel(client::H2Tunnel),
 }
 
 impl Tunnel {
@@ -860,12 +888,14 @@ fn guarded<B>(
 ) -> Response<Body>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<crate::http::BoxError>,
+    B::Error: Into<crate::http::BoxError> + Send,
 {
     response.map(|body| {
         boxed(Guarded {
             body,
             verdict,
+            passed: false,
+            held: None,
             _admission: admission,
         })
     })
@@ -893,17 +923,21 @@ impl Deferred {
 pin_project_lite::pin_project! {
     /// A response body that holds its request's `max_concurrent` slot, and for a gRPC
     /// response under a circuit breaker, the verdict its trailers settle.
-    struct Guarded<B> {
+    struct Guarded<B, E> {
         #[pin]
         body: B,
         // `None` on the hot path (http, or no breaker); taken once settled. Dropped
         // unsettled (the client went away mid-body), it counts nothing.
         verdict: Option<Deferred>,
+        // Whether data went out: an error after that is held back for one turn, so that
+        // the server writes those bytes before it closes or resets (`http/finish.rs`).
+        passed: bool,
+        held: Option<E>,
         _admission: Admission,
     }
 }
 
-impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
+impl<B: hyper::body::Body<Error = E>, E> hyper::body::Body for Guarded<B, E> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -912,8 +946,23 @@ impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if let Some(error) = this.held.take() {
+            return std::task::Poll::Ready(Some(Err(error)));
+        }
         let mut body = this.body;
         let polled = body.as_mut().poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => *this.passed = true,
+            std::task::Poll::Ready(Some(Err(_))) if *this.passed && this.verdict.is_none() => {
+                if let std::task::Poll::Ready(Some(Err(error))) = polled {
+                    tracing::debug!("the response body broke after some of it was sent");
+                    *this.held = Some(error);
+                    cx.waker().wake_by_ref();
+                }
+                return std::task::Poll::Pending;
+            }
+            _ => {}
+        }
         if this.verdict.is_none() {
             return polled;
         }
@@ -941,7 +990,7 @@ impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.held.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -950,7 +999,7 @@ impl<B: hyper::body::Body> hyper::body::Body for Guarded<B> {
 }
 
 /// The mesh error a next hop (the inbound) reported instead of an app response.
-fn hop_error(response: &Response<Incoming>) -> Option<ErrorKind> {
+fn hop_error<B>(response: &Response<B>) -> Option<ErrorKind> {
     response
         .headers()
         .get(HDR_ERROR)

@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::Traffic;
 use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick};
+use crate::http::server::{ACCEPT_WARN_INTERVAL, WarnLimiter};
 use crate::metrics::{Metrics, Side};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::routes::Routes;
@@ -162,6 +163,7 @@ async fn serve<F, Fut>(
     // tells the connections to close, since spawned tasks would otherwise outlive it.
     let force = CancellationToken::new();
     let _force_on_drop = force.clone().drop_guard();
+    let mut accept_warnings = WarnLimiter::new(ACCEPT_WARN_INTERVAL);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -173,7 +175,11 @@ async fn serve<F, Fut>(
                 tracker.spawn(connection(stream, peer, force.clone()));
             }
             Err(error) => {
-                tracing::warn!(%error, "tcp {direction} accept failed");
+                // Out of file descriptors and the like: said once per interval, not once
+                // per retry.
+                if let Some(more) = accept_warnings.hit(Instant::now()) {
+                    tracing::warn!(%error, "tcp {direction} accept failed{more}");
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}

@@ -3,11 +3,14 @@
 //! to an HTTP/1.1 app), a dedicated HTTP/1.1 connection per upgrade, and the splice of
 //! upgraded streams.
 //!
+//! The HTTP/2 connections use the `h2` crate directly (`client/http2.rs`), so that a
+//! response body is drained from h2 at once and flow-control credit goes back to the peer
+//! only as the next hop takes the bytes (`client/recv.rs`).
+//!
 //! Between sidecars these connections are mutual TLS when the outbound has a
 //! [`PeerTls`]: the pooled HTTP/2 connection negotiates ALPN `h2`, an upgrade's dedicated
 //! connection `http/1.1`. The handshake happens once per connection, never per request.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +18,9 @@ use std::{fmt, io};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -25,8 +28,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+mod http2;
+mod recv;
+mod tunnel;
+
+pub use http2::{H2Pool, H2Response};
+pub use recv::RecvBody;
+pub use tunnel::H2Tunnel;
+
 use super::Body;
-use super::server::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::errors::ForwardError;
 use crate::metrics::{Metrics, Side};
 use crate::tls::{self, ClientTls, TlsError};
@@ -59,162 +69,6 @@ impl fmt::Debug for PeerTls {
 /// A failed send: the error, and the request when it was never handed to a connection
 /// (its body untouched, so it can be sent elsewhere).
 pub type SendError = (ForwardError, Option<Request<Body>>);
-
-/// One shared HTTP/2 connection per peer address, reused by every request and replaced
-/// when it breaks. Cheap to clone; clones share connections.
-#[derive(Clone)]
-pub struct H2Pool {
-    builder: http2::Builder<TokioExecutor>,
-    conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
-    /// Mutual TLS towards inbounds; `None` for plain connections (to an h2c app, or
-    /// between sidecars with `tls = "off"`).
-    tls: Option<Arc<PeerTls>>,
-}
-
-/// A peer's connection, behind an async lock so concurrent first requests share one
-/// connect instead of racing to open several.
-type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
-
-impl Default for H2Pool {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Debug for H2Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Pool").finish_non_exhaustive()
-    }
-}
-
-impl H2Pool {
-    /// An empty pool of plain connections.
-    pub fn new() -> Self {
-        Self::with_tls(None)
-    }
-
-    /// An empty pool whose connections are mutual TLS with `tls` (ALPN `h2`), or plain
-    /// without it.
-    pub fn with_tls(tls: Option<PeerTls>) -> Self {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            // Until the peer's SETTINGS arrive hyper assumes 100 concurrent streams and
-            // queues beyond that; the peer (an inbound, or an app) states its real limit
-            // in its first frame, so do not add a lower cap of our own meanwhile.
-            .initial_max_send_streams(1000)
-            // Every cancelled request (a caller hung up, a retry dropped a 5xx) resets a
-            // stream, and h2 remembers reset streams to ignore their late frames. With
-            // h2's default of 10, a burst of cancellations evicts them early, and a late
-            // frame then is a connection error that fails every other request
-            // multiplexed on this shared connection.
-            .max_concurrent_reset_streams(10_000)
-            // Response heads from apps: hyper's 16 KiB default rejects large cookies;
-            // 256 KiB is generous and still bounded.
-            .max_header_list_size(256 * 1024)
-            // Find dead peers on idle and busy connections alike, so a vanished peer
-            // gives a reconnect instead of requests hanging on a half-open socket.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        H2Pool {
-            builder,
-            conns: Arc::default(),
-            tls: tls.map(Arc::new),
-        }
-    }
-
-    /// Send `req` to `addr` over the shared connection, connecting (again) if needed.
-    pub async fn send(
-        &self,
-        addr: SocketAddr,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let mut req = req;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut sender = match self.sender(addr).await {
-                Ok(sender) => sender,
-                Err(error) => return Err((error, Some(req))),
-            };
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    // The shared connection closed between the check and the send, and
-                    // hyper handed the request back untouched: one fresh connection is
-                    // worth a try before reporting it.
-                    Some(unsent) => {
-                        let source = error.into_error();
-                        if tries >= 2 {
-                            return Err((ForwardError::NotSent { addr, source }, Some(unsent)));
-                        }
-                        tracing::debug!(%addr, error = %source, "shared connection closed, reconnecting");
-                        req = unsent;
-                    }
-                    None => {
-                        return Err((ForwardError::from_send(addr, error.into_error()), None));
-                    }
-                },
-            }
-        }
-    }
-
-    /// The live connection to `addr`, or a new one.
-    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ForwardError> {
-        let slot = Arc::clone(self.conns.lock().entry(addr).or_default());
-        let mut current = slot.lock().await;
-        if let Some(sender) = current.as_ref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
-            }
-        }
-        *current = None;
-        // Boxed: the handshake is the rare path, and inline it would make every request's
-        // future (moved several times between hyper and tokio) twice as large.
-        let sender = Box::pin(self.connect(addr)).await?;
-        *current = Some(sender.clone());
-        Ok(sender)
-    }
-
-    /// A new HTTP/2 connection to `addr`, driven by its own task.
-    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ForwardError> {
-        match &self.tls {
-            None => self.handshake(addr, connect(addr).await?).await,
-            Some(tls) => {
-                let stream = connect_tls(addr, tls, &tls.client.h2).await?;
-                self.handshake(addr, stream).await
-            }
-        }
-    }
-
-    /// The HTTP/2 handshake over `stream`; the connection is driven by its own task.
-    async fn handshake<S>(
-        &self,
-        addr: SocketAddr,
-        stream: S,
-    ) -> Result<http2::SendRequest<Body>, ForwardError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, conn) = self
-            .builder
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ForwardError::Handshake { addr, source })?;
-        tokio::spawn(
-            async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%error, "http/2 connection ended with an error");
-                }
-            }
-            .instrument(tracing::debug_span!("h2-client", %addr)),
-        );
-        Ok(sender)
-    }
-}
 
 /// A keep-alive pool of HTTP/1.1 connections to one address (an app). Requests take an
 /// idle connection or open a new one; a connection goes back to the pool with its response
@@ -264,7 +118,7 @@ impl H1Pool {
                     Some(_) => {
                         return Err(ForwardError::NotSent {
                             addr,
-                            source: error.into_error(),
+                            source: error.into_error().into(),
                         });
                     }
                     None => return Err(ForwardError::from_send(addr, error.into_error())),
@@ -341,9 +195,33 @@ pub fn splice(
     downstream: OnUpgrade,
     upstream: OnUpgrade,
 ) {
+    let upstream = async move { upstream.await.map(TokioIo::new) };
+    splice_with(tracker, shutdown, downstream, upstream);
+}
+
+/// [`splice`] with an HTTP/2 stream as the upstream side (an extended CONNECT's tunnel).
+pub fn splice_tunnel(
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+    downstream: OnUpgrade,
+    upstream: H2Tunnel,
+) {
+    let upstream = async move { Ok::<_, hyper::Error>(upstream) };
+    splice_with(tracker, shutdown, downstream, upstream);
+}
+
+fn splice_with<U, F>(
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+    downstream: OnUpgrade,
+    upstream: F,
+) where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = Result<U, hyper::Error>> + Send + 'static,
+{
     tracker.spawn(
         async move {
-            let (down, up) = match tokio::try_join!(downstream, upstream) {
+            let (down, mut up) = match tokio::try_join!(downstream, upstream) {
                 Ok(pair) => pair,
                 Err(error) => {
                     tracing::debug!(%error, "upgrade failed");
@@ -351,7 +229,6 @@ pub fn splice(
                 }
             };
             let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
             tokio::select! {
                 result = tokio::io::copy_bidirectional(&mut down, &mut up) => match result {
                     Ok((sent, received)) => tracing::debug!(sent, received, "upgraded stream closed"),
@@ -364,7 +241,7 @@ pub fn splice(
     );
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
+pub(super) async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|source| ForwardError::Connect { addr, source })?;
@@ -378,7 +255,7 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
 /// TCP, then the TLS handshake with `config`, which must prove `tls.server_identity`.
 /// A failed handshake is counted and logged: between sidecars of one mesh it means a
 /// misconfiguration (another CA, a port reused by another service) or an attack.
-async fn connect_tls(
+pub(super) async fn connect_tls(
     addr: SocketAddr,
     tls: &PeerTls,
     config: &Arc<tls::ClientConfig>,
@@ -413,7 +290,10 @@ where
         .max_buf_size(256 * 1024)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|source| ForwardError::Handshake { addr, source })?;
+        .map_err(|source| ForwardError::Handshake {
+            addr,
+            source: source.into(),
+        })?;
     let span = tracing::debug_span!("h1-client", %addr);
     if upgrades {
         tokio::spawn(

@@ -2,8 +2,14 @@
 //! limits against hostile clients, and a graceful drain on shutdown. An inbound listener
 //! with `ServerTls` first runs the mutual-TLS handshake and hands each request the
 //! verified identity of the calling sidecar (`PeerIdentity` in its extensions).
+//!
+//! What a client does wrong is counted, never logged above debug: a connection that ends
+//! with an error adds one to `mesh_http_connection_errors_total` under its kind, so a
+//! client cannot write the mesh's log at will. A failing `accept` (out of file
+//! descriptors) is warned about at most once per [`ACCEPT_WARN_INTERVAL`].
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,14 +26,74 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Body;
 use super::cancel::or_cancelled;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionError, ConnectionErrors, Metrics};
 use crate::tls;
+
+/// The pause after a failed `accept` (e.g. out of file descriptors), so the loop does not
+/// spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// The shortest time between two warnings about failed accepts of one listener: the
+/// condition (out of file descriptors) can last, and the loop retries every
+/// [`ACCEPT_ERROR_PAUSE`].
+pub const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// At most one log line per interval about a condition that can repeat without bound (a
+/// failing `accept`): the first occurrence is to be logged at once, later ones within
+/// the interval are only counted, and the next line logged says how many were not.
+#[derive(Debug)]
+pub struct WarnLimiter {
+    interval: Duration,
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl WarnLimiter {
+    /// A limiter letting one line through per `interval`.
+    pub const fn new(interval: Duration) -> Self {
+        WarnLimiter {
+            interval,
+            last: None,
+            skipped: 0,
+        }
+    }
+
+    /// One occurrence at `now`: `Some` when it is to be logged, holding the number of
+    /// occurrences not logged since the last line (displayed as ` (N more)`).
+    pub fn hit(&mut self, now: Instant) -> Option<Skipped> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.skipped += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(Skipped(std::mem::take(&mut self.skipped)))
+            }
+        }
+    }
+}
+
+/// Occurrences a [`WarnLimiter`] did not let through since its last line. It displays as
+/// ` (N more)`, or as nothing when there were none, to be appended to the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Skipped(pub u64);
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} more)"),
+        }
+    }
+}
 
 /// The TLS side of an inbound listener.
 #[derive(Clone)]
@@ -148,6 +214,8 @@ pub(crate) fn builder(limits: &Limits, facing: Facing) -> auto::Builder<TokioExe
 /// close the listener (new connections are refused), drain every connection gracefully,
 /// and wait for all tasks on `tracker` (connections and upgraded streams) to finish.
 ///
+/// Connections that end with an error (the client's doing) are counted in `errors`.
+///
 /// Dropping the returned future (the caller's drain deadline passed) closes the
 /// connections still open.
 pub(crate) async fn serve<H, F>(
@@ -156,18 +224,26 @@ pub(crate) async fn serve<H, F>(
     limits: Limits,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    errors: ConnectionErrors,
     handle: H,
 ) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_tls(listener, builder, limits, tracker, shutdown, None, handle).await;
+    serve_tls(
+        listener, builder, limits, tracker, shutdown, None, errors, handle,
+    )
+    .await;
 }
 
 /// [`serve`], with each connection first going through the TLS handshake when `tls` is
 /// given. A failed handshake (plaintext, another CA, an expired or missing client
 /// certificate) closes the connection and is counted; the handshake shares
 /// `header_read_timeout` with the first bytes of HTTP.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one listener, each set by its caller"
+)]
 pub(crate) async fn serve_tls<H, F>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
@@ -175,6 +251,7 @@ pub(crate) async fn serve_tls<H, F>(
     tracker: TaskTracker,
     shutdown: CancellationToken,
     tls: Option<ServerTls>,
+    errors: ConnectionErrors,
     handle: H,
 ) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -185,6 +262,7 @@ pub(crate) async fn serve_tls<H, F>(
     // Cancelled when this future ends or is dropped: connection tasks then stop at once.
     let force = CancellationToken::new();
     let _force_on_drop = force.clone().drop_guard();
+    let mut accept_warnings = WarnLimiter::new(ACCEPT_WARN_INTERVAL);
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -192,10 +270,15 @@ pub(crate) async fn serve_tls<H, F>(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: back off briefly instead of
-                    // spinning on an error that persists until some connection closes.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // spinning on an error that persists until some connection closes,
+                    // and say so once per interval, not once per retry.
+                    if let Some(more) = accept_warnings.hit(Instant::now()) {
+                        tracing::warn!(%error, "accept failed{more}");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                    }
                 }
             },
         };
@@ -209,16 +292,18 @@ pub(crate) async fn serve_tls<H, F>(
         let handle = handle.clone();
         let timeout = limits.header_read_timeout;
         let tls = tls.clone();
+        let errors = errors.clone();
         let span = tracing::debug_span!("conn", ?local, %peer);
         let connection = async move {
             let Some(tls) = tls else {
-                let Some(io) = sniff_within(stream, timeout, &shutdown).await else {
+                let Some(io) = sniff_within(stream, timeout, &shutdown, &errors).await else {
                     return;
                 };
-                serve_connection(&builder, io, peer, None, handle, &shutdown).await;
+                let result = serve_connection(&builder, io, peer, None, handle, &shutdown).await;
+                count_error(&errors, result);
                 return;
             };
-            let started = tokio::time::Instant::now();
+            let started = Instant::now();
             let handshake = tls::accept_counted(
                 tls.config,
                 stream,
@@ -235,7 +320,7 @@ pub(crate) async fn serve_tls<H, F>(
                 return;
             };
             let left = timeout.saturating_sub(started.elapsed());
-            let Some(io) = sniff_within(stream, left, &shutdown).await else {
+            let Some(io) = sniff_within(stream, left, &shutdown, &errors).await else {
                 return;
             };
             let header = http::HeaderValue::from_maybe_shared(Bytes::from(identity.clone())).ok();
@@ -243,7 +328,9 @@ pub(crate) async fn serve_tls<H, F>(
                 identity: Arc::from(identity),
                 header,
             };
-            serve_connection(&builder, io, peer, Some(identity), handle, &shutdown).await;
+            let result =
+                serve_connection(&builder, io, peer, Some(identity), handle, &shutdown).await;
+            count_error(&errors, result);
         };
         tracker.spawn(
             async move {
@@ -259,6 +346,55 @@ pub(crate) async fn serve_tls<H, F>(
     tracker.wait().await;
 }
 
+/// The error a connection ended with, as hyper's connection gives it.
+type ConnectionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Count the error a connection ended with, if any. The client caused it (a protocol
+/// error, a flood of resets, a timeout, a reset connection), so it is logged at debug
+/// only: one line per connection would let any client fill the log.
+fn count_error(errors: &ConnectionErrors, result: ConnectionResult) {
+    if let Err(error) = result {
+        let kind = classify(&*error);
+        errors.record(kind);
+        tracing::debug!(kind = kind.as_str(), %error, "connection ended with an error");
+    }
+}
+
+/// The kind of error a server connection ended with, from hyper's error and its sources
+/// (h2's error for HTTP/2, an I/O error).
+fn classify(error: &(dyn std::error::Error + 'static)) -> ConnectionError {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            if hyper.is_timeout() {
+                return ConnectionError::Timeout;
+            }
+            if hyper.is_parse() {
+                return ConnectionError::Protocol;
+            }
+            if hyper.is_incomplete_message() || hyper.is_body_write_aborted() {
+                return ConnectionError::Io;
+            }
+        } else if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            if h2.is_io() {
+                return ConnectionError::Io;
+            }
+            return match h2.reason() {
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => ConnectionError::Flood,
+                _ => ConnectionError::Protocol,
+            };
+        } else if let Some(io) = error.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::TimedOut => ConnectionError::Timeout,
+                io::ErrorKind::InvalidData => ConnectionError::Protocol,
+                _ => ConnectionError::Io,
+            };
+        }
+        source = error.source();
+    }
+    ConnectionError::Other
+}
+
 /// Serve one connection with `handle` until it ends, or drain it gracefully on
 /// `shutdown`. Each request carries `identity` (the TLS peer) in its extensions.
 async fn serve_connection<S, H, F>(
@@ -268,7 +404,8 @@ async fn serve_connection<S, H, F>(
     identity: Option<PeerIdentity>,
     handle: H,
     shutdown: &CancellationToken,
-) where
+) -> ConnectionResult
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -285,7 +422,7 @@ async fn serve_connection<S, H, F>(
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = match or_cancelled(conn.as_mut(), shutdown.clone()).await {
+    match or_cancelled(conn.as_mut(), shutdown.clone()).await {
         Some(result) => result,
         None => {
             // Finish the requests in flight, refuse new ones (GOAWAY on
@@ -293,28 +430,29 @@ async fn serve_connection<S, H, F>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(error = %error, "connection ended with an error");
     }
 }
 
 /// [`sniff`] within `within` (the header-read timeout: a client that sends nothing is
-/// cut), unless `shutdown` comes first; `None` when the connection is to be dropped.
+/// cut), unless `shutdown` comes first; `None` when the connection is to be dropped
+/// (a failure is counted in `errors`).
 async fn sniff_within<S: AsyncRead + Unpin>(
     stream: S,
     within: Duration,
     shutdown: &CancellationToken,
+    errors: &ConnectionErrors,
 ) -> Option<Prefixed<S>> {
     tokio::select! {
         () = shutdown.cancelled() => None,
         sniffed = tokio::time::timeout(within, sniff(stream)) => match sniffed {
             Ok(Ok(io)) => Some(io),
             Ok(Err(error)) => {
+                errors.record(ConnectionError::Io);
                 tracing::debug!(%error, "connection failed before a request");
                 None
             }
             Err(_elapsed) => {
+                errors.record(ConnectionError::Timeout);
                 tracing::debug!("client sent no request in time, closed");
                 None
             }
@@ -396,5 +534,135 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a failing test panics")]
+
+    use super::*;
+    use crate::metrics::{Listener, sum_of};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limited_warning_comes_first_then_once_per_interval_with_the_count() {
+        let interval = Duration::from_secs(10);
+        let mut limiter = WarnLimiter::new(interval);
+        assert_eq!(limiter.hit(Instant::now()), Some(Skipped(0)));
+        // A failing accept retried every 50 ms: silent for the rest of the interval.
+        for _ in 0..199 {
+            tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+            assert_eq!(limiter.hit(Instant::now()), None);
+        }
+        tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+        let more = limiter.hit(Instant::now()).unwrap();
+        assert_eq!(more, Skipped(199));
+        assert_eq!(format!("accept failed{more}"), "accept failed (199 more)");
+        assert_eq!(limiter.hit(Instant::now()), None);
+        // After a quiet spell the next occurrence is logged at once, with the one
+        // that was held back.
+        tokio::time::advance(interval * 3).await;
+        assert_eq!(limiter.hit(Instant::now()), Some(Skipped(1)));
+        assert_eq!(Skipped(0).to_string(), "");
+    }
+
+    /// HTTP/2 frames of a rapid-reset client: the preface, SETTINGS, then `streams`
+    /// requests each cancelled (RST_STREAM) right after its HEADERS.
+    fn rapid_reset(streams: u32) -> Vec<u8> {
+        fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let len = u32::try_from(payload.len()).unwrap();
+            out.extend_from_slice(&len.to_be_bytes()[1..]);
+            out.extend_from_slice(&[kind, flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        let mut out = PREFACE.to_vec();
+        frame(&mut out, 0x4, 0, 0, &[]);
+        // GET http://x/ in HPACK: static-table :method GET, :scheme http, :path /, and
+        // :authority "x" as a literal.
+        let headers = [0x82, 0x86, 0x84, 0x01, 0x01, b'x'];
+        for i in 0..streams {
+            let stream = 2 * i + 1;
+            // END_STREAM | END_HEADERS, then RST_STREAM CANCEL.
+            frame(&mut out, 0x1, 0x5, stream, &headers);
+            frame(&mut out, 0x3, 0, stream, &0x8u32.to_be_bytes());
+        }
+        out
+    }
+
+    /// Send `bytes` on a new connection to `addr`, then read until the server closes.
+    async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // The server may close before it read everything: a failed write is fine.
+        let _ = stream.write_all(bytes).await;
+        let mut back = Vec::new();
+        let _ = stream.read_to_end(&mut back).await;
+        back
+    }
+
+    #[tokio::test]
+    async fn connections_clients_break_are_counted_by_kind() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let errors = metrics.connection_errors(Listener::Ingress, "ingress", "web");
+        let limits = Limits::default();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            builder(&limits, Facing::Apps),
+            limits,
+            TaskTracker::new(),
+            shutdown.clone(),
+            errors,
+            |_, _| async { Response::new(super::super::empty()) },
+        ));
+
+        // A well-behaved client is not counted.
+        let answer = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        for _ in 0..3 {
+            let request = Request::new(super::super::empty());
+            assert_eq!(send.send_request(request).await.unwrap().status(), 200);
+        }
+        drop(send);
+        conn.await.unwrap().unwrap();
+        // Garbage.
+        let answer = exchange(addr, b"HELLO\r\n\r\n").await;
+        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{answer:?}");
+        // Rapid reset, three times: more cancelled streams than the 200 allowed.
+        for _ in 0..3 {
+            exchange(addr, &rapid_reset(300)).await;
+        }
+
+        shutdown.cancel();
+        server.await.unwrap();
+        let text = metrics.encode();
+        let count = |kind: &str| {
+            let line = format!(
+                r#"mesh_http_connection_errors_total{{listener="ingress",caller="ingress",service="web",kind="{kind}"}} "#
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |n| n.parse::<u64>().unwrap())
+        };
+        assert_eq!(count("flood"), 3, "{text}");
+        assert_eq!(count("protocol"), 1, "{text}");
+        assert_eq!(
+            sum_of(&text, "mesh_http_connection_errors_total"),
+            4,
+            "{text}"
+        );
     }
 }
