@@ -97,7 +97,7 @@ pub async fn serve_with(
         stats,
         id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
         trust_domain: format!("spiffe://{}/", cfg.mesh_name),
-        h1: H1Pool::new(cfg.app),
+        h1: H1Pool::with_idle_timeout(cfg.app, limits.app_idle_timeout),
         h2: H2Pool::new(),
         bucket: cfg
             .rate_limit

@@ -497,3 +497,80 @@ async fn a_stalled_http2_request_head_is_cut() {
     .await
     .unwrap();
 }
+
+/// An inbound closes a keep-alive connection to its app that went unused for
+/// `app_idle_timeout`, so an app with a thread per connection does not keep idle threads
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_app_are_closed() {
+    timeout(LIMIT, async {
+        // A raw HTTP/1.1 app: answers each request on a kept-alive connection and says
+        // when the inbound closed it.
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = app.accept().await.unwrap();
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                let _ = closed_tx.send(tokio::time::Instant::now());
+                                return;
+                            }
+                            Ok(_) => conn
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .await
+                                .unwrap(),
+                        }
+                    }
+                });
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let cfg = mesh_proxy::inbound::InboundConfig {
+            mesh_name: MESH.into(),
+            service: "api".into(),
+            replica: 0,
+            protocol: Protocol::Http,
+            app: app_addr,
+            metrics: mesh_proxy::metrics::Metrics::new(),
+            rate_limit: None,
+            tls: None,
+            admitted: Default::default(),
+        };
+        let idle = Duration::from_millis(300);
+        let limits = Limits {
+            app_idle_timeout: idle,
+            ..Limits::default()
+        };
+        let task = tokio::spawn(mesh_proxy::inbound::serve_with(
+            listener,
+            cfg,
+            limits,
+            shutdown.clone(),
+        ));
+        let served = tokio::time::Instant::now();
+        let response = get(addr, "/").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(text(response).await, "ok");
+        let closed_at = closed_rx
+            .recv()
+            .await
+            .expect("the app saw its connection close");
+        assert!(
+            closed_at.duration_since(served) >= idle,
+            "closed after {:?}, before the idle timeout",
+            closed_at.duration_since(served)
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}

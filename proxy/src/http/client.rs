@@ -72,11 +72,21 @@ pub type SendError = (ForwardError, Option<Request<Body>>);
 
 /// A keep-alive pool of HTTP/1.1 connections to one address (an app). Requests take an
 /// idle connection or open a new one; a connection goes back to the pool with its response
-/// and is handed out again once its response body has been read to the end. Cheap to clone; clones share connections.
+/// and is handed out again once its response body has been read to the end. Connections
+/// unused for the idle timeout are closed. Cheap to clone; clones share connections.
 #[derive(Clone, Debug)]
 pub struct H1Pool {
     addr: SocketAddr,
-    idle: Arc<Mutex<Vec<http1::SendRequest<Body>>>>,
+    idle: Arc<Mutex<Idle>>,
+    idle_timeout: Duration,
+}
+
+/// The pooled connections, each with when it was last handed out, and whether a sweeper
+/// task is running for them.
+#[derive(Debug, Default)]
+struct Idle {
+    conns: Vec<(http1::SendRequest<Body>, tokio::time::Instant)>,
+    sweeping: bool,
 }
 
 /// Idle connections kept per app: enough for bursts of keep-alive reuse, few enough not
@@ -84,11 +94,17 @@ pub struct H1Pool {
 const MAX_IDLE: usize = 32;
 
 impl H1Pool {
-    /// An empty pool for `addr`.
+    /// An empty pool for `addr`, closing connections unused for 60 s.
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_idle_timeout(addr, Duration::from_secs(60))
+    }
+
+    /// An empty pool for `addr`, closing connections unused for `idle_timeout`.
+    pub fn with_idle_timeout(addr: SocketAddr, idle_timeout: Duration) -> Self {
         H1Pool {
             addr,
             idle: Arc::default(),
+            idle_timeout,
         }
     }
 
@@ -131,14 +147,15 @@ impl H1Pool {
     /// response body is being read) stay in the pool; closed ones are dropped.
     fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock();
-        let mut i = idle.len();
+        let conns = &mut idle.conns;
+        let mut i = conns.len();
         while i > 0 {
             i -= 1;
-            if idle[i].is_ready() {
-                return Some(idle.swap_remove(i));
+            if conns[i].0.is_ready() {
+                return Some(conns.swap_remove(i).0);
             }
-            if idle[i].is_closed() {
-                idle.swap_remove(i);
+            if conns[i].0.is_closed() {
+                conns.swap_remove(i);
             }
         }
         None
@@ -147,11 +164,39 @@ impl H1Pool {
     /// Put the connection back at once: it becomes ready again when its response body has
     /// been read, and [`take_idle`](Self::take_idle) only hands out ready connections. (A
     /// task waiting for readiness would cost a spawn and a wake-up per request.) Beyond
-    /// `MAX_IDLE` the connection is dropped, and closes after its exchange.
+    /// `MAX_IDLE` the connection is dropped, and closes after its exchange. The first
+    /// connection pooled starts a sweeper, which closes the ones unused for the idle
+    /// timeout and ends when the pool is empty.
     fn release(&self, sender: http1::SendRequest<Body>) {
         let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE {
-            idle.push(sender);
+        if idle.conns.len() < MAX_IDLE {
+            idle.conns.push((sender, tokio::time::Instant::now()));
+        }
+        if !idle.sweeping {
+            idle.sweeping = true;
+            tokio::spawn(sweep(Arc::downgrade(&self.idle), self.idle_timeout));
+        }
+    }
+}
+
+/// Close the connections of a pool that went unused for `timeout` (dropping a ready
+/// sender closes its connection), checking every quarter of it; ends when the pool is
+/// empty or gone.
+async fn sweep(idle: std::sync::Weak<Mutex<Idle>>, timeout: Duration) {
+    let period = (timeout / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        let mut idle = idle.lock();
+        let now = tokio::time::Instant::now();
+        idle.conns.retain(|(sender, used)| {
+            !sender.is_closed() && (now.duration_since(*used) < timeout || !sender.is_ready())
+        });
+        if idle.conns.is_empty() {
+            idle.sweeping = false;
+            return;
         }
     }
 }

@@ -129,6 +129,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// HTTP/2 streams a client may open at once on one connection.
     pub max_concurrent_streams: u32,
+    /// How long an inbound keeps an unused keep-alive HTTP/1.1 connection to its app
+    /// (nginx's `keepalive_timeout` is 60 s too): a thread-per-connection app does not
+    /// keep a thread per idle connection forever.
+    pub app_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -141,6 +145,7 @@ impl Default for Limits {
             // The default `traffic.max_concurrent` (10000): the HTTP/2 stream cap must not
             // be a tighter, invisible concurrency limit than the one configured.
             max_concurrent_streams: 10_000,
+            app_idle_timeout: Duration::from_secs(60),
         }
     }
 }
