@@ -97,8 +97,8 @@ struct FileArg {
 /// Parse the command line and run it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let env: BTreeMap<String, String> = std::env::vars().collect();
+    init_tracing(&env);
     match cli.command {
         Command::Check { file } => match load(&file, &env) {
             Ok(config) => {
@@ -189,17 +189,61 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    // mesh's own diagnostics; user-facing lines go through the LogSink instead.
-    let level = std::env::var("MESH_LOG")
-        .ok()
+/// mesh's own diagnostics on stderr, at the level `MESH_LOG` names (default `warn`);
+/// user-facing lines go through the LogSink instead. Coloured only on a terminal and
+/// without `NO_COLOR`, so that a journal or a file gets plain lines. The events of the
+/// libraries mesh speaks through (h2, hyper, rustls, …) are held back a level
+/// ([`dependency_shown`]): they warn about what peers do (h2 once per rapid-reset
+/// connection), which the sidecars count in their metrics instead, and a line per
+/// peer's mistake would let any client fill the log.
+fn init_tracing(env: &BTreeMap<String, String>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let level = env
+        .get("MESH_LOG")
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::WARN);
+    let filter = tracing_subscriber::filter::filter_fn(move |metadata| {
+        is_own(metadata.target()) || dependency_shown(*metadata.level(), level)
+    })
+    .with_max_level_hint(level);
+    // `try_init` also routes the `log` records of rustls through the filter.
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colour(std::io::stderr().is_terminal(), env))
+        .finish()
+        .with(filter)
         .try_init();
+}
+
+/// Whether output to a stream may be coloured (mesh's diagnostics on stderr, the log
+/// lines on stdout): only on a terminal, and not when `NO_COLOR` is set to anything but
+/// the empty string (<https://no-color.org>).
+fn colour(terminal: bool, env: &BTreeMap<String, String>) -> bool {
+    terminal && env.get("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Whether an event's target belongs to mesh's own crates (`mesh`, `mesh_proxy`,
+/// `mesh_supervisor`, …) rather than to a library.
+fn is_own(target: &str) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    krate == "mesh" || krate.starts_with("mesh_")
+}
+
+/// Whether a library's event at `event` is shown at `MESH_LOG` level `max`: errors
+/// always; warnings and information from `debug` on; debug and trace lines at `trace`.
+fn dependency_shown(event: tracing::Level, max: tracing::Level) -> bool {
+    use tracing::Level;
+    let held_back = match event {
+        Level::ERROR => Level::ERROR,
+        Level::WARN | Level::INFO => Level::DEBUG,
+        _ => Level::TRACE,
+    };
+    // In tracing's order the more verbose level is the greater.
+    held_back <= max
 }
 
 /// Find and load the configuration, printing every error; `Err` holds the exit code.
@@ -319,7 +363,7 @@ fn up(
             Format::Text => LogFormat::Text,
             Format::Json => LogFormat::Json,
         },
-        color: std::io::stdout().is_terminal(),
+        color: colour(std::io::stdout().is_terminal(), &env),
         logs_dir: Some(state.logs_dir()),
         // Terminal writes on a thread of their own: a stalled terminal must not stop
         // the runtime's thread, which runs every sidecar.
@@ -525,4 +569,45 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn libraries_warnings_wait_for_debug_and_their_errors_always_show() {
+        assert!(dependency_shown(Level::ERROR, Level::WARN));
+        assert!(dependency_shown(Level::ERROR, Level::ERROR));
+        assert!(!dependency_shown(Level::WARN, Level::WARN));
+        assert!(!dependency_shown(Level::WARN, Level::INFO));
+        assert!(dependency_shown(Level::WARN, Level::DEBUG));
+        assert!(dependency_shown(Level::INFO, Level::DEBUG));
+        assert!(!dependency_shown(Level::DEBUG, Level::DEBUG));
+        assert!(dependency_shown(Level::TRACE, Level::TRACE));
+    }
+
+    #[test]
+    fn own_targets_are_the_mesh_crates() {
+        assert!(is_own("mesh"));
+        assert!(is_own("mesh::runtime"));
+        assert!(is_own("mesh_proxy::http::server"));
+        assert!(is_own("mesh_supervisor::logs"));
+        assert!(!is_own("h2::proto::streams::streams"));
+        assert!(!is_own("hyper_util::server"));
+        assert!(!is_own("rustls::check"));
+        assert!(!is_own("meshy"));
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let none = BTreeMap::new();
+        let set = BTreeMap::from([("NO_COLOR".to_string(), "1".to_string())]);
+        let empty = BTreeMap::from([("NO_COLOR".to_string(), String::new())]);
+        assert!(colour(true, &none));
+        assert!(!colour(false, &none));
+        assert!(!colour(true, &set));
+        assert!(colour(true, &empty));
+    }
 }
