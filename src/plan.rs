@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use mesh_supervisor::config::{
     Condition, Config, HealthCheck, PortSpec, RestartPolicy, Service, TlsMode,
+    default_ready_timeout,
 };
 
 /// The plan as `mesh check` prints it: start order, ports, identities.
@@ -108,6 +109,13 @@ pub(crate) fn render(config: &Config) -> String {
                 out,
                 "       health: {check} every {}",
                 humantime::format_duration(h.interval)
+            );
+        }
+        if svc.ready_timeout != default_ready_timeout() {
+            let _ = writeln!(
+                out,
+                "       ready_timeout: {} (a replacement not ready by then is stopped, the old replica kept)",
+                humantime::format_duration(svc.ready_timeout)
             );
         }
     }

@@ -93,6 +93,10 @@ pub struct Service {
     pub start_limit: StartLimit,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// How long a new replica has to become ready: in a replacement, the old replica is
+    /// kept when the new one is not ready by then; at first start, mesh says why once
+    /// (SPEC §4). Default [`default_ready_timeout`].
+    pub ready_timeout: Duration,
     pub health: Option<Health>,
     /// `expose`: where the service's ingress listens (`PORT` means 127.0.0.1:PORT).
     pub expose: Option<std::net::SocketAddr>,
@@ -100,6 +104,11 @@ pub struct Service {
     pub traffic: Traffic,
     /// `[[services.NAME.routes]]`, in file order (first match wins).
     pub routes: Vec<Route>,
+}
+
+/// The default `ready_timeout` of a service: 60 s (SPEC §3).
+pub fn default_ready_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `[services.NAME.traffic]`, the parts built so far.

@@ -74,6 +74,7 @@ pub(crate) struct RawService {
     pub(crate) stop_signal: Option<Spanned<String>>,
     pub(crate) stop_timeout: Option<Spanned<DurationStr>>,
     pub(crate) watch: Option<Vec<Spanned<String>>>,
+    pub(crate) ready_timeout: Option<Spanned<DurationStr>>,
     pub(crate) allow: Option<Vec<Spanned<String>>>,
     pub(crate) health: Option<Spanned<RawHealth>>,
     pub(crate) traffic: Option<RawTraffic>,
@@ -304,6 +305,7 @@ pub(crate) const SERVICE: &[Field] = &[
     key("stop_signal"),
     key("stop_timeout"),
     not_yet(key("watch")),
+    key("ready_timeout"),
     key("allow"),
     table("health", HEALTH),
     table("traffic", TRAFFIC),
@@ -630,6 +632,7 @@ start_limit = { burst = 5, interval = "60s" }
 stop_signal = "SIGTERM"
 stop_timeout = "10s"
 watch = ["**/*.py"]
+ready_timeout = "60s"
 allow = ["admin"]
 health = { exec = "true", interval = "2s", timeout = "1s", failures = 3, start_period = "0s", restart_on_unhealthy = false }
 traffic = { timeout = "10s", load_balancer = "p2c-ewma", retries = { attempts = 3, per_try_timeout = "2s", on = ["gateway-error"], budget = 0.2 }, circuit_breaker = { consecutive_failures = 5, base_ejection = "1s", max_ejection = "60s", max_ejected_percent = 50 }, rate_limit = { rps = 200, burst = 400 }, max_concurrent = 1024, queue_timeout = "3s" }

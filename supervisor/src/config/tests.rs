@@ -460,3 +460,18 @@ traffic = { retries = {} }
     assert_eq!(retries.on, [RetryOn::GatewayError]);
     assert_eq!((retries.attempts, retries.per_try_timeout), (3, None));
 }
+
+#[test]
+fn ready_timeout_defaults_to_a_minute() {
+    let config = parse_ok("version = 1\n[services.web]\ncommand = \"web\"\n");
+    assert_eq!(
+        config.services["web"].ready_timeout,
+        Duration::from_secs(60)
+    );
+    let config =
+        parse_ok("version = 1\n[services.web]\ncommand = \"web\"\nready_timeout = \"1m30s\"\n");
+    assert_eq!(
+        config.services["web"].ready_timeout,
+        Duration::from_secs(90)
+    );
+}

@@ -33,7 +33,8 @@ use super::raw::{
 };
 use super::{
     Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, MeshSettings, PortSpec,
-    Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, envfile, interpolate,
+    Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, default_ready_timeout, envfile,
+    interpolate,
 };
 
 /// Validates `text`, the contents of the file at `path`, against mesh's environment `env`.

@@ -210,6 +210,18 @@ pub(super) fn check_service(
         .and_then(|s| check_signal(ctx, s))
         .unwrap_or(Signal::SIGTERM);
     let stop_timeout = duration_or(ctx, raw.stop_timeout.as_ref(), "stop_timeout", secs(10));
+    let ready_timeout = match &raw.ready_timeout {
+        None => default_ready_timeout(),
+        Some(value) => match duration(ctx, value, "ready_timeout") {
+            // No replica could ever be ready in no time: every replacement would fail.
+            Some(d) if d.is_zero() => {
+                ctx.error(value.span(), "`ready_timeout` must be greater than 0");
+                default_ready_timeout()
+            }
+            Some(d) => d,
+            None => default_ready_timeout(),
+        },
+    };
     let health = raw
         .health
         .as_ref()
@@ -257,6 +269,7 @@ pub(super) fn check_service(
         start_limit,
         stop_signal,
         stop_timeout,
+        ready_timeout,
         health,
         expose,
         traffic,
