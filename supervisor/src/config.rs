@@ -3,12 +3,14 @@
 //! [`load`] (or [`parse`]) reads a file and returns either a valid [`Config`] or every
 //! problem found, each a [`Diagnostic`] pointing at a line and column (SPEC §3).
 //! [`Service::app_env`] and [`expand_words`] build what an application is given at each
-//! start (SPEC §2).
+//! start (SPEC §2). [`diff`] turns the running configuration and a new one into a reload
+//! [`Plan`] (SPEC §4).
 //!
 //! Mesh's own environment is always passed in as a map; nothing here reads the process
 //! environment, so tests inject what they need.
 
 mod app_env;
+mod diff;
 mod envfile;
 pub mod interpolate;
 pub mod model;
@@ -20,6 +22,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use app_env::expand_words;
+pub use diff::{Plan, Refusal, Replacement, RestartKey, Scale, ServiceChange, diff};
 pub use model::*;
 
 /// The file [`find`] looks for.

@@ -77,6 +77,12 @@ pub struct Service {
     pub env: Vec<(String, String)>,
     /// Absolute path of the `env_file`, read again at each start.
     pub env_file: Option<PathBuf>,
+    /// A digest of the variables the `env_file` set when this configuration was loaded
+    /// (keys, values as written, and which are literal), so that a reload can tell that
+    /// its contents changed under the same path (SPEC §4). Comments and layout do not
+    /// count. `None` without an `env_file`. Only for comparing two configurations loaded
+    /// by the same `mesh`: the file itself is read again at each start.
+    pub env_file_digest: Option<u64>,
     pub user: Option<String>,
     pub group: Option<String>,
     pub replicas: u32,
@@ -93,6 +99,9 @@ pub struct Service {
     pub start_limit: StartLimit,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// `watch` patterns as written (relative to `working_dir`). The key is not supported
+    /// yet, so this is empty until the watcher exists.
+    pub watch: Vec<String>,
     /// How long a new replica has to become ready: in a replacement, the old replica is
     /// kept when the new one is not ready by then; at first start, mesh says why once
     /// (SPEC §4). Default [`default_ready_timeout`].

@@ -24,8 +24,16 @@ fn env_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// Parses `text` as `/srv/shop/mesh.toml` (the directory need not exist).
-fn parse_ok(text: &str) -> Config {
+pub(super) fn parse_ok(text: &str) -> Config {
     match parse(text, Path::new("/srv/shop/mesh.toml"), &no_env()) {
+        Ok(config) => config,
+        Err(errors) => panic!("unexpected errors:\n{errors}"),
+    }
+}
+
+/// Parses `text` as `mesh.toml` in `dir`, which holds the files it names (`env_file`s).
+pub(super) fn parse_ok_in(dir: &Path, text: &str) -> Config {
+    match parse(text, &dir.join("mesh.toml"), &no_env()) {
         Ok(config) => config,
         Err(errors) => panic!("unexpected errors:\n{errors}"),
     }

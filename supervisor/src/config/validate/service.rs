@@ -155,7 +155,7 @@ pub(super) fn check_service(
     let env_file = raw
         .env_file
         .as_ref()
-        .map(|f| check_env_file(ctx, f, scope.dir, &table_vars, &lookup));
+        .and_then(|f| check_env_file(ctx, f, scope.dir, &table_vars, &lookup));
     let user = non_empty(ctx, raw.user.as_ref(), "user");
     let group = non_empty(ctx, raw.group.as_ref(), "group");
 
@@ -228,11 +228,14 @@ pub(super) fn check_service(
         .and_then(|h| check_health(ctx, h, p, port, &lookup));
 
     let expose = check_expose(ctx, raw, name, port, bindings);
-    // Not supported yet (rejected by the key walk); checked so that enabling them is a flip.
+    // Not supported yet (rejected by the key walk); checked and kept in the model so that
+    // enabling them is a flip.
+    let mut watch = Vec::new();
     for pattern in raw.watch.iter().flatten() {
         if pattern.get_ref().is_empty() {
             ctx.error(pattern.span(), "empty `watch` pattern");
         }
+        watch.push(pattern.get_ref().clone());
     }
     let allow = check_allow(ctx, raw, name, scope);
     let traffic = raw
@@ -255,7 +258,8 @@ pub(super) fn check_service(
         command,
         working_dir,
         env,
-        env_file: env_file.flatten(),
+        env_file: env_file.as_ref().map(|(path, _)| path.clone()),
+        env_file_digest: env_file.map(|(_, digest)| digest),
         user,
         group,
         replicas,
@@ -269,6 +273,7 @@ pub(super) fn check_service(
         start_limit,
         stop_signal,
         stop_timeout,
+        watch,
         ready_timeout,
         health,
         expose,
@@ -629,14 +634,15 @@ fn check_env(
     out
 }
 
-/// Reads and checks the `env_file` now (it is read again at each start).
+/// Reads and checks the `env_file` now (it is read again at each start). Returns its
+/// absolute path and the digest of what it sets (see [`Service::env_file_digest`]).
 fn check_env_file(
     ctx: &mut Ctx<'_>,
     file: &Spanned<String>,
     dir: &Path,
     table_vars: &BTreeSet<String>,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Option<PathBuf> {
+) -> Option<(PathBuf, u64)> {
     let written = file.get_ref();
     let path = dir.join(written);
     let text = match std::fs::read_to_string(&path) {
@@ -656,6 +662,7 @@ fn check_env_file(
             return None;
         }
     };
+    let digest = env_file_digest(&entries);
     for entry in entries {
         if table_vars.contains(&entry.key) {
             ctx.error(
@@ -675,7 +682,21 @@ fn check_env_file(
             }
         }
     }
-    Some(path)
+    Some((path, digest))
+}
+
+/// What an env file sets, hashed: each entry's key, value as written and quoting, in file
+/// order (a later duplicate wins, so order matters). Lines, comments and layout are left
+/// out, so that reformatting the file is not a change. `DefaultHasher::new` hashes alike
+/// within one program, which is all a reload's comparison needs.
+fn env_file_digest(entries: &[envfile::Entry]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    entries.len().hash(&mut hasher);
+    for entry in entries {
+        (&entry.key, &entry.value, entry.literal).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 fn check_health(
