@@ -5,7 +5,9 @@
 //! Build one [`LogSink`] per mesh from [`LogOptions`], hand clones to whoever spawns
 //! processes, and call [`LogSink::attach`] with each replica's stdout and stderr. Mesh's own
 //! lines go through [`LogSink::mesh_line`]. [`read_tail`] reads the last lines a replica
-//! wrote, from the files, for error messages and `mesh logs`.
+//! wrote, from the files, for error messages. `mesh logs` reads the files back with
+//! [`replicas_in`], [`log_files`], [`tail_lines`] and [`parse_file_line`], and prints
+//! them with [`format_line`], exactly as `mesh up` shows them.
 //!
 //! # Theory of operation
 //!
@@ -134,6 +136,89 @@ pub fn log_file(logs_dir: &Path, service: &str, replica: u32) -> PathBuf {
     logs_dir.join(format!("{service}.{replica}.log"))
 }
 
+/// Every file that may hold a replica's lines, oldest first: `<service>.<replica>.log.3`,
+/// `.log.2`, `.log.1`, then the current `.log` (see [`LogOptions::max_file_size`] for the
+/// rotation). Whether each exists is for the caller to find out: a running mesh may rotate
+/// them at any moment.
+pub fn log_files(logs_dir: &Path, service: &str, replica: u32) -> Vec<PathBuf> {
+    let current = log_file(logs_dir, service, replica);
+    let mut files: Vec<PathBuf> = (1..=ROTATED_FILES)
+        .rev()
+        .map(|i| rotated(&current, i))
+        .collect();
+    files.push(current);
+    files
+}
+
+/// The replicas of `service` that have a log file (current or rotated) in `logs_dir`,
+/// in order. Replicas of an earlier configuration (scaled down since) are included: their
+/// files are still there. A missing directory has none.
+pub fn replicas_in(logs_dir: &Path, service: &str) -> io::Result<Vec<u32>> {
+    let entries = match fs::read_dir(logs_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut replicas = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        if let Some(replica) = name.to_str().and_then(|n| replica_of(n, service)) {
+            replicas.push(replica);
+        }
+    }
+    replicas.sort_unstable();
+    replicas.dedup();
+    Ok(replicas)
+}
+
+/// One replica's line as `mesh up` shows it on the terminal, newline included:
+/// `<service>.<replica> | <line>`, the label in the service's colour when `color`, or the
+/// JSON object (`ts`, `service`, `replica`, `stream`, `line`). `None` if it cannot be
+/// formatted (it can't).
+pub fn format_line(
+    format: LogFormat,
+    color: bool,
+    service: &str,
+    replica: u32,
+    stream: Stream,
+    ts: &str,
+    line: &str,
+) -> Option<String> {
+    let layout = Layout { format, color };
+    layout.line(
+        &format!("{service}.{replica}"),
+        Some((service, replica)),
+        palette_colour(service),
+        stream,
+        ts,
+        line,
+    )
+}
+
+/// The last `n` complete lines of `file` before byte `end`, oldest first, and the offset
+/// just past the last of them. A line still being written (no newline yet before `end`)
+/// is left out, and the offset is where it starts, so that a reader following the file
+/// picks it up whole from there. Reads backwards in blocks from `end`.
+pub fn tail_lines(file: &mut File, end: u64, n: usize) -> io::Result<(Vec<String>, u64)> {
+    let (buf, start) = tail_block(file, end, n)?;
+    // Up to and including the last newline: the complete lines.
+    let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let end_complete = start + complete as u64;
+    let mut pieces: Vec<&[u8]> = buf[..complete].split(|&b| b == b'\n').collect();
+    // The split leaves an empty piece after the last newline.
+    pieces.pop();
+    if start > 0 && !pieces.is_empty() {
+        // The first piece starts mid-line.
+        pieces.remove(0);
+    }
+    let skip = pieces.len().saturating_sub(n);
+    let lines = pieces[skip..]
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    Ok((lines, end_complete))
+}
+
 /// The last `n` lines a replica wrote, oldest first, across its rotated files.
 ///
 /// Returns the lines' text without the stored timestamp and stream (a stored line that
@@ -162,10 +247,8 @@ pub fn read_tail_raw(
     replica: u32,
     n: usize,
 ) -> io::Result<Vec<String>> {
-    let current = log_file(logs_dir, service, replica);
     // Newest first: the current file, then .1, .2, .3.
-    let files =
-        std::iter::once(current.clone()).chain((1..=ROTATED_FILES).map(|i| rotated(&current, i)));
+    let files = log_files(logs_dir, service, replica).into_iter().rev();
     let mut chunks: Vec<Vec<String>> = Vec::new();
     let mut found = 0;
     for path in files {
@@ -781,37 +864,27 @@ fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// `X.log.i`: the `i`-th rotated file of `X.log`, `.1` the newest.
 fn rotated(current: &Path, i: u32) -> PathBuf {
     let mut name = current.as_os_str().to_owned();
     name.push(format!(".{i}"));
     PathBuf::from(name)
 }
 
-/// The last `n` complete lines of a file, oldest first, read backwards in blocks so that
-/// a 10 MiB file is not read whole for 20 lines.
+/// The last `n` lines of a file, oldest first (a last line without a newline counts),
+/// read backwards in blocks so that a 10 MiB file is not read whole for 20 lines.
 fn tail_of_file(path: &Path, n: usize) -> io::Result<Vec<String>> {
-    const BLOCK: u64 = 64 * 1024;
     let mut file = File::open(path)?;
-    let mut pos = file.metadata()?.len();
-    let mut buf: Vec<u8> = Vec::new();
     if n == 0 {
         return Ok(Vec::new());
     }
-    // More than `n` newlines guarantee `n` complete lines after the first (maybe partial) one.
-    while pos > 0 && buf.iter().filter(|&&b| b == b'\n').count() <= n {
-        let step = pos.min(BLOCK);
-        pos -= step;
-        file.seek(SeekFrom::Start(pos))?;
-        let mut block = vec![0; step as usize];
-        file.read_exact(&mut block)?;
-        block.extend_from_slice(&buf);
-        buf = block;
-    }
+    let end = file.metadata()?.len();
+    let (buf, start) = tail_block(&mut file, end, n)?;
     let mut pieces: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
     if pieces.last().is_some_and(|p| p.is_empty()) {
         pieces.pop();
     }
-    if pos > 0 && !pieces.is_empty() {
+    if start > 0 && !pieces.is_empty() {
         // The first piece starts mid-line.
         pieces.remove(0);
     }
@@ -820,6 +893,26 @@ fn tail_of_file(path: &Path, n: usize) -> io::Result<Vec<String>> {
         .iter()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect())
+}
+
+/// The bytes of `file` from `start` to `end`, read backwards in blocks of 64 KiB until
+/// they hold more than `newlines` newlines or reach the start of the file; returns them
+/// with `start`. More than `n` newlines guarantee `n` complete lines after the first
+/// (maybe partial) one, with or without a partial line at the end.
+fn tail_block(file: &mut File, end: u64, newlines: usize) -> io::Result<(Vec<u8>, u64)> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut pos = end;
+    let mut buf: Vec<u8> = Vec::new();
+    while pos > 0 && buf.iter().filter(|&&b| b == b'\n').count() <= newlines {
+        let step = pos.min(BLOCK);
+        pos -= step;
+        file.seek(SeekFrom::Start(pos))?;
+        let mut block = vec![0; step as usize];
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&buf);
+        buf = block;
+    }
+    Ok((buf, pos))
 }
 
 fn timestamp(format: LogFormat) -> String {
@@ -838,6 +931,23 @@ fn palette_colour(service: &str) -> &'static str {
         hash = hash.wrapping_mul(0x0100_0193);
     }
     PALETTE[hash as usize % PALETTE.len()]
+}
+
+/// The replica of `service` whose log file `name` is (`<service>.<replica>.log`, or one
+/// of its rotated files `.log.1` … `.log.3`), if it is one. Service names hold no dots,
+/// so `<service>.` followed by digits is unambiguous.
+fn replica_of(name: &str, service: &str) -> Option<u32> {
+    let rest = name.strip_prefix(service)?.strip_prefix('.')?;
+    let (replica, suffix) = rest.split_once('.')?;
+    if replica.is_empty() || !replica.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rotation = suffix.strip_prefix("log")?;
+    let known = rotation.is_empty() || (1..=ROTATED_FILES).any(|i| rotation == format!(".{i}"));
+    if !known {
+        return None;
+    }
+    replica.parse().ok()
 }
 
 /// Read `reader` line by line until end of file or an error, relaying each line.

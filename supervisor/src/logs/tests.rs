@@ -532,3 +532,125 @@ fn without_files_the_notice_only_counts() {
     let stall = stall_then_release(LogFormat::Text, false);
     check_terminal(&stall, &text_pairs(&stall.terminal));
 }
+
+#[tokio::test]
+async fn log_files_are_oldest_first_and_read_in_order_give_every_kept_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = LogSink::new(LogOptions {
+        writer: Box::new(Buffer::default()),
+        logs_dir: Some(dir.path().to_owned()),
+        max_file_size: 200,
+        ..LogOptions::default()
+    });
+    // Four 41-byte records per file (see files_rotate_and_keep_three).
+    let input: String = (0..30).map(|i| format!("line{i:04}\n")).collect();
+    sink.attach("db", 0, io::Cursor::new(input.into_bytes()), &b""[..])
+        .await
+        .unwrap();
+
+    let files = log_files(dir.path(), "db", 0);
+    let names: Vec<_> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["db.0.log.3", "db.0.log.2", "db.0.log.1", "db.0.log"]
+    );
+    let lines: Vec<String> = files
+        .iter()
+        .flat_map(|p| {
+            fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| parse_file_line(l).unwrap().line)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want: Vec<_> = (16..30).map(|i| format!("line{i:04}")).collect();
+    assert_eq!(lines, want);
+}
+
+#[test]
+fn replicas_in_finds_current_and_rotated_files_of_one_service() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "web.0.log",
+        "web.2.log.1",
+        "web.2.log",
+        "web.11.log.3",
+        "web.3.log.4",
+        "web.4.log.0",
+        "web.x.log",
+        "web.5.txt",
+        "webby.1.log",
+        "api.7.log",
+    ] {
+        fs::write(dir.path().join(name), "").unwrap();
+    }
+    assert_eq!(replicas_in(dir.path(), "web").unwrap(), [0, 2, 11]);
+    assert_eq!(replicas_in(dir.path(), "webby").unwrap(), [1]);
+    assert_eq!(replicas_in(dir.path(), "api").unwrap(), [7]);
+    assert!(
+        replicas_in(&dir.path().join("missing"), "web")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn format_line_prints_what_the_sink_prints() {
+    for (format, color) in [
+        (LogFormat::Text, false),
+        (LogFormat::Text, true),
+        (LogFormat::Json, false),
+    ] {
+        let (sink, out) = sink(format, color, None);
+        sink.attach("web", 3, &b"hello\n"[..], &b""[..])
+            .await
+            .unwrap();
+        let shown = out.lines().remove(0);
+        let ts = "2024-05-06T07:08:09.010Z";
+        let formatted = format_line(format, color, "web", 3, Stream::Stdout, ts, "hello").unwrap();
+        if format == LogFormat::Json {
+            // The sink stamps its own time; everything else is the same.
+            let mut a: serde_json::Value = serde_json::from_str(&shown).unwrap();
+            let b: serde_json::Value = serde_json::from_str(&formatted).unwrap();
+            a["ts"] = ts.into();
+            assert_eq!(a, b);
+        } else {
+            assert_eq!(format!("{shown}\n"), formatted);
+        }
+    }
+}
+
+#[test]
+fn tail_lines_leaves_a_line_being_written_for_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.log");
+    // Lines of 1000 bytes over more than one 64 KiB block, then half a line.
+    let mut text: String = (0..200).map(|i| format!("{i:0999}\n")).collect();
+    let whole = text.len() as u64;
+    text.push_str("partial");
+    fs::write(&path, &text).unwrap();
+    let mut file = File::open(&path).unwrap();
+    let end = text.len() as u64;
+
+    let (lines, offset) = tail_lines(&mut file, end, 100).unwrap();
+    assert_eq!(lines.len(), 100);
+    assert_eq!(lines[0], format!("{:0999}", 100));
+    assert_eq!(lines[99], format!("{:0999}", 199));
+    assert_eq!(offset, whole, "the partial line is read again later");
+
+    let (all, _) = tail_lines(&mut file, end, 1000).unwrap();
+    assert_eq!(all.len(), 200);
+    let (none, offset) = tail_lines(&mut file, end, 0).unwrap();
+    assert!(none.is_empty());
+    assert_eq!(offset, whole);
+    let (first, offset) = tail_lines(&mut file, 1500, 5).unwrap();
+    assert_eq!(first, [format!("{:0999}", 0)]);
+    assert_eq!(offset, 1000);
+    let (empty, offset) = tail_lines(&mut file, 0, 5).unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(offset, 0);
+}
