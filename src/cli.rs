@@ -1,5 +1,7 @@
 //! The command line: parse, dispatch, exit codes (SPEC §4).
 
+mod logs;
+
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -82,6 +84,8 @@ enum Command {
         #[command(flatten)]
         file: FileArg,
     },
+    /// Past and live lines of services, from the log files (whether or not a mesh runs).
+    Logs(logs::LogsArgs),
     /// Not supported yet: the commands that talk to a running mesh.
     #[command(external_subcommand)]
     Other(Vec<String>),
@@ -176,9 +180,10 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Logs(args) => logs::run(args, &env, cli.log_format),
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
-            const LATER: &[&str] = &["logs", "start", "stop", "restart", "reload", "exec", "run"];
+            const LATER: &[&str] = &["start", "stop", "restart", "reload", "exec", "run"];
             if LATER.contains(&name) {
                 eprintln!("mesh: `{name}` is not supported yet");
             } else {
