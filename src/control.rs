@@ -1,9 +1,11 @@
 //! The control socket (SPEC §4): `state_dir/mesh.sock`, through which `mesh ps`,
 //! `mesh down` and `mesh certs` talk to the running mesh.
 //!
-//! Protocol: the client sends one line, a JSON object `{"cmd": NAME}`; the mesh answers
-//! one line, `{"ok": true, "data": …}` or `{"ok": false, "error": "…"}`, and closes. The
-//! socket lives inside `state_dir` (mode 0700), so only its owner can reach it.
+//! Protocol: the client sends one line, a JSON object `{"cmd": NAME, "args": …}` (`args`
+//! optional, e.g. `{"services": ["api"]}`); the mesh answers one line, `{"ok": true,
+//! "data": …}` or `{"ok": false, "error": "…"}`, and closes. Commands that act (`down`,
+//! `start`, `stop`, `restart`, `reload`) answer once the action is done. The socket lives
+//! inside `state_dir` (mode 0700), so only its owner can reach it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,16 +22,27 @@ pub(crate) const SOCKET: &str = "mesh.sock";
 const MAX_REQUEST: usize = 4096;
 
 /// What the control socket asks of the running mesh.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Request {
     /// Stop the mesh, as SIGTERM does.
     Down,
+    /// A command that acts on the running mesh (`start`, `stop`, `restart`, `reload`),
+    /// with its arguments; the answer goes back on `reply` once the action is done.
+    Act {
+        cmd: String,
+        args: serde_json::Value,
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>,
+    },
 }
+
+/// The commands that act, carried out by the mesh's main loop.
+const ACTING: &[&str] = &["start", "stop", "restart", "reload"];
 
 /// Answers the commands that only read.
 pub(crate) trait Answer: Send + Sync + 'static {
-    /// The `data` of a reading command, or an error message.
-    fn answer(&self, cmd: &str) -> Result<serde_json::Value, String>;
+    /// The `data` of a reading command (with its `args`, `Null` when none), or an error
+    /// message.
+    fn answer(&self, cmd: &str, args: &serde_json::Value) -> Result<serde_json::Value, String>;
 }
 
 /// The socket path for `state_dir`.
@@ -84,14 +97,34 @@ async fn connection(
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
     reader.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<serde_json::Value>(&line) {
-        Ok(request) => match request.get("cmd").and_then(|c| c.as_str()) {
-            Some("down") => {
-                let _ = requests.send(Request::Down);
-                Ok(serde_json::Value::Null)
+        Ok(request) => {
+            let args = request
+                .get("args")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
+            match request.get("cmd").and_then(|c| c.as_str()) {
+                Some("down") => {
+                    let _ = requests.send(Request::Down);
+                    Ok(serde_json::Value::Null)
+                }
+                Some(cmd) if ACTING.contains(&cmd) => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let request = Request::Act {
+                        cmd: cmd.to_string(),
+                        args,
+                        reply,
+                    };
+                    match requests.send(request) {
+                        Ok(()) => answer
+                            .await
+                            .unwrap_or_else(|_| Err("the mesh is stopping".to_string())),
+                        Err(_) => Err("the mesh is stopping".to_string()),
+                    }
+                }
+                Some(cmd) => answer.answer(cmd, &args),
+                None => Err("a request needs `cmd`".to_string()),
             }
-            Some(cmd) => answer.answer(cmd),
-            None => Err("a request needs `cmd`".to_string()),
-        },
+        }
         Err(error) => Err(format!("malformed request: {error}")),
     };
     let reply = match reply {
@@ -117,6 +150,15 @@ pub(crate) enum ClientError {
 
 /// Send `cmd` to the mesh running on `state_dir` and return its `data`.
 pub(crate) fn call(state_dir: &Path, cmd: &str) -> Result<serde_json::Value, ClientError> {
+    call_with(state_dir, cmd, serde_json::Value::Null)
+}
+
+/// [`call`] with arguments.
+pub(crate) fn call_with(
+    state_dir: &Path,
+    cmd: &str,
+    args: serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
     use std::io::{BufRead as _, Write as _};
     let path = socket_path(state_dir);
     let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
@@ -131,7 +173,7 @@ pub(crate) fn call(state_dir: &Path, cmd: &str) -> Result<serde_json::Value, Cli
         }
         Err(e) => return Err(e.into()),
     };
-    let request = serde_json::json!({ "cmd": cmd });
+    let request = serde_json::json!({ "cmd": cmd, "args": args });
     writeln!(stream, "{request}")?;
     let mut line = String::new();
     std::io::BufReader::new(&stream).read_line(&mut line)?;

@@ -1,15 +1,23 @@
 //! A running mesh: the supervisor, and the sidecars wired to it.
 //!
-//! Every listener is bound here, once, before any process starts, so that ports stay the
-//! same for the life of the mesh: an inbound per replica, an outbound per (caller,
-//! upstream), an ingress per `expose`. Discovery is fed from the supervisor's status:
-//! a replica is an endpoint while its process runs and is ready.
+//! Every listener is bound here, before the process it serves starts, and kept while
+//! that replica, caller or ingress exists, so that ports stay the same for the life of
+//! the mesh: an inbound per replica, an outbound per (caller, upstream), an ingress per
+//! `expose`. Discovery is fed from the supervisor's status: a replica is an endpoint
+//! while its process runs and is ready.
 //!
 //! With `tls = "mutual"` (the default) every sidecar gets its identity here (`certs`):
 //! the inbounds a leaf per replica, the outbounds a leaf per calling service, the
 //! ingresses the `ingress` leaf; and each inbound the set of callers it admits.
+//!
+//! The settings a reload may change while processes keep running (who an inbound admits,
+//! its rate limit, an outbound's traffic policy and routes, the app port an inbound
+//! forwards to) are [`Live`] values the sidecars read per request or connection; a
+//! reload (`reload.rs`) replaces them, binds and stops listeners for what was added or
+//! removed, and asks the supervisor for rolling replacements.
 
 mod certs;
+mod reload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,12 +31,15 @@ use mesh_supervisor::supervisor::{self, Options, Outcome, ShutdownHooks, Statuse
 use parking_lot::Mutex;
 use proxy::balance::{Algorithm, Balancer};
 use proxy::discovery::{Endpoint, Registry};
+use proxy::live::Live;
 use proxy::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+pub(crate) use reload::ReloadOutcome;
 
 /// The identity name of ingress listeners (SPEC §1).
 const INGRESS: &str = "ingress";
@@ -40,12 +51,23 @@ const TLS_OFF_WARNING: &str = "mesh: WARNING: tls = \"off\": traffic between sid
 
 pub(crate) use certs::CertsReport;
 
-/// A running mesh.
+/// A running mesh. Cheap to clone: clones are handles on the same mesh, so that a
+/// command (`mesh restart`, a reload) can run while the main loop waits for signals.
+#[derive(Clone)]
 pub(crate) struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     supervisor: Supervisor,
     sidecars: Arc<Sidecars>,
     /// The mesh CA and the identities issued; `None` with `tls = "off"`.
     certs: Option<Arc<certs::Certs>>,
+    /// `mesh`'s own environment: what a reload loads the file with.
+    base_env: BTreeMap<String, String>,
+    logs: LogSink,
+    /// One reload or service command that changes the wiring at a time.
+    changing: tokio::sync::Mutex<()>,
 }
 
 /// One running listener: cancel the token to stop it accepting; the task ends once its
@@ -55,21 +77,59 @@ struct Server {
     task: JoinHandle<()>,
 }
 
-/// Every sidecar listener of the mesh.
+/// Every sidecar listener of the mesh, and the live settings they read.
 struct Sidecars {
     registry: Registry,
     metrics: Metrics,
-    /// Inbound servers by service.
-    inbounds: Mutex<BTreeMap<String, Vec<Server>>>,
-    /// Outbound servers by calling service.
-    outbounds: Mutex<BTreeMap<String, Vec<Server>>>,
-    ingresses: Mutex<Vec<Server>>,
+    wiring: Mutex<Wiring>,
     /// Services being stopped: kept out of discovery whatever their status says.
     draining: Mutex<BTreeSet<String>>,
-    /// Each replica's inbound address.
-    inbound_addrs: BTreeMap<(String, u32), SocketAddr>,
-    /// Each exposed service's ingress address.
-    ingress_addrs: BTreeMap<String, SocketAddr>,
+    /// Tells `feed_discovery` that the set of inbounds changed.
+    rewired: watch::Sender<()>,
+}
+
+/// What is bound and running.
+#[derive(Default)]
+struct Wiring {
+    inbounds: BTreeMap<(String, u32), Inbound>,
+    /// Who each service's inbounds admit.
+    admitted: BTreeMap<String, Live<BTreeSet<String>>>,
+    /// Each service's rate limit, applied by its inbounds.
+    rate_limits: BTreeMap<String, Live<Option<proxy::ratelimit::RateLimit>>>,
+    /// Outbounds by (caller, upstream).
+    outbounds: BTreeMap<(String, String), Outbound>,
+    /// Ingresses by service.
+    ingresses: BTreeMap<String, Outbound>,
+    /// The client identities of callers (services with upstreams, and `ingress`).
+    callers_tls: BTreeMap<String, proxy::tls::ClientTls>,
+}
+
+/// A replica's inbound.
+struct Inbound {
+    server: Server,
+    addr: SocketAddr,
+    /// The app port it forwards to (moved by a rolling replacement).
+    app: Live<SocketAddr>,
+}
+
+/// An outbound or an ingress, with the settings it serves with.
+struct Outbound {
+    server: Server,
+    addr: SocketAddr,
+    setup: Setup,
+}
+
+/// An outbound's settings, before they are served.
+enum SetupValue {
+    Http(proxy::outbound::OutboundSetup),
+    Tcp((proxy::tcp::TcpOutboundConfig, Balancer)),
+}
+
+/// An outbound's replaceable settings.
+#[derive(Clone)]
+enum Setup {
+    Http(Live<proxy::outbound::OutboundSetup>),
+    Tcp(Live<(proxy::tcp::TcpOutboundConfig, Balancer)>),
 }
 
 // === impl Runtime ===
@@ -86,9 +146,7 @@ impl Runtime {
         let services = supervisor::selected(&config, only.as_deref());
         let ports = supervisor::allocate_ports(&config, &services)
             .context("cannot allocate application ports")?;
-        let registry = Registry::new();
         let metrics = Metrics::new();
-        let mesh_name = config.mesh.name.clone();
         let certs = match config.mesh.tls {
             TlsMode::Mutual => Some(Arc::new(certs::Certs::load(&config, &base_env, &metrics)?)),
             TlsMode::Off => {
@@ -96,147 +154,61 @@ impl Runtime {
                 None
             }
         };
-        let admitted: BTreeMap<String, Arc<BTreeSet<String>>> = certs::admitted(&config)
-            .into_iter()
-            .map(|(service, callers)| (service, Arc::new(callers)))
-            .collect();
-        let mut callers_tls = BTreeMap::new();
-        if let Some(certs) = &certs {
-            for caller in &services {
-                if !config.services[caller].upstreams.is_empty() {
-                    callers_tls.insert(caller.clone(), certs.caller(caller)?);
-                }
-            }
-            if services.iter().any(|s| config.services[s].expose.is_some()) {
-                callers_tls.insert(INGRESS.to_string(), certs.caller(INGRESS)?);
-            }
-        }
-
-        let mut inbounds: BTreeMap<String, Vec<Server>> = BTreeMap::new();
-        let mut inbound_addrs = BTreeMap::new();
+        let (rewired, _) = watch::channel(());
+        let sidecars = Arc::new(Sidecars {
+            registry: Registry::new(),
+            metrics,
+            wiring: Mutex::new(Wiring::default()),
+            draining: Mutex::new(BTreeSet::new()),
+            rewired,
+        });
+        let wire = Wire {
+            config: &config,
+            sidecars: &sidecars,
+            certs: certs.as_deref(),
+        };
+        wire.callers(&services)?;
+        wire.policies();
         for ((service, replica), port) in &ports {
-            let Some(port) = port else { continue };
-            let svc = &config.services[service];
-            let listener = bind_loopback()
-                .await
-                .with_context(|| format!("cannot bind the inbound of {service}.{replica}"))?;
-            inbound_addrs.insert((service.clone(), *replica), listener.local_addr()?);
-            let app = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
-            let stop = CancellationToken::new();
-            let span = tracing::info_span!("inbound", service = %service, replica);
-            let tls = match &certs {
-                Some(certs) => {
-                    Some(certs.inbound(service, *replica, svc.protocol == Protocol::Tcp)?)
-                }
-                None => None,
-            };
-            let admitted = admitted.get(service).cloned().unwrap_or_default();
-            let task = match svc.protocol {
-                Protocol::Tcp => {
-                    let cfg = proxy::tcp::TcpInboundConfig {
-                        mesh_name: mesh_name.clone(),
-                        service: service.clone(),
-                        replica: *replica,
-                        app,
-                        metrics: metrics.clone(),
-                        rate_limit: rate_limit(svc),
-                        tls,
-                        admitted,
-                    };
-                    tokio::spawn(
-                        proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
-                    )
-                }
-                protocol => {
-                    let cfg = proxy::inbound::InboundConfig {
-                        mesh_name: mesh_name.clone(),
-                        service: service.clone(),
-                        replica: *replica,
-                        protocol: proxy_protocol(protocol),
-                        app,
-                        metrics: metrics.clone(),
-                        rate_limit: rate_limit(svc),
-                        tls,
-                        admitted,
-                    };
-                    tokio::spawn(
-                        proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span),
-                    )
-                }
-            };
-            inbounds
-                .entry(service.clone())
-                .or_default()
-                .push(Server { stop, task });
+            if let Some(port) = port {
+                wire.inbound(service, *replica, *port).await?;
+            }
         }
-
-        let mut outbounds: BTreeMap<String, Vec<Server>> = BTreeMap::new();
         let mut upstream_addrs = BTreeMap::new();
         for caller in &services {
             for upstream in &config.services[caller].upstreams {
-                let listener = bind_loopback().await.with_context(|| {
-                    format!("cannot bind the outbound of `{caller}` to `{upstream}`")
-                })?;
-                upstream_addrs.insert((caller.clone(), upstream.clone()), listener.local_addr()?);
-                let server = serve_outbound(
-                    &config,
-                    &registry,
-                    listener,
-                    &metrics,
-                    callers_tls.get(caller),
-                    caller,
-                    upstream,
-                    false,
-                );
-                outbounds.entry(caller.clone()).or_default().push(server);
+                let addr = wire.outbound(caller, upstream).await?;
+                upstream_addrs.insert((caller.clone(), upstream.clone()), addr);
+            }
+        }
+        for service in &services {
+            if config.services[service].expose.is_some() {
+                wire.ingress(service).await?;
             }
         }
 
-        let mut ingresses = Vec::new();
-        let mut ingress_addrs = BTreeMap::new();
-        for service in &services {
-            let Some(addr) = config.services[service].expose else {
-                continue;
-            };
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} for the ingress (`expose`) of `{service}`")
-            })?;
-            ingress_addrs.insert(service.clone(), listener.local_addr()?);
-            ingresses.push(serve_outbound(
-                &config,
-                &registry,
-                listener,
-                &metrics,
-                callers_tls.get(INGRESS),
-                INGRESS,
-                service,
-                true,
-            ));
-        }
-
-        let sidecars = Arc::new(Sidecars {
-            registry,
-            metrics,
-            inbounds: Mutex::new(inbounds),
-            outbounds: Mutex::new(outbounds),
-            ingresses: Mutex::new(ingresses),
-            draining: Mutex::new(BTreeSet::new()),
-            inbound_addrs,
-            ingress_addrs,
-        });
+        let switch = Arc::clone(&sidecars);
         let supervisor = Supervisor::start(Options {
             config,
-            base_env,
+            base_env: base_env.clone(),
             logs: logs.clone(),
             services,
             ports,
             upstream_addrs,
+            on_switch: Arc::new(move |service: &str, replica: u32, port: Option<u16>| {
+                switch.switch(service, replica, port);
+            }),
         });
         tokio::spawn(feed_discovery(sidecars.clone(), supervisor.status()));
         let runtime = Runtime {
-            supervisor,
-            sidecars,
-            certs,
+            inner: Arc::new(Inner {
+                supervisor,
+                sidecars,
+                certs,
+                base_env,
+                logs: logs.clone(),
+                changing: tokio::sync::Mutex::new(()),
+            }),
         };
         if let Some(report) = runtime.certs() {
             logs.mesh_line(&format!(
@@ -252,14 +224,14 @@ impl Runtime {
     /// The mesh CA and every leaf certificate in use now (for `mesh certs`); `None` with
     /// `tls = "off"`.
     pub(crate) fn certs(&self) -> Option<CertsReport> {
-        self.certs.as_deref().map(certs::Certs::report)
+        self.inner.certs.as_deref().map(certs::Certs::report)
     }
 
     /// What makes [`Runtime::certs`]'s report at any later time, for the control socket.
     pub(crate) fn certs_reporter(
         &self,
     ) -> impl Fn() -> Option<CertsReport> + Send + Sync + 'static {
-        let certs = self.certs.clone();
+        let certs = self.inner.certs.clone();
         move || certs.as_deref().map(certs::Certs::report)
     }
 
@@ -277,50 +249,131 @@ impl Runtime {
 
     /// Wait until no replica is active any more.
     pub(crate) async fn finished(&self) -> Outcome {
-        self.supervisor.finished().await
+        self.inner.supervisor.finished().await
     }
 
     /// Every replica's status, as the supervisor publishes it.
     pub(crate) fn status(&self) -> watch::Receiver<Statuses> {
-        self.supervisor.status()
+        self.inner.supervisor.status()
+    }
+
+    /// The configuration in force.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.inner.supervisor.config()
     }
 
     /// The mesh's metrics.
     pub(crate) fn metrics(&self) -> &Metrics {
-        &self.sidecars.metrics
+        &self.inner.sidecars.metrics
     }
 
     /// The address of each exposed service's ingress.
-    pub(crate) fn ingress_addrs(&self) -> &BTreeMap<String, SocketAddr> {
-        &self.sidecars.ingress_addrs
+    pub(crate) fn ingress_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.inner
+            .sidecars
+            .wiring
+            .lock()
+            .ingresses
+            .iter()
+            .map(|(s, o)| (s.clone(), o.addr))
+            .collect()
+    }
+
+    /// The environment and working directory of replica 0 of `service` (`mesh exec`).
+    pub(crate) fn app_env(
+        &self,
+        service: &str,
+    ) -> Result<(Vec<(String, String)>, std::path::PathBuf), String> {
+        self.inner.supervisor.app_env(service, 0)
+    }
+
+    /// `mesh stop`, `mesh start`, `mesh restart` of one service; the line to print.
+    pub(crate) async fn service_command(&self, cmd: &str, service: &str) -> Result<String, String> {
+        let supervisor = &self.inner.supervisor;
+        if !supervisor.runs(service) {
+            return Err(if self.config().services.contains_key(service) {
+                format!("service `{service}` is not running in this mesh (not started with it)")
+            } else {
+                format!("no service `{service}` in the configuration")
+            });
+        }
+        let _changing = self.inner.changing.lock().await;
+        let logs = &self.inner.logs;
+        match cmd {
+            "stop" => {
+                logs.mesh_line(&format!("{service}: stopping (mesh stop)"));
+                supervisor.stop_service(service).await?;
+                Ok(format!("{service}: stopped"))
+            }
+            "start" => {
+                logs.mesh_line(&format!("{service}: starting (mesh start)"));
+                supervisor.start_service(service).await?;
+                Ok(format!("{service}: started"))
+            }
+            "restart" => {
+                logs.mesh_line(&format!(
+                    "{service}: restarting one replica at a time (mesh restart)"
+                ));
+                supervisor.restart_service(service).await?;
+                Ok(format!("{service}: restarted"))
+            }
+            other => Err(format!("unknown command `{other}`")),
+        }
+    }
+
+    /// Re-read the configuration file and apply the difference (SPEC §4 Reload).
+    pub(crate) async fn reload(&self) -> ReloadOutcome {
+        let _changing = self.inner.changing.lock().await;
+        reload::reload(self).await
     }
 
     /// Stop in the order of SPEC §4 Signals: ingresses stop accepting; then, service by
     /// service in reverse start order, replicas leave discovery, inbounds drain, processes
     /// stop, outbounds close.
     pub(crate) async fn shutdown(self, force: impl Future<Output = ()>) {
-        let ingresses = std::mem::take(&mut *self.sidecars.ingresses.lock());
-        for server in &ingresses {
-            server.stop.cancel();
+        let sidecars = &self.inner.sidecars;
+        let ingresses = std::mem::take(&mut sidecars.wiring.lock().ingresses);
+        for ingress in ingresses.values() {
+            ingress.server.stop.cancel();
         }
-        self.supervisor.shutdown(force, &*self.sidecars).await;
+        self.inner
+            .supervisor
+            .clone()
+            .shutdown(force, &**sidecars)
+            .await;
         // Whatever is left (servers of services not selected, ingress tails).
-        let rest: Vec<Server> = ingresses
-            .into_iter()
-            .chain(
-                std::mem::take(&mut *self.sidecars.inbounds.lock())
+        let mut rest: Vec<Server> = ingresses.into_values().map(|o| o.server).collect();
+        {
+            let mut wiring = sidecars.wiring.lock();
+            rest.extend(
+                std::mem::take(&mut wiring.inbounds)
                     .into_values()
-                    .flatten(),
-            )
-            .chain(
-                std::mem::take(&mut *self.sidecars.outbounds.lock())
+                    .map(|i| i.server),
+            );
+            rest.extend(
+                std::mem::take(&mut wiring.outbounds)
                     .into_values()
-                    .flatten(),
-            )
-            .collect();
+                    .map(|o| o.server),
+            );
+        }
         stop_all(rest).await;
-        if let Some(certs) = &self.certs {
+        if let Some(certs) = &self.inner.certs {
             certs.stop();
+        }
+    }
+}
+
+impl Sidecars {
+    /// Point the inbound of `service.replica` at `port` (a rolling replacement).
+    fn switch(&self, service: &str, replica: u32, port: Option<u16>) {
+        let Some(port) = port else {
+            return;
+        };
+        let wiring = self.wiring.lock();
+        if let Some(inbound) = wiring.inbounds.get(&(service.to_string(), replica)) {
+            inbound
+                .app
+                .set(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         }
     }
 }
@@ -329,12 +382,36 @@ impl ShutdownHooks for Sidecars {
     async fn before_stop(&self, service: &str) {
         self.draining.lock().insert(service.to_string());
         self.registry.set(service, Vec::new());
-        let servers = self.inbounds.lock().remove(service).unwrap_or_default();
+        let servers: Vec<Server> = {
+            let mut wiring = self.wiring.lock();
+            let keys: Vec<_> = wiring
+                .inbounds
+                .keys()
+                .filter(|(s, _)| s == service)
+                .cloned()
+                .collect();
+            keys.iter()
+                .filter_map(|k| wiring.inbounds.remove(k))
+                .map(|i| i.server)
+                .collect()
+        };
         stop_all(servers).await;
     }
 
     async fn after_stop(&self, service: &str) {
-        let servers = self.outbounds.lock().remove(service).unwrap_or_default();
+        let servers: Vec<Server> = {
+            let mut wiring = self.wiring.lock();
+            let keys: Vec<_> = wiring
+                .outbounds
+                .keys()
+                .filter(|(caller, _)| caller == service)
+                .cloned()
+                .collect();
+            keys.iter()
+                .filter_map(|k| wiring.outbounds.remove(k))
+                .map(|o| o.server)
+                .collect()
+        };
         stop_all(servers).await;
     }
 }
@@ -351,61 +428,255 @@ async fn stop_all(servers: Vec<Server>) {
     }
 }
 
-/// Start an outbound (or, with `ingress`, an ingress) of `caller` towards `service`,
-/// over mutual TLS with `tls` (the caller's identity) when given.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "plain wiring, each argument named at the call"
-)]
-fn serve_outbound(
-    config: &Config,
-    registry: &Registry,
-    listener: TcpListener,
-    metrics: &Metrics,
-    tls: Option<&proxy::tls::ClientTls>,
-    caller: &str,
-    service: &str,
-    ingress: bool,
-) -> Server {
-    let svc = &config.services[service];
-    let (traffic, balancer) = balancer_for(config, registry, service);
-    let routes = routes_for(config, registry, caller, service, &balancer);
-    let stop = CancellationToken::new();
-    let kind = if ingress { "ingress" } else { "outbound" };
-    let span = tracing::info_span!("sidecar", kind, caller = %caller, service = %service);
-    let task = match svc.protocol {
-        Protocol::Tcp => {
-            let cfg = proxy::tcp::TcpOutboundConfig {
-                mesh_name: config.mesh.name.clone(),
-                caller: caller.to_string(),
-                service: service.to_string(),
-                traffic,
-                metrics: metrics.clone(),
-                routes,
-                tls: tls.map(|tls| Arc::clone(&tls.opaque)),
-            };
-            tokio::spawn(
-                proxy::tcp::serve_outbound(listener, cfg, balancer, stop.clone()).instrument(span),
-            )
+/// Binding and starting sidecars for one configuration (at start, and by a reload).
+struct Wire<'a> {
+    config: &'a Config,
+    sidecars: &'a Sidecars,
+    certs: Option<&'a certs::Certs>,
+}
+
+impl Wire<'_> {
+    /// Issue the client identity of every service in `services` that calls others, and
+    /// of the ingresses if any is exposed (those not issued yet).
+    fn callers(&self, services: &[String]) -> anyhow::Result<()> {
+        let Some(certs) = self.certs else {
+            return Ok(());
+        };
+        let mut wanted: Vec<&str> = services
+            .iter()
+            .filter(|s| !self.config.services[*s].upstreams.is_empty())
+            .map(String::as_str)
+            .collect();
+        if services
+            .iter()
+            .any(|s| self.config.services[s].expose.is_some())
+        {
+            wanted.push(INGRESS);
         }
-        protocol => {
-            let cfg = proxy::outbound::OutboundConfig {
-                mesh_name: config.mesh.name.clone(),
-                caller: caller.to_string(),
-                service: service.to_string(),
-                protocol: proxy_protocol(protocol),
-                traffic,
-                ingress,
-                metrics: metrics.clone(),
-                routes,
-                tls: tls.cloned(),
-            };
-            tokio::spawn(
-                proxy::outbound::serve(listener, cfg, balancer, stop.clone()).instrument(span),
-            )
+        for caller in wanted {
+            if self.sidecars.wiring.lock().callers_tls.contains_key(caller) {
+                continue;
+            }
+            let tls = certs.caller(caller)?;
+            self.sidecars
+                .wiring
+                .lock()
+                .callers_tls
+                .insert(caller.to_string(), tls);
         }
-    };
-    Server { stop, task }
+        Ok(())
+    }
+
+    /// Set every service's admitted callers and rate limit to this configuration's
+    /// (creating the live values of new services).
+    fn policies(&self) {
+        let admitted = certs::admitted(self.config);
+        let mut wiring = self.sidecars.wiring.lock();
+        for (service, callers) in admitted {
+            match wiring.admitted.get(&service) {
+                Some(live) => live.set(callers),
+                None => {
+                    wiring.admitted.insert(service.clone(), Live::new(callers));
+                }
+            }
+        }
+        for (name, svc) in &self.config.services {
+            let limit = rate_limit(svc);
+            match wiring.rate_limits.get(name) {
+                Some(live) => live.set(limit),
+                None => {
+                    wiring.rate_limits.insert(name.clone(), Live::new(limit));
+                }
+            }
+        }
+    }
+
+    /// Bind and start the inbound of `service.replica`, forwarding to `port`.
+    async fn inbound(&self, service: &str, replica: u32, port: u16) -> anyhow::Result<()> {
+        let svc = &self.config.services[service];
+        let listener = bind_loopback()
+            .await
+            .with_context(|| format!("cannot bind the inbound of {service}.{replica}"))?;
+        let addr = listener.local_addr()?;
+        let app = Live::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let stop = CancellationToken::new();
+        let span = tracing::info_span!("inbound", service = %service, replica);
+        let tls = match self.certs {
+            Some(certs) => Some(certs.inbound(service, replica, svc.protocol == Protocol::Tcp)?),
+            None => None,
+        };
+        let (admitted, limit) = {
+            let wiring = self.sidecars.wiring.lock();
+            (
+                wiring.admitted.get(service).cloned().unwrap_or_default(),
+                wiring.rate_limits.get(service).cloned().unwrap_or_default(),
+            )
+        };
+        let mesh_name = self.config.mesh.name.clone();
+        let metrics = self.sidecars.metrics.clone();
+        let task = match svc.protocol {
+            Protocol::Tcp => {
+                let cfg = proxy::tcp::TcpInboundConfig {
+                    mesh_name,
+                    service: service.to_string(),
+                    replica,
+                    app: app.clone(),
+                    metrics,
+                    rate_limit: limit,
+                    tls,
+                    admitted,
+                };
+                tokio::spawn(
+                    proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
+                )
+            }
+            protocol => {
+                let cfg = proxy::inbound::InboundConfig {
+                    mesh_name,
+                    service: service.to_string(),
+                    replica,
+                    protocol: proxy_protocol(protocol),
+                    app: app.clone(),
+                    metrics,
+                    rate_limit: limit,
+                    tls,
+                    admitted,
+                };
+                tokio::spawn(proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span))
+            }
+        };
+        self.sidecars.wiring.lock().inbounds.insert(
+            (service.to_string(), replica),
+            Inbound {
+                server: Server { stop, task },
+                addr,
+                app,
+            },
+        );
+        self.sidecars.rewired.send_replace(());
+        Ok(())
+    }
+
+    /// Bind and start `caller`'s outbound to `upstream`; its address.
+    async fn outbound(&self, caller: &str, upstream: &str) -> anyhow::Result<SocketAddr> {
+        let listener = bind_loopback()
+            .await
+            .with_context(|| format!("cannot bind the outbound of `{caller}` to `{upstream}`"))?;
+        let addr = listener.local_addr()?;
+        let (server, setup) = self.serve_outbound(listener, caller, upstream, false);
+        self.sidecars.wiring.lock().outbounds.insert(
+            (caller.to_string(), upstream.to_string()),
+            Outbound {
+                server,
+                addr,
+                setup,
+            },
+        );
+        Ok(addr)
+    }
+
+    /// Bind and start the ingress of `service` on its `expose` address.
+    async fn ingress(&self, service: &str) -> anyhow::Result<SocketAddr> {
+        let Some(expose) = self.config.services[service].expose else {
+            anyhow::bail!("`{service}` is not exposed");
+        };
+        let listener = TcpListener::bind(expose).await.with_context(|| {
+            format!("cannot listen on {expose} for the ingress (`expose`) of `{service}`")
+        })?;
+        let addr = listener.local_addr()?;
+        let (server, setup) = self.serve_outbound(listener, INGRESS, service, true);
+        self.sidecars.wiring.lock().ingresses.insert(
+            service.to_string(),
+            Outbound {
+                server,
+                addr,
+                setup,
+            },
+        );
+        Ok(addr)
+    }
+
+    /// Start an outbound (or, with `ingress`, an ingress) of `caller` towards `service`.
+    fn serve_outbound(
+        &self,
+        listener: TcpListener,
+        caller: &str,
+        service: &str,
+        ingress: bool,
+    ) -> (Server, Setup) {
+        let stop = CancellationToken::new();
+        let kind = if ingress { "ingress" } else { "outbound" };
+        let span = tracing::info_span!("sidecar", kind, caller = %caller, service = %service);
+        let (task, setup) = match self.outbound_setup(caller, service, ingress) {
+            SetupValue::Tcp(value) => {
+                let live = Live::new(value);
+                let task = tokio::spawn(
+                    proxy::tcp::serve_outbound_live(listener, live.clone(), stop.clone())
+                        .instrument(span),
+                );
+                (task, Setup::Tcp(live))
+            }
+            SetupValue::Http(value) => {
+                let live = Live::new(value);
+                let task = tokio::spawn(
+                    proxy::outbound::serve_live(listener, live.clone(), stop.clone())
+                        .instrument(span),
+                );
+                (task, Setup::Http(live))
+            }
+        };
+        (Server { stop, task }, setup)
+    }
+
+    /// The settings of `caller`'s outbound (or ingress) to `service` under this
+    /// configuration.
+    fn outbound_setup(&self, caller: &str, service: &str, ingress: bool) -> SetupValue {
+        let config = self.config;
+        let registry = &self.sidecars.registry;
+        let svc = &config.services[service];
+        let (traffic, balancer) = balancer_for(config, registry, service);
+        let routes = routes_for(config, registry, caller, service, &balancer);
+        let tls = self.sidecars.wiring.lock().callers_tls.get(caller).cloned();
+        let metrics = self.sidecars.metrics.clone();
+        match svc.protocol {
+            Protocol::Tcp => {
+                let cfg = proxy::tcp::TcpOutboundConfig {
+                    mesh_name: config.mesh.name.clone(),
+                    caller: caller.to_string(),
+                    service: service.to_string(),
+                    traffic,
+                    metrics,
+                    routes,
+                    tls: tls.map(|tls| Arc::clone(&tls.opaque)),
+                };
+                SetupValue::Tcp((cfg, balancer))
+            }
+            protocol => {
+                let cfg = proxy::outbound::OutboundConfig {
+                    mesh_name: config.mesh.name.clone(),
+                    caller: caller.to_string(),
+                    service: service.to_string(),
+                    protocol: proxy_protocol(protocol),
+                    traffic,
+                    ingress,
+                    metrics,
+                    routes,
+                    tls,
+                };
+                SetupValue::Http(proxy::outbound::OutboundSetup { cfg, balancer })
+            }
+        }
+    }
+
+    /// Give a running outbound (or ingress) the settings of this configuration.
+    fn refresh(&self, target: &Setup, caller: &str, service: &str, ingress: bool) {
+        match (target, self.outbound_setup(caller, service, ingress)) {
+            (Setup::Http(live), SetupValue::Http(fresh)) => live.set(fresh),
+            (Setup::Tcp(live), SetupValue::Tcp(fresh)) => live.set(fresh),
+            // A protocol change is refused by the reload ("restart required").
+            _ => tracing::error!(caller, service, "outbound protocol changed; not refreshed"),
+        }
+    }
 }
 
 /// A caller's balancer over `service`'s endpoints, and the traffic settings it follows
@@ -534,11 +805,19 @@ fn proxy_traffic(t: &config::Traffic, algorithm: Algorithm) -> proxy::Traffic {
 }
 
 /// Keep the registry equal to the set of running, ready replicas (minus draining
-/// services). Driven by the status watch channel: no polling.
+/// services). Driven by the status watch channel and by changes of the wiring: no
+/// polling.
 async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Statuses>) {
+    let mut rewired = sidecars.rewired.subscribe();
     loop {
-        let mut ready: BTreeMap<String, Vec<Endpoint>> = sidecars
-            .inbound_addrs
+        let inbound_addrs: BTreeMap<(String, u32), SocketAddr> = sidecars
+            .wiring
+            .lock()
+            .inbounds
+            .iter()
+            .map(|(k, i)| (k.clone(), i.addr))
+            .collect();
+        let mut ready: BTreeMap<String, Vec<Endpoint>> = inbound_addrs
             .keys()
             .map(|(s, _)| (s.clone(), Vec::new()))
             .collect();
@@ -550,7 +829,7 @@ async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Sta
                     continue;
                 }
                 let key = (r.service.clone(), r.replica);
-                if let Some(addr) = sidecars.inbound_addrs.get(&key) {
+                if let Some(addr) = inbound_addrs.get(&key) {
                     ready.entry(r.service.clone()).or_default().push(Endpoint {
                         id: format!("{}.{}", r.service, r.replica).into(),
                         addr: *addr,
@@ -563,8 +842,9 @@ async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Sta
                 sidecars.registry.set(&service, endpoints);
             }
         }
-        if status.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            changed = rewired.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +34,7 @@ use crate::http::finish::{End, Finish};
 use crate::http::headers::{self, HDR_CLIENT_ID};
 use crate::http::server::{self, Facing, Limits, PeerIdentity, ServerTls};
 use crate::http::{Body, boxed};
+use crate::live::Live;
 use crate::metrics::ReplicaStats;
 use crate::ratelimit::{self, RateLimit, TokenBucket};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol};
@@ -48,12 +50,14 @@ pub struct InboundConfig {
     pub replica: u32,
     /// The service's protocol (`Http` or `Grpc`; grpc apps are always spoken to in h2c).
     pub protocol: Protocol,
-    /// The app's address (`127.0.0.1:$PORT`).
-    pub app: SocketAddr,
+    /// The app's address (`127.0.0.1:$PORT`); a rolling replacement moves it to the new
+    /// process's port.
+    pub app: Live<SocketAddr>,
     /// Where the mesh's metrics are recorded.
     pub metrics: crate::metrics::Metrics,
-    /// The service's `traffic.rate_limit`: this replica's token bucket.
-    pub rate_limit: Option<RateLimit>,
+    /// The service's `traffic.rate_limit`: this replica's token bucket (a new bucket,
+    /// full, when a reload changes it).
+    pub rate_limit: Live<Option<RateLimit>>,
     /// Mutual TLS (`tls = "mutual"`): the replica's server configuration, whose
     /// identity is `spiffe://<mesh_name>/<service>` and which offers ALPN `h2` and
     /// `http/1.1` ([`crate::tls::ALPN_INBOUND_HTTP`]). `None` serves plain connections
@@ -61,7 +65,7 @@ pub struct InboundConfig {
     pub tls: Option<Arc<crate::tls::ServerConfig>>,
     /// The identity names (`web`, `ingress`, …: the last segment of
     /// `spiffe://<mesh_name>/<name>`) admitted as callers when `tls` is on.
-    pub admitted: Arc<BTreeSet<String>>,
+    pub admitted: Live<BTreeSet<String>>,
 }
 
 /// Serve `listener` with default [`Limits`] until `shutdown`, then drain: stop accepting,
@@ -82,7 +86,7 @@ pub async fn serve_with(
         "http_inbound",
         service = %cfg.service,
         replica = cfg.replica,
-        app = %cfg.app,
+        app = %cfg.app.get(),
     );
     let server_tls = cfg.tls.as_ref().map(|config| ServerTls {
         config: Arc::clone(config),
@@ -97,11 +101,16 @@ pub async fn serve_with(
         stats,
         id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
         trust_domain: format!("spiffe://{}/", cfg.mesh_name),
-        h1: H1Pool::with_idle_timeout(cfg.app, limits.app_idle_timeout),
-        h2: H2Pool::new(),
-        bucket: cfg
-            .rate_limit
-            .map(|limit| TokenBucket::new(limit, tokio::time::Instant::now())),
+        target: RwLock::new(Arc::new(AppTarget::new(
+            *cfg.app.get(),
+            limits.app_idle_timeout,
+        ))),
+        idle_timeout: limits.app_idle_timeout,
+        bucket: RwLock::new(Arc::new(
+            cfg.rate_limit
+                .get()
+                .map(|limit| TokenBucket::new(limit, tokio::time::Instant::now())),
+        )),
         cfg,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
@@ -129,6 +138,23 @@ pub async fn serve_with(
     .await;
 }
 
+/// The app's address and the connections to it.
+struct AppTarget {
+    addr: SocketAddr,
+    h1: H1Pool,
+    h2: H2Pool,
+}
+
+impl AppTarget {
+    fn new(addr: SocketAddr, idle_timeout: std::time::Duration) -> Self {
+        AppTarget {
+            addr,
+            h1: H1Pool::with_idle_timeout(addr, idle_timeout),
+            h2: H2Pool::new(),
+        }
+    }
+}
+
 struct Inbound {
     cfg: InboundConfig,
     /// This replica's recent traffic, for `mesh ps`.
@@ -137,10 +163,11 @@ struct Inbound {
     id: Arc<str>,
     /// `spiffe://<mesh>/`, the prefix of every identity of this mesh.
     trust_domain: String,
-    h1: H1Pool,
-    h2: H2Pool,
-    /// This replica's `rate_limit` bucket.
-    bucket: Option<TokenBucket>,
+    /// Connections to the app at its current address.
+    target: RwLock<Arc<AppTarget>>,
+    idle_timeout: std::time::Duration,
+    /// This replica's `rate_limit` bucket, for the limit in force.
+    bucket: RwLock<Arc<Option<TokenBucket>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -189,6 +216,7 @@ impl Inbound {
         parts.headers.remove(HDR_VERSION);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
 
+        let app = self.target();
         let result = match (downstream, version) {
             // Extended CONNECT exists only in HTTP/2: the app gets it as a stream of the
             // shared h2c connection, with the caller's `:protocol` (still in the parts'
@@ -198,19 +226,19 @@ impl Inbound {
                 parts.version = Version::HTTP_2;
                 let request = Request::from_parts(parts, boxed(body));
                 // Boxed: the rare path would otherwise enlarge every request's future.
-                Box::pin(self.extended_connect(downstream, request)).await
+                Box::pin(self.extended_connect(&app, downstream, request)).await
             }
             (Some(downstream), _) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let request = Request::from_parts(parts, boxed(body));
                 // Boxed: the rare path would otherwise enlarge every request's future.
-                Box::pin(self.upgrade(downstream, request)).await
+                Box::pin(self.upgrade(&app, downstream, request)).await
             }
             (None, AppVersion::Http1) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
-                self.h1
+                app.h1
                     .send(Request::from_parts(parts, boxed(body)))
                     .await
                     .map(|response| response.map(boxed))
@@ -223,8 +251,8 @@ impl Inbound {
                     Version::HTTP_11
                 };
                 let request = Request::from_parts(parts, boxed(body));
-                self.h2
-                    .send(self.cfg.app, request)
+                app.h2
+                    .send(app.addr, request)
                     .await
                     .map(|response| response.map(boxed))
                     .map_err(|(error, _unsent)| error)
@@ -274,7 +302,7 @@ impl Inbound {
             .as_ref()
             .and_then(|peer| peer.identity.strip_prefix(self.trust_domain.as_str()));
         if let Some(name) = name {
-            if self.cfg.admitted.contains(name) {
+            if self.cfg.admitted.get().contains(name) {
                 return Ok(peer);
             }
         }
@@ -322,10 +350,11 @@ impl Inbound {
     /// upgraded streams after `101`.
     async fn upgrade(
         &self,
+        app: &AppTarget,
         downstream: hyper::upgrade::OnUpgrade,
         request: Request<Body>,
     ) -> Result<Response<Body>, ForwardError> {
-        let mut response = client::send_upgrade(self.cfg.app, request).await?;
+        let mut response = client::send_upgrade(app.addr, request).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
             client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
@@ -337,10 +366,11 @@ impl Inbound {
     /// and splice the tunnel's streams after `200`.
     async fn extended_connect(
         &self,
+        app: &AppTarget,
         downstream: hyper::upgrade::OnUpgrade,
         request: Request<Body>,
     ) -> Result<Response<Body>, ForwardError> {
-        let (response, tunnel) = self.h2.send_connect(self.cfg.app, request).await?;
+        let (response, tunnel) = app.h2.send_connect(app.addr, request).await?;
         if let Some(upstream) = tunnel {
             client::splice_tunnel(&self.tracker, self.shutdown.clone(), downstream, upstream);
         }
@@ -354,7 +384,8 @@ impl Inbound {
         req: &Request<Incoming>,
         peer: Option<&PeerIdentity>,
     ) -> Option<Response<Body>> {
-        let bucket = self.bucket.as_ref()?;
+        let bucket = self.bucket()?;
+        let bucket = bucket.as_ref().as_ref()?;
         let wait = bucket.try_take(tokio::time::Instant::now()).err()?;
         let limit = bucket.limit();
         let error = MeshError {
@@ -421,6 +452,34 @@ impl Inbound {
                 );
             }))
         })
+    }
+}
+
+impl Inbound {
+    /// The connections to the app at its current address (new ones after a rolling
+    /// replacement moved it).
+    fn target(&self) -> Arc<AppTarget> {
+        let addr = *self.cfg.app.get();
+        let current = Arc::clone(&self.target.read());
+        if current.addr == addr {
+            return current;
+        }
+        let fresh = Arc::new(AppTarget::new(addr, self.idle_timeout));
+        *self.target.write() = Arc::clone(&fresh);
+        fresh
+    }
+
+    /// The token bucket of the rate limit in force, `None` without one (a new, full
+    /// bucket when a reload changed the limit).
+    fn bucket(&self) -> Option<Arc<Option<TokenBucket>>> {
+        let limit = *self.cfg.rate_limit.get();
+        let current = Arc::clone(&self.bucket.read());
+        if current.as_ref().as_ref().map(TokenBucket::limit) == limit {
+            return limit.is_some().then_some(current);
+        }
+        let fresh = Arc::new(limit.map(|l| TokenBucket::new(l, tokio::time::Instant::now())));
+        *self.bucket.write() = Arc::clone(&fresh);
+        limit.is_some().then_some(fresh)
     }
 }
 

@@ -33,6 +33,7 @@ pub mod discovery;
 pub mod errors;
 pub mod http;
 pub mod inbound;
+pub mod live;
 pub mod metrics;
 pub mod outbound;
 pub mod ratelimit;

@@ -43,6 +43,7 @@ use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
 use crate::http::server::{self, Facing, Limits};
 use crate::http::{Body, boxed, full};
+use crate::live::Live;
 use crate::routes::{Decision, Routes};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
@@ -95,59 +96,42 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let source = format!("spiffe://{}/{}", cfg.mesh_name, cfg.caller);
-    let source = match HeaderValue::from_str(&source) {
-        Ok(value) => value,
-        Err(_) => {
-            // Names are validated by the configuration loader; this is a wiring bug.
-            tracing::error!(%source, "identity is not a valid header value, outbound not served");
-            return;
-        }
-    };
+    let setup = Live::new(OutboundSetup { cfg, balancer });
+    serve_live_with(listener, setup, limits, shutdown).await;
+}
+
+/// What an outbound (or ingress) serves with: its configuration and the balancer of
+/// its service.
+pub struct OutboundSetup {
+    /// The configuration.
+    pub cfg: OutboundConfig,
+    /// The balancer over the service's endpoints.
+    pub balancer: Balancer,
+}
+
+/// [`serve`] with settings the runtime may replace while it runs (a reload changed the
+/// service's `traffic` or `routes`): each request follows the settings in force when it
+/// arrives; requests in flight finish under the ones they started with.
+pub async fn serve_live(
+    listener: TcpListener,
+    setup: Live<OutboundSetup>,
+    shutdown: CancellationToken,
+) {
+    serve_live_with(listener, setup, Limits::default(), shutdown).await;
+}
+
+/// [`serve_live`] with explicit [`Limits`].
+pub async fn serve_live_with(
+    listener: TcpListener,
+    setup: Live<OutboundSetup>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
-    // One pool per service the requests may go to: the service itself and its route
-    // backends, each of whose inbounds must prove its own identity.
-    let mut targets: Vec<String> = vec![cfg.service.clone()];
-    for backend in cfg.routes.backends() {
-        if !targets.iter().any(|t| **t == *backend.service) {
-            targets.push(backend.service.to_string());
-        }
-    }
-    let pools = targets
-        .into_iter()
-        .map(|target| {
-            let peer_tls = cfg.tls.as_ref().map(|client| PeerTls {
-                client: client.clone(),
-                server_identity: format!("spiffe://{}/{target}", cfg.mesh_name),
-                metrics: cfg.metrics.clone(),
-                service: target.clone(),
-            });
-            let pool = Target {
-                pool: H2Pool::with_tls(peer_tls.clone()),
-                peer_tls,
-            };
-            (target, pool)
-        })
-        .collect();
-    // With mTLS the certificate carries the identity: no header that could be trusted
-    // by mistake.
-    let source = cfg.tls.is_none().then_some(source);
-    let retries = cfg.traffic.retries.clone().map(|r| {
-        let budget = Budget::new(r.budget);
-        (r, budget)
-    });
-    let requests = cfg.metrics.requests(&cfg.caller, &cfg.service);
-    let outbound = Arc::new(Outbound {
-        requests,
-        caller: Arc::from(cfg.caller.as_str()),
-        retries,
-        cfg,
-        source,
-        balancer,
-        pools,
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
-    });
+    let first = setup.get();
+    let Some(outbound) = Outbound::build(&first, &tracker, &shutdown) else {
+        return;
+    };
     let builder = server::builder(&limits, Facing::Apps);
     let span = tracing::debug_span!(
         "http_outbound",
@@ -164,8 +148,26 @@ pub async fn serve_with(
         &outbound.cfg.caller,
         &outbound.cfg.service,
     );
+    // The outbound built from the settings in force, rebuilt when they are replaced.
+    let current = Arc::new(parking_lot::RwLock::new((first, outbound)));
+    let rebuild = (tracker.clone(), shutdown.clone());
     let handle = move |peer, req: Request<Incoming>| {
-        let outbound = Arc::clone(&outbound);
+        let outbound = {
+            let wanted = setup.get();
+            let built = current.read();
+            if Arc::ptr_eq(&built.0, &wanted) {
+                Arc::clone(&built.1)
+            } else {
+                drop(built);
+                match Outbound::build(&wanted, &rebuild.0, &rebuild.1) {
+                    Some(fresh) => {
+                        *current.write() = (wanted, Arc::clone(&fresh));
+                        fresh
+                    }
+                    None => Arc::clone(&current.read().1),
+                }
+            }
+        };
         async move {
             let arrival = Instant::now();
             let cfg = &outbound.cfg;
@@ -184,6 +186,70 @@ pub async fn serve_with(
     }
     .instrument(span)
     .await;
+}
+
+impl Outbound {
+    /// The outbound of `setup`: a connection pool per service requests may go to,
+    /// the retry budget, the request counters. `None` only on a wiring bug.
+    fn build(
+        setup: &OutboundSetup,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Option<Arc<Outbound>> {
+        let cfg = setup.cfg.clone();
+        let source = format!("spiffe://{}/{}", cfg.mesh_name, cfg.caller);
+        let source = match HeaderValue::from_str(&source) {
+            Ok(value) => value,
+            Err(_) => {
+                // Names are validated by the configuration loader; this is a wiring bug.
+                tracing::error!(%source, "identity is not a valid header value, outbound not served");
+                return None;
+            }
+        };
+        // One pool per service the requests may go to: the service itself and its route
+        // backends, each of whose inbounds must prove its own identity.
+        let mut targets: Vec<String> = vec![cfg.service.clone()];
+        for backend in cfg.routes.backends() {
+            if !targets.iter().any(|t| **t == *backend.service) {
+                targets.push(backend.service.to_string());
+            }
+        }
+        let pools = targets
+            .into_iter()
+            .map(|target| {
+                let peer_tls = cfg.tls.as_ref().map(|client| PeerTls {
+                    client: client.clone(),
+                    server_identity: format!("spiffe://{}/{target}", cfg.mesh_name),
+                    metrics: cfg.metrics.clone(),
+                    service: target.clone(),
+                });
+                let pool = Target {
+                    pool: H2Pool::with_tls(peer_tls.clone()),
+                    peer_tls,
+                };
+                (target, pool)
+            })
+            .collect();
+        // With mTLS the certificate carries the identity: no header that could be
+        // trusted by mistake.
+        let source = cfg.tls.is_none().then_some(source);
+        let retries = cfg.traffic.retries.clone().map(|r| {
+            let budget = Budget::new(r.budget);
+            (r, budget)
+        });
+        let requests = cfg.metrics.requests(&cfg.caller, &cfg.service);
+        Some(Arc::new(Outbound {
+            requests,
+            caller: Arc::from(cfg.caller.as_str()),
+            retries,
+            cfg,
+            source,
+            balancer: setup.balancer.clone(),
+            pools,
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        }))
+    }
 }
 
 struct Outbound {

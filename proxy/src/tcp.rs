@@ -77,17 +77,18 @@ pub struct TcpInboundConfig {
     /// The replica's index.
     pub replica: u32,
     /// The app's address (`127.0.0.1:$PORT`).
-    pub app: SocketAddr,
+    pub app: crate::live::Live<SocketAddr>,
     /// Where the mesh's metrics are recorded.
     pub metrics: Metrics,
-    /// The service's `traffic.rate_limit`: new connections per second of this replica.
-    pub rate_limit: Option<RateLimit>,
+    /// The service's `traffic.rate_limit`: new connections per second of this replica
+    /// (a new, full bucket when a reload changes it).
+    pub rate_limit: crate::live::Live<Option<RateLimit>>,
     /// Mutual TLS: the replica's server configuration, without ALPN. `None` with
     /// `tls = "off"` (plain, nothing enforced).
     pub tls: Option<Arc<tls::ServerConfig>>,
     /// The identity names admitted as callers when `tls` is on (see
     /// [`crate::inbound::InboundConfig::admitted`]).
-    pub admitted: Arc<BTreeSet<String>>,
+    pub admitted: crate::live::Live<BTreeSet<String>>,
 }
 
 /// Serve a caller's outbound listener for a `tcp` service: each accepted connection is
@@ -101,18 +102,27 @@ pub async fn serve_outbound(
     balancer: Balancer,
     shutdown: CancellationToken,
 ) {
-    let service: Arc<str> = cfg.service.as_str().into();
-    let cfg = Arc::new(cfg);
+    serve_outbound_live(listener, crate::live::Live::new((cfg, balancer)), shutdown).await;
+}
+
+/// [`serve_outbound`] with settings the runtime may replace (a reload): each new
+/// connection follows the settings in force when it arrives.
+pub async fn serve_outbound_live(
+    listener: TcpListener,
+    setup: crate::live::Live<(TcpOutboundConfig, Balancer)>,
+    shutdown: CancellationToken,
+) {
+    let service: Arc<str> = setup.get().0.service.as_str().into();
     let local = listener.local_addr().ok();
     serve(listener, shutdown, "outbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
-        let cfg = Arc::clone(&cfg);
+        let current = setup.get();
         // The route step (SPEC §3 Routes): a backend drawn per connection.
-        let (balancer, queue_timeout) = match cfg.routes.decide_connection().backend {
+        let (balancer, queue_timeout) = match current.0.routes.decide_connection().backend {
             Some(backend) => (backend.balancer.clone(), backend.queue_timeout),
-            None => (balancer.clone(), cfg.traffic.queue_timeout),
+            None => (current.1.clone(), current.0.traffic.queue_timeout),
         };
-        async move { proxy_outbound(client, &cfg, &balancer, queue_timeout, force).await }
+        async move { proxy_outbound(client, &current.0, &balancer, queue_timeout, force).await }
             .instrument(span)
     })
     .instrument(tracing::info_span!("tcp_outbound_listener", service = %service, listener = ?local))
@@ -129,15 +139,21 @@ pub async fn serve_inbound(
     cfg: TcpInboundConfig,
     shutdown: CancellationToken,
 ) {
-    let app = cfg.app;
+    let app = *cfg.app.get();
     let local = listener.local_addr().ok();
-    let bucket = cfg
+    // The bucket of the limit in force: a new, full one when a reload changes it.
+    let mut bucket: Option<Arc<TokenBucket>> = cfg
         .rate_limit
+        .get()
         .map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
     let cfg = Arc::new(cfg);
     serve(listener, shutdown, "inbound", |client, peer, force| {
         let span = tracing::info_span!("tcp_inbound", %app, %peer);
         let cfg = Arc::clone(&cfg);
+        let limit = *cfg.rate_limit.get();
+        if bucket.as_ref().map(|b| b.limit()) != limit {
+            bucket = limit.map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
+        }
         let bucket = bucket.clone();
         async move { accept_inbound(client, peer, &cfg, bucket.as_deref(), force).await }
             .instrument(span)
@@ -398,7 +414,7 @@ async fn accept_inbound(
         if !admit_rate(cfg, bucket, "unknown") {
             return;
         }
-        return proxy_inbound(client, cfg.app, force).await;
+        return proxy_inbound(client, *cfg.app.get(), force).await;
     };
     let handshake = tls::accept_counted(
         Arc::clone(config),
@@ -417,7 +433,7 @@ async fn accept_inbound(
     };
     let trust_domain = format!("spiffe://{}/", cfg.mesh_name);
     let name = identity.strip_prefix(trust_domain.as_str());
-    if !name.is_some_and(|name| cfg.admitted.contains(name)) {
+    if !name.is_some_and(|name| cfg.admitted.get().contains(name)) {
         let service = cfg.service.as_str();
         let replica = cfg.replica;
         cfg.metrics
@@ -435,7 +451,7 @@ async fn accept_inbound(
     if !admit_rate(cfg, bucket, name.unwrap_or(&identity)) {
         return;
     }
-    proxy_inbound(client, cfg.app, force).await;
+    proxy_inbound(client, *cfg.app.get(), force).await;
 }
 
 /// Connect `client` to the app at `app` and pipe bytes until both directions end.

@@ -544,9 +544,9 @@ async fn idle_connections_to_the_app_are_closed() {
             service: "api".into(),
             replica: 0,
             protocol: Protocol::Http,
-            app: app_addr,
+            app: (app_addr).into(),
             metrics: mesh_proxy::metrics::Metrics::new(),
-            rate_limit: None,
+            rate_limit: (None).into(),
             tls: None,
             admitted: Default::default(),
         };

@@ -62,11 +62,11 @@ async fn tls_inbound(
         service: "api".into(),
         replica: 0,
         protocol,
-        app,
+        app: app.into(),
         metrics: metrics.clone(),
-        rate_limit: None,
+        rate_limit: (None).into(),
         tls: Some(tls::server_config(ca, identity(ca, "api"), tls::ALPN_INBOUND_HTTP).unwrap()),
-        admitted: Arc::new(admitted.iter().map(|s| s.to_string()).collect()),
+        admitted: mesh_proxy::live::Live::new(admitted.iter().map(|s| s.to_string()).collect()),
     };
     let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
     Sidecar {
@@ -363,13 +363,13 @@ async fn an_inbound_with_another_identity_is_refused_by_the_caller() {
             service: "web".into(),
             replica: 0,
             protocol: P::Http,
-            app: app.addr,
+            app: (app.addr).into(),
             metrics: metrics.clone(),
-            rate_limit: None,
+            rate_limit: (None).into(),
             tls: Some(
                 tls::server_config(&ca, identity(&ca, "web"), tls::ALPN_INBOUND_HTTP).unwrap(),
             ),
-            admitted: Arc::new(BTreeSet::from(["web".to_string()])),
+            admitted: BTreeSet::from(["web".to_string()]).into(),
         };
         let _web = Sidecar {
             addr,
@@ -414,11 +414,11 @@ async fn tcp_callers_not_admitted_are_closed_and_counted() {
             mesh_name: MESH.into(),
             service: "api".into(),
             replica: 0,
-            app: app_addr,
+            app: (app_addr).into(),
             metrics: metrics.clone(),
-            rate_limit: None,
+            rate_limit: (None).into(),
             tls: Some(tls::server_config(&ca, identity(&ca, "api"), &[]).unwrap()),
-            admitted: Arc::new(BTreeSet::from(["web".to_string()])),
+            admitted: BTreeSet::from(["web".to_string()]).into(),
         };
         tokio::spawn(tcp::serve_inbound(listener, cfg, shutdown.clone()));
 

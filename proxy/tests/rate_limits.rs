@@ -26,9 +26,9 @@ async fn limited_inbound(replica: u32, app: &App, burst: u32) -> Sidecar {
         service: "api".into(),
         replica,
         protocol: Protocol::Http,
-        app: app.addr,
+        app: (app.addr).into(),
         metrics: Metrics::new(),
-        rate_limit: Some(RateLimit { rps: 0.001, burst }),
+        rate_limit: (Some(RateLimit { rps: 0.001, burst })).into(),
         tls: None,
         admitted: Default::default(),
     };

@@ -65,6 +65,9 @@ pub enum Event {
     /// Stop if running, then start again at once, clearing `failed` and the start
     /// history (`mesh restart`, a reload that changes the service, a watched file).
     Restart,
+    /// A replacement process became ready and took over from the running one (a rolling
+    /// replacement): the replica stays ready, its failures are cleared.
+    Replaced,
 }
 
 /// What the replica task must do after a transition.
@@ -298,6 +301,15 @@ impl Lifecycle {
                 self.spawn(now)
             }
             (Waiting | Blocked, E::Restart) => Action::None,
+            (Starting | Running, E::Replaced) => {
+                self.clear_failures();
+                self.ready = true;
+                self.state = Running;
+                self.started_at = Some(now);
+                self.starts.push_back(now);
+                self.restarts += 1;
+                Action::None
+            }
             // Everything else does not apply in that state (a late health event after the
             // process exited, a timer that lost a race with a stop, …).
             _ => Action::None,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, watch};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info_span, warn};
@@ -36,6 +37,8 @@ pub struct Options {
     /// For each (caller, upstream), the address the caller is given as
     /// `<UPSTREAM>_ADDR`: the caller's outbound listener for that upstream.
     pub upstream_addrs: BTreeMap<(String, String), SocketAddr>,
+    /// Told when a replica's application port changes (see [`PortSwitch`]).
+    pub on_switch: PortSwitch,
 }
 
 /// Each replica's application port (`None` for `port = "none"`), by (service, replica).
@@ -93,33 +96,71 @@ pub enum Outcome {
     SomeFailed,
 }
 
-/// A running set of services.
+/// A running set of services. Cheap to clone: clones are handles on the same services,
+/// so that a command (`mesh restart`, a reload) can run while the mesh goes on.
+#[derive(Clone)]
 pub struct Supervisor {
-    config: Arc<Config>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
     logs: LogSink,
     status: watch::Receiver<Statuses>,
-    controls: BTreeMap<(String, u32), mpsc::UnboundedSender<Control>>,
-    tasks: JoinSet<()>,
+    controls: Mutex<BTreeMap<(String, u32), mpsc::UnboundedSender<Control>>>,
+    tasks: Mutex<JoinSet<()>>,
     /// Services started, in start order.
-    order: Vec<String>,
+    order: Mutex<Vec<String>>,
+    /// Services stopped with `mesh stop`: they stay stopped across reloads until
+    /// `mesh start` (SPEC §4).
+    held: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A command to a replica task.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 enum Control {
     Stop,
     /// SIGKILL the process group now (the end of a grace period).
     Kill,
+    /// Start a replica that does not run (`mesh start`; clears `failed`); answered once
+    /// it is ready, or with why not.
+    Start {
+        reply: Reply,
+    },
+    /// Replace the process with one of `service`'s configuration, one ready before the
+    /// old one stops (SPEC §2, §4); answered once the new one serves, or with why not
+    /// (the old one then keeps serving).
+    Replace {
+        service: Box<Service>,
+        reply: Reply,
+    },
+    /// New settings that apply without a new process (restart policy, health, stop
+    /// signal and timeout, …).
+    Update {
+        service: Box<Service>,
+    },
 }
+
+/// Where a replica answers a command that takes time.
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Called when a replica's application port changes (a rolling replacement moved it to
+/// a fresh port, or a fixed port changed): the owner of the sidecars points the
+/// replica's inbound at it, before the old process is told to stop.
+pub type PortSwitch = Arc<dyn Fn(&str, u32, Option<u16>) + Send + Sync>;
 
 /// Shared by every replica task of one supervisor.
 struct Shared {
-    config: Arc<Config>,
+    /// The configuration in force (replaced by a reload).
+    config: RwLock<Arc<Config>>,
     base_env: BTreeMap<String, String>,
     logs: LogSink,
     status: watch::Sender<Statuses>,
     /// `<UPSTREAM>_ADDR` by (caller, upstream).
-    upstream_addrs: BTreeMap<(String, String), SocketAddr>,
+    upstream_addrs: RwLock<BTreeMap<(String, String), SocketAddr>>,
+    /// Every application port handed out so far (never handed out twice).
+    taken: Mutex<std::collections::BTreeSet<u16>>,
+    on_switch: PortSwitch,
 }
 
 // === impl Supervisor ===
@@ -132,13 +173,54 @@ impl Supervisor {
         let order = opts.services;
         let ports = opts.ports;
 
-        let mut initial = Statuses::new();
-        for ((service, replica), port) in &ports {
-            initial.insert(
-                (service.clone(), *replica),
+        let initial = Statuses::new();
+        let (status_tx, status_rx) = watch::channel(initial);
+        let mut taken: std::collections::BTreeSet<u16> = config
+            .services
+            .values()
+            .filter_map(|s| match s.port {
+                PortSpec::Fixed(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        taken.extend(ports.values().flatten());
+        let shared = Arc::new(Shared {
+            config: RwLock::new(config.clone()),
+            base_env: opts.base_env,
+            logs: opts.logs.clone(),
+            status: status_tx,
+            upstream_addrs: RwLock::new(opts.upstream_addrs),
+            taken: Mutex::new(taken),
+            on_switch: opts.on_switch,
+        });
+        let supervisor = Supervisor {
+            inner: Arc::new(Inner {
+                shared,
+                logs: opts.logs,
+                status: status_rx,
+                controls: Mutex::new(BTreeMap::new()),
+                tasks: Mutex::new(JoinSet::new()),
+                order: Mutex::new(order),
+                held: Mutex::default(),
+            }),
+        };
+        for ((service, replica), port) in ports {
+            let svc = config.services[&service].clone();
+            supervisor.spawn_replica(svc, replica, port);
+        }
+        supervisor
+    }
+
+    /// Start the task of one replica (at start, or when a reload adds it).
+    fn spawn_replica(&self, svc: Service, replica: u32, port: Option<u16>) {
+        let service = svc.name.clone();
+        let shared = &self.inner.shared;
+        shared.status.send_modify(|all| {
+            all.insert(
+                (service.clone(), replica),
                 ReplicaStatus {
                     service: service.clone(),
-                    replica: *replica,
+                    replica,
                     state: State::Waiting,
                     health: "none",
                     ready: false,
@@ -146,72 +228,59 @@ impl Supervisor {
                     pid: None,
                     exit_code: None,
                     restarts: 0,
-                    port: *port,
+                    port,
                     since: None,
                 },
             );
-        }
-        let (status_tx, status_rx) = watch::channel(initial);
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            base_env: opts.base_env,
-            logs: opts.logs.clone(),
-            status: status_tx,
-            upstream_addrs: opts.upstream_addrs,
         });
-
-        let mut tasks = JoinSet::new();
-        let mut controls = BTreeMap::new();
-        for ((service, replica), port) in ports {
-            let (tx, rx) = mpsc::unbounded_channel();
-            controls.insert((service.clone(), replica), tx);
-            let svc = config.services[&service].clone();
-            let lifecycle = Lifecycle::new(svc.restart, svc.backoff, svc.start_limit);
-            let task = ReplicaTask {
-                label: format!("{service}.{replica}"),
-                service: svc,
-                replica,
-                port,
-                shared: shared.clone(),
-                lifecycle,
-                controls: rx,
-                child: None,
-                checker: None,
-                timer: None,
-                kill_at: None,
-                pending: None,
-                relay: None,
-                rng: XorShift::seeded(&service, replica),
-            };
-            let span = info_span!("replica", service = %service, replica);
-            tasks.spawn(task.run().instrument(span));
-        }
-
-        Supervisor {
-            config,
-            logs: opts.logs,
-            status: status_rx,
-            controls,
-            tasks,
-            order,
-        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner
+            .controls
+            .lock()
+            .insert((service.clone(), replica), tx);
+        let lifecycle = Lifecycle::new(svc.restart, svc.backoff, svc.start_limit);
+        let task = ReplicaTask {
+            label: format!("{service}.{replica}"),
+            service: svc,
+            replica,
+            port,
+            shared: shared.clone(),
+            lifecycle,
+            controls: rx,
+            child: None,
+            checker: None,
+            timer: None,
+            kill_at: None,
+            pending: None,
+            relay: None,
+            rng: XorShift::seeded(&service, replica),
+            candidate: None,
+            retiring: None,
+            waiter: None,
+            fallback: None,
+        };
+        let span = info_span!("replica", service = %service, replica);
+        self.inner.tasks.lock().spawn(task.run().instrument(span));
     }
 
     /// A receiver of every status change.
     pub fn status(&self) -> watch::Receiver<Statuses> {
-        self.status.clone()
+        self.inner.status.clone()
     }
 
     /// The configuration being run.
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.shared.config.read().clone()
     }
 
-    /// Wait until no replica is active any more (SPEC §3: `mesh up` then exits).
+    /// Wait until no replica is active any more (SPEC §3: `mesh up` then exits). A
+    /// service stopped with `mesh stop` keeps the mesh running, so that `mesh start` can
+    /// start it again.
     pub async fn finished(&self) -> Outcome {
-        let mut rx = self.status.clone();
+        let mut rx = self.inner.status.clone();
+        let held = &self.inner.held;
         let done = rx
-            .wait_for(|all| all.values().all(|r| !r.state.is_active()))
+            .wait_for(|all| held.lock().is_empty() && all.values().all(|r| !r.state.is_active()))
             .await
             .map(|all| all.values().all(|r| r.state == State::Completed));
         match done {
@@ -223,7 +292,7 @@ impl Supervisor {
     /// Wait until every started service is ready (each replica ready or completed).
     /// Returns the first service that is `failed`, `exited` or `blocked` instead.
     pub async fn ready(&self) -> Result<(), String> {
-        let mut rx = self.status.clone();
+        let mut rx = self.inner.status.clone();
         let mut verdict = Ok(());
         let _ = rx
             .wait_for(|all| {
@@ -240,28 +309,232 @@ impl Supervisor {
         verdict
     }
 
+    /// The replicas of `service` (their indices), in order.
+    fn replicas_of(&self, service: &str) -> Vec<(u32, mpsc::UnboundedSender<Control>)> {
+        self.inner
+            .controls
+            .lock()
+            .iter()
+            .filter(|((s, _), _)| s == service)
+            .map(|((_, i), tx)| (*i, tx.clone()))
+            .collect()
+    }
+
+    /// Whether `service` is run by this supervisor.
+    pub fn runs(&self, service: &str) -> bool {
+        !self.replicas_of(service).is_empty()
+    }
+
+    /// `mesh stop SERVICE`: stop its processes (each leaves discovery first) and keep it
+    /// stopped, across reloads too, until `mesh start`. Returns once every process of
+    /// the service has exited.
+    pub async fn stop_service(&self, service: &str) -> Result<(), String> {
+        let replicas = self.replicas_of(service);
+        if replicas.is_empty() {
+            return Err(format!("no service `{service}` runs in this mesh"));
+        }
+        self.inner.held.lock().insert(service.to_string());
+        for (_, tx) in &replicas {
+            let _ = tx.send(Control::Stop);
+        }
+        let mut rx = self.inner.status.clone();
+        let _ = rx
+            .wait_for(|all| {
+                all.values()
+                    .filter(|r| r.service == service)
+                    .all(|r| !r.state.has_process())
+            })
+            .await;
+        Ok(())
+    }
+
+    /// `mesh start SERVICE`: start the replicas that do not run (clearing `failed`), and
+    /// return once each is ready, or with the first reason one is not.
+    pub async fn start_service(&self, service: &str) -> Result<(), String> {
+        let replicas = self.replicas_of(service);
+        if replicas.is_empty() {
+            return Err(format!("no service `{service}` runs in this mesh"));
+        }
+        self.inner.held.lock().remove(service);
+        let mut waits = Vec::new();
+        for (_, tx) in &replicas {
+            let (reply, answer) = oneshot::channel();
+            let _ = tx.send(Control::Start { reply });
+            waits.push(answer);
+        }
+        for answer in waits {
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the mesh is stopping".into()))?;
+        }
+        Ok(())
+    }
+
+    /// `mesh restart SERVICE` (and a watched change): replace its replicas one at a time
+    /// with processes of its current configuration, each new one ready before the old
+    /// one stops. A stopped service is started instead. Returns the first failure (that
+    /// replica kept its running process; later ones were not touched).
+    pub async fn restart_service(&self, service: &str) -> Result<(), String> {
+        if self.inner.held.lock().contains(service) {
+            return self.start_service(service).await;
+        }
+        let config = self.config();
+        let Some(svc) = config.services.get(service) else {
+            return Err(format!("no service `{service}` in the configuration"));
+        };
+        self.replace_service(svc).await
+    }
+
+    /// Replace every replica of `svc.name` with one of configuration `svc`, one at a
+    /// time (a reload's change of the service, a restart).
+    pub async fn replace_service(&self, svc: &Service) -> Result<(), String> {
+        let replicas = self.replicas_of(&svc.name);
+        if replicas.is_empty() {
+            return Err(format!("no service `{}` runs in this mesh", svc.name));
+        }
+        for (_, tx) in replicas {
+            let (reply, answer) = oneshot::channel();
+            let _ = tx.send(Control::Replace {
+                service: Box::new(svc.clone()),
+                reply,
+            });
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the mesh is stopping".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Give `svc`'s replicas settings that apply without a new process.
+    pub fn update_service(&self, svc: &Service) {
+        for (_, tx) in self.replicas_of(&svc.name) {
+            let _ = tx.send(Control::Update {
+                service: Box::new(svc.clone()),
+            });
+        }
+    }
+
+    /// Make `config` the configuration in force: what later starts and environments
+    /// are built from. (The reload's plan says what to do with running replicas.)
+    pub fn set_config(
+        &self,
+        config: Config,
+        upstream_addrs: BTreeMap<(String, String), SocketAddr>,
+    ) {
+        *self.inner.shared.config.write() = Arc::new(config);
+        *self.inner.shared.upstream_addrs.write() = upstream_addrs;
+    }
+
+    /// Start new replicas `from..to` of `service` (a reload raised `replicas`, or added
+    /// the service), with their ports. Returns the ports handed out.
+    pub fn add_replicas(&self, svc: &Service, indices: std::ops::Range<u32>, ports: &Ports) {
+        if !self.inner.order.lock().contains(&svc.name) {
+            self.inner.order.lock().push(svc.name.clone());
+        }
+        for i in indices {
+            let port = ports.get(&(svc.name.clone(), i)).copied().flatten();
+            if let Some(p) = port {
+                self.inner.shared.taken.lock().insert(p);
+            }
+            self.spawn_replica(svc.clone(), i, port);
+        }
+    }
+
+    /// Stop replicas `indices` of `service` and forget them (a reload lowered `replicas`
+    /// or removed the service). Returns once their processes have exited.
+    pub async fn remove_replicas(&self, service: &str, indices: std::ops::Range<u32>) {
+        let keys: Vec<(String, u32)> = indices.map(|i| (service.to_string(), i)).collect();
+        let senders: Vec<_> = {
+            let mut controls = self.inner.controls.lock();
+            keys.iter().filter_map(|k| controls.remove(k)).collect()
+        };
+        for tx in &senders {
+            let _ = tx.send(Control::Stop);
+        }
+        // Dropping the senders ends each task once its process is gone.
+        drop(senders);
+        let mut rx = self.inner.status.clone();
+        let _ = rx
+            .wait_for(|all| {
+                keys.iter()
+                    .all(|k| all.get(k).is_none_or(|r| !r.state.has_process()))
+            })
+            .await;
+        self.inner.shared.status.send_modify(|all| {
+            for k in &keys {
+                all.remove(k);
+            }
+        });
+        if !self.inner.controls.lock().keys().any(|(s, _)| s == service) {
+            self.inner.order.lock().retain(|s| s != service);
+        }
+    }
+
+    /// Ports for new replicas of `svc` (indices `indices`), as [`allocate_ports`] picks
+    /// them, never one handed out before.
+    pub fn allocate(&self, svc: &Service, indices: std::ops::Range<u32>) -> std::io::Result<Ports> {
+        let mut ports = Ports::new();
+        let mut taken = self.inner.shared.taken.lock();
+        for i in indices {
+            let port = match svc.port {
+                PortSpec::None => None,
+                PortSpec::Fixed(p) => Some(p),
+                PortSpec::Assigned => {
+                    let p = free_port(&taken)?;
+                    taken.insert(p);
+                    Some(p)
+                }
+            };
+            ports.insert((svc.name.clone(), i), port);
+        }
+        Ok(ports)
+    }
+
+    /// The environment and working directory replica `replica` of `service` is started
+    /// with now (for `mesh exec`).
+    pub fn app_env(
+        &self,
+        service: &str,
+        replica: u32,
+    ) -> Result<(Vec<(String, String)>, std::path::PathBuf), String> {
+        let config = self.config();
+        let svc = config
+            .services
+            .get(service)
+            .ok_or_else(|| format!("no service `{service}` in the configuration"))?;
+        let port = self
+            .inner
+            .status
+            .borrow()
+            .get(&(service.to_string(), replica))
+            .and_then(|r| r.port);
+        let env = app_env_of(&self.inner.shared, svc, replica, port)?;
+        Ok((env, svc.working_dir.clone()))
+    }
+
     /// Stop everything in reverse start order (SPEC §4 Signals), bounded by
     /// `shutdown_timeout`; after it, or when `force` resolves (a second SIGINT), every
     /// remaining process group is SIGKILLed at once.
-    pub async fn shutdown(mut self, force: impl Future<Output = ()>, hooks: &impl ShutdownHooks) {
-        let deadline = Instant::now() + self.config.mesh.shutdown_timeout;
+    pub async fn shutdown(self, force: impl Future<Output = ()>, hooks: &impl ShutdownHooks) {
+        let config = self.config();
+        let deadline = Instant::now() + config.mesh.shutdown_timeout;
+        let order = self.inner.order.lock().clone();
         let graceful = async {
-            for service in self.order.iter().rev() {
+            for service in order.iter().rev() {
                 let keys: Vec<_> = self
-                    .controls
-                    .keys()
-                    .filter(|(s, _)| s == service)
-                    .cloned()
+                    .replicas_of(service)
+                    .into_iter()
+                    .map(|(i, tx)| ((service.clone(), i), tx))
                     .collect();
                 hooks.before_stop(service).await;
-                for key in &keys {
-                    let _ = self.controls[key].send(Control::Stop);
+                for (_, tx) in &keys {
+                    let _ = tx.send(Control::Stop);
                 }
-                let mut rx = self.status.clone();
+                let mut rx = self.inner.status.clone();
                 let _ = rx
                     .wait_for(|all| {
                         keys.iter()
-                            .all(|k| all.get(k).is_none_or(|r| !r.state.has_process()))
+                            .all(|(k, _)| all.get(k).is_none_or(|r| !r.state.has_process()))
                     })
                     .await;
                 hooks.after_stop(service).await;
@@ -270,19 +543,21 @@ impl Supervisor {
         tokio::select! {
             _ = graceful => {}
             _ = sleep_until(deadline) => {
-                self.logs.mesh_line("shutdown_timeout reached: killing what is left");
+                self.inner.logs.mesh_line("shutdown_timeout reached: killing what is left");
             }
             _ = force => {
-                self.logs.mesh_line("killing every process now");
+                self.inner.logs.mesh_line("killing every process now");
             }
         }
-        for tx in self.controls.values() {
+        let controls = std::mem::take(&mut *self.inner.controls.lock());
+        for tx in controls.values() {
             let _ = tx.send(Control::Kill);
             let _ = tx.send(Control::Stop);
         }
         // Closing the control channels ends the tasks once their processes are gone.
-        self.controls.clear();
-        while let Some(res) = self.tasks.join_next().await {
+        drop(controls);
+        let mut tasks = std::mem::take(&mut *self.inner.tasks.lock());
+        while let Some(res) = tasks.join_next().await {
             if let Err(e) = res {
                 warn!(error = %e, "replica task failed");
             }
@@ -479,6 +754,35 @@ struct ReplicaTask {
     /// The task relaying the current process's output.
     relay: Option<tokio::task::JoinHandle<()>>,
     rng: XorShift,
+    /// The new process of a rolling replacement, until it is ready (or given up).
+    candidate: Option<Candidate>,
+    /// The old process of a replacement, stopping after the new one took over.
+    retiring: Option<Retiring>,
+    /// Answered once the replica is ready (or with why not): `mesh start`, a restart
+    /// that could not overlap (a fixed port, or no process running).
+    waiter: Option<(Reply, Instant)>,
+    /// With a fixed port the old process stops before the new one starts: the
+    /// configuration to start again if the new one fails (SPEC §4).
+    fallback: Option<Service>,
+}
+
+/// A replacement process that is not serving yet.
+struct Candidate {
+    child: Child,
+    checker: Option<(tokio::task::JoinHandle<()>, mpsc::Receiver<HealthEvent>)>,
+    relay: Option<tokio::task::JoinHandle<()>>,
+    service: Service,
+    port: Option<u16>,
+    /// `ready_timeout` from its start.
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// A process being stopped after its replacement took over.
+struct Retiring {
+    child: Child,
+    relay: Option<tokio::task::JoinHandle<()>>,
+    kill_at: Instant,
 }
 
 // === impl ReplicaTask ===
@@ -507,12 +811,23 @@ impl ReplicaTask {
                     continue;
                 }
             }
-            if closed && self.child.is_none() {
+            if closed && self.child.is_none() && self.candidate.is_none() && self.retiring.is_none()
+            {
                 break;
             }
+            let candidate_deadline = self.candidate.as_ref().map(|c| c.deadline);
+            let retire_at = self.retiring.as_ref().map(|r| r.kill_at);
+            let waiter_at = self.waiter.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 ctl = self.controls.recv(), if !closed => match ctl {
-                    Some(Control::Stop) => self.handle(Event::Stop).await,
+                    Some(Control::Stop) => {
+                        self.drop_candidate("the replica is stopping");
+                        self.answer_waiter(Err(format!("{} was stopped", self.label)));
+                        self.handle(Event::Stop).await;
+                    }
+                    Some(Control::Start { reply }) => self.start(reply).await,
+                    Some(Control::Replace { service, reply }) => self.replace(*service, reply).await,
+                    Some(Control::Update { service }) => self.update(*service),
                     Some(Control::Kill) => {
                         if let Some(child) = &self.child {
                             child.kill_group();
@@ -521,11 +836,57 @@ impl ReplicaTask {
                     None => {
                         closed = true;
                         self.timer = None;
+                        self.drop_candidate("the replica is stopping");
                         if let Some(child) = &self.child {
                             child.kill_group();
                         }
+                        if let Some(old) = &self.retiring {
+                            old.child.kill_group();
+                        }
                     }
                 },
+                event = candidate_event(&mut self.candidate) => match event {
+                    CandidateEvent::Exited(report) => {
+                        let code = report.code();
+                        self.candidate_failed(format!("replacement exited with code {code} before it was ready"));
+                    }
+                    CandidateEvent::Health(Some(HealthEvent::Ready)) => self.promote().await,
+                    CandidateEvent::Health(Some(HealthEvent::Unready { .. })) => {}
+                    CandidateEvent::Health(None) => {
+                        if let Some(c) = &mut self.candidate {
+                            c.checker = None;
+                        }
+                    }
+                },
+                _ = sleep_until_opt(candidate_deadline) => {
+                    let limit = self.candidate.as_ref().map(|c| c.service.ready_timeout).unwrap_or_default();
+                    self.candidate_failed(format!(
+                        "replacement not ready after {}",
+                        humantime::format_duration(limit)
+                    ));
+                }
+                _ = wait_retiring(&mut self.retiring) => {
+                    if let Some(old) = self.retiring.take() {
+                        if let Some(relay) = old.relay {
+                            let _ = tokio::time::timeout(RELAY_DRAIN, relay).await;
+                        }
+                    }
+                    debug!("the replaced process exited");
+                }
+                _ = sleep_until_opt(retire_at) => {
+                    if let Some(old) = &mut self.retiring {
+                        self.shared.logs.mesh_line(&format!(
+                            "{}: the replaced process did not stop within {}: sending SIGKILL",
+                            self.label,
+                            humantime::format_duration(self.service.stop_timeout)
+                        ));
+                        old.child.kill_group();
+                        old.kill_at = Instant::now() + Duration::from_secs(3600);
+                    }
+                }
+                _ = sleep_until_opt(waiter_at) => {
+                    self.waiter_timed_out().await;
+                }
                 report = wait_child(&mut self.child) => {
                     self.child = None;
                     // Print the process's last lines before anything reports its end (and
@@ -640,6 +1001,316 @@ impl ReplicaTask {
             debug!(from = %before, to = %self.lifecycle.state(), ?event, "transition");
         }
         self.publish(self.child.as_ref().and_then(Child::pid));
+        self.check_waiter(before, event);
+    }
+
+    /// Answer the waiter once the replica is ready, or once the process it waits for
+    /// ended; with a fixed-port replacement that failed, start the previous
+    /// configuration again.
+    fn check_waiter(&mut self, before: State, event: Event) {
+        if self.waiter.is_none() {
+            return;
+        }
+        if self.lifecycle.is_ready() {
+            self.fallback = None;
+            self.answer_waiter(Ok(()));
+            return;
+        }
+        let Event::Exited(code) = event else {
+            return;
+        };
+        if !matches!(before, State::Starting | State::Running) {
+            // The old process of a fixed-port restart: the new one starts now.
+            return;
+        }
+        let why = format!("exited with code {code} before it was ready");
+        match self.fallback.take() {
+            Some(previous) => {
+                let line = format!(
+                    "{}: replacement {why}; started the previous configuration again",
+                    self.label
+                );
+                self.mesh_line(&line);
+                self.restore(previous);
+                self.answer_waiter(Err(line));
+            }
+            None => self.answer_waiter(Err(format!("{} {why}", self.label))),
+        }
+    }
+
+    /// Go back to `previous` (a fixed-port replacement failed): start it at once.
+    fn restore(&mut self, previous: Service) {
+        self.lifecycle
+            .set_policy(previous.restart, previous.backoff, previous.start_limit);
+        if let PortSpec::Fixed(p) = previous.port {
+            if self.port != Some(p) {
+                self.port = Some(p);
+                (self.shared.on_switch)(&self.service.name, self.replica, self.port);
+            }
+        }
+        self.service = previous;
+        self.timer = None;
+        self.pending = Some(Event::Restart);
+    }
+
+    fn answer_waiter(&mut self, result: Result<(), String>) {
+        if let Some((reply, _)) = self.waiter.take() {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// `ready_timeout` passed while a start or restart waited for readiness.
+    async fn waiter_timed_out(&mut self) {
+        let limit = humantime::format_duration(self.service.ready_timeout);
+        match self.fallback.take() {
+            Some(previous) => {
+                let line = format!(
+                    "{}: replacement not ready after {limit}; started the previous configuration again",
+                    self.label
+                );
+                self.mesh_line(&line);
+                self.answer_waiter(Err(line));
+                self.lifecycle
+                    .set_policy(previous.restart, previous.backoff, previous.start_limit);
+                self.service = previous;
+                // Stop the new process; the previous configuration starts once it exited.
+                self.handle(Event::Restart).await;
+            }
+            None => {
+                // At first start a replica that is slow to be ready is not stopped.
+                let line = format!("{} is not ready after {limit}", self.label);
+                self.mesh_line(&line);
+                self.answer_waiter(Err(line));
+            }
+        }
+    }
+
+    /// `mesh start`: start the replica if no process runs (clearing `failed`).
+    async fn start(&mut self, reply: Reply) {
+        self.answer_waiter(Err(format!(
+            "{}: superseded by another command",
+            self.label
+        )));
+        match self.lifecycle.state() {
+            State::Starting | State::Running | State::Stopping if self.lifecycle.is_ready() => {
+                let _ = reply.send(Ok(()));
+            }
+            State::Waiting | State::Blocked => {
+                // It starts once its dependencies allow.
+                let _ = reply.send(Ok(()));
+            }
+            State::Starting | State::Running | State::Stopping => {
+                self.waiter = Some((reply, Instant::now() + self.service.ready_timeout));
+            }
+            _ => {
+                self.waiter = Some((reply, Instant::now() + self.service.ready_timeout));
+                self.handle(Event::Restart).await;
+            }
+        }
+    }
+
+    /// New settings without a new process.
+    fn update(&mut self, service: Service) {
+        self.lifecycle
+            .set_policy(service.restart, service.backoff, service.start_limit);
+        let health_changed = self.service.health != service.health;
+        let port = self.port;
+        self.service = Service {
+            port: self.service.port,
+            ..service
+        };
+        if health_changed && self.child.is_some() {
+            // The new checks apply to the running process; its readiness stands until
+            // they say otherwise.
+            self.stop_checker();
+            if let Ok(spec) = self.spawn_spec_for(&self.service, port) {
+                if let Some(kind) = self.checker_for(&self.service, port, &spec) {
+                    let (tx, rx) = mpsc::channel(4);
+                    self.checker = Some((health::spawn_checker(kind, tx), rx));
+                }
+            }
+        }
+    }
+
+    /// A rolling replacement with `new` (SPEC §2, §4): a new process on a fresh port,
+    /// moved to once ready, then the old one stops. With a fixed port the old one stops
+    /// first. Without a process, the new configuration is used at the next start.
+    async fn replace(&mut self, new: Service, reply: Reply) {
+        self.drop_candidate("superseded by a newer replacement");
+        self.answer_waiter(Err(format!(
+            "{}: superseded by a newer replacement",
+            self.label
+        )));
+        self.lifecycle
+            .set_policy(new.restart, new.backoff, new.start_limit);
+        let state = self.lifecycle.state();
+        if !state.has_process() || state == State::Stopping {
+            self.service = new;
+            match state {
+                // Stopped on request, or not started yet: stays so, with the new settings.
+                State::Stopped | State::Waiting | State::Blocked | State::Stopping => {
+                    let _ = reply.send(Ok(()));
+                }
+                _ => {
+                    self.waiter = Some((reply, Instant::now() + self.service.ready_timeout));
+                    self.handle(Event::Restart).await;
+                }
+            }
+            return;
+        }
+        let fixed = matches!(new.port, PortSpec::Fixed(_))
+            || matches!(self.service.port, PortSpec::Fixed(_));
+        if fixed {
+            let previous = std::mem::replace(&mut self.service, new);
+            if let PortSpec::Fixed(p) = self.service.port {
+                if self.port != Some(p) {
+                    self.port = Some(p);
+                    (self.shared.on_switch)(&self.service.name, self.replica, self.port);
+                }
+            }
+            self.fallback = Some(previous);
+            self.waiter = Some((
+                reply,
+                Instant::now() + self.service.ready_timeout + self.service.stop_timeout,
+            ));
+            self.handle(Event::Restart).await;
+            return;
+        }
+        let port = match new.port {
+            PortSpec::Assigned => {
+                let mut taken = self.shared.taken.lock();
+                match free_port(&taken) {
+                    Ok(p) => {
+                        taken.insert(p);
+                        Some(p)
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("{}: no free port: {e}", self.label)));
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let spec = match self.spawn_spec_for(&new, port) {
+            Ok(spec) => spec,
+            Err(msg) => {
+                let line = format!(
+                    "{}: replacement cannot start: {msg}; kept the running replica",
+                    self.label
+                );
+                self.mesh_line(&line);
+                let _ = reply.send(Err(line));
+                return;
+            }
+        };
+        let mut child = match process::spawn(&spec, Output::Piped).await {
+            Ok(child) => child,
+            Err(e) => {
+                let line = format!(
+                    "{}: replacement cannot start: {e}; kept the running replica",
+                    self.label
+                );
+                self.mesh_line(&line);
+                let _ = reply.send(Err(line));
+                return;
+            }
+        };
+        let relay = match (child.take_stdout(), child.take_stderr()) {
+            (Some(out), Some(err)) => {
+                Some(self.shared.logs.attach(&new.name, self.replica, out, err))
+            }
+            _ => None,
+        };
+        let checker = match self.checker_for(&new, port, &spec) {
+            Some(kind) => {
+                let (tx, rx) = mpsc::channel(4);
+                Some((health::spawn_checker(kind, tx), rx))
+            }
+            None => None,
+        };
+        let ready_now = new.port == PortSpec::None && new.health.is_none();
+        let deadline = Instant::now() + new.ready_timeout;
+        self.candidate = Some(Candidate {
+            child,
+            checker,
+            relay,
+            service: new,
+            port,
+            deadline,
+            reply,
+        });
+        if ready_now {
+            // Nothing to check: ready while the process runs (SPEC §3).
+            self.promote().await;
+        }
+    }
+
+    /// The replacement is ready: the inbound moves to it, then the old process stops.
+    async fn promote(&mut self) {
+        let Some(candidate) = self.candidate.take() else {
+            return;
+        };
+        let old_pid = self.child.as_ref().and_then(Child::pid);
+        let old_stop = (self.service.stop_signal, self.service.stop_timeout);
+        self.stop_checker();
+        let old_child = self.child.replace(candidate.child);
+        let old_relay = std::mem::replace(&mut self.relay, candidate.relay);
+        self.checker = candidate.checker;
+        self.service = candidate.service;
+        if self.port != candidate.port {
+            self.port = candidate.port;
+            (self.shared.on_switch)(&self.service.name, self.replica, self.port);
+        }
+        if let Some(old) = self.retiring.take() {
+            old.child.kill_group();
+        }
+        if let Some(old) = old_child {
+            old.signal_group(old_stop.0);
+            self.retiring = Some(Retiring {
+                child: old,
+                relay: old_relay,
+                kill_at: Instant::now() + old_stop.1,
+            });
+        }
+        self.lifecycle.on(Event::Replaced, Instant::now(), 0.0);
+        let new_pid = self.child.as_ref().and_then(Child::pid);
+        self.publish(new_pid);
+        self.mesh_line(&format!(
+            "{} replaced: pid {} serves on port {}; pid {} stopping",
+            self.label,
+            new_pid.map_or("?".into(), |p| p.to_string()),
+            self.port.map_or("none".into(), |p| p.to_string()),
+            old_pid.map_or("?".into(), |p| p.to_string()),
+        ));
+        let _ = candidate.reply.send(Ok(()));
+    }
+
+    /// The replacement failed: stop it, keep the running process (SPEC §4).
+    fn candidate_failed(&mut self, why: String) {
+        let Some(candidate) = self.candidate.take() else {
+            return;
+        };
+        candidate.child.kill_group();
+        if let Some((handle, _)) = candidate.checker {
+            handle.abort();
+        }
+        let line = format!("{}: {why}; kept the running replica", self.label);
+        self.mesh_line(&line);
+        let _ = candidate.reply.send(Err(line));
+    }
+
+    /// Give up a replacement in progress (a newer command, or the replica stops).
+    fn drop_candidate(&mut self, why: &str) {
+        if let Some(candidate) = self.candidate.take() {
+            candidate.child.kill_group();
+            if let Some((handle, _)) = candidate.checker {
+                handle.abort();
+            }
+            let _ = candidate
+                .reply
+                .send(Err(format!("{}: replacement given up: {why}", self.label)));
+        }
     }
 
     /// Start the process and its health checker. Every failure to start becomes an exit
@@ -688,47 +1359,42 @@ impl ReplicaTask {
     }
 
     fn spawn_spec(&self) -> Result<SpawnSpec, String> {
-        let upstreams: BTreeMap<String, SocketAddr> = self
-            .service
-            .upstreams
-            .iter()
-            .filter_map(|u| {
-                let key = (self.service.name.clone(), u.clone());
-                self.shared
-                    .upstream_addrs
-                    .get(&key)
-                    .map(|a| (u.clone(), *a))
-            })
-            .collect();
-        let env = self.service.app_env(
-            &self.shared.config,
-            self.replica,
-            self.port,
-            &upstreams,
-            &self.shared.base_env,
-        )?;
-        let argv = crate::config::expand_words(&self.service.command, &env)?;
-        let (uid, gid) = resolve_user(self.service.user.as_deref(), self.service.group.as_deref())?;
+        self.spawn_spec_for(&self.service, self.port)
+    }
+
+    fn spawn_spec_for(&self, service: &Service, port: Option<u16>) -> Result<SpawnSpec, String> {
+        let env = app_env_of(&self.shared, service, self.replica, port)?;
+        let argv = crate::config::expand_words(&service.command, &env)?;
+        let (uid, gid) = resolve_user(service.user.as_deref(), service.group.as_deref())?;
         Ok(SpawnSpec {
             argv,
             env,
-            cwd: self.service.working_dir.clone(),
+            cwd: service.working_dir.clone(),
             uid,
             gid,
         })
     }
 
     fn checker_kind(&self, spec: &SpawnSpec) -> Option<CheckerKind> {
-        let Some(h) = &self.service.health else {
-            return self.port.map(|port| CheckerKind::PortOpen { port });
+        self.checker_for(&self.service, self.port, spec)
+    }
+
+    fn checker_for(
+        &self,
+        service: &Service,
+        port: Option<u16>,
+        spec: &SpawnSpec,
+    ) -> Option<CheckerKind> {
+        let Some(h) = &service.health else {
+            return port.map(|port| CheckerKind::PortOpen { port });
         };
         let probe = match &h.check {
-            crate::config::HealthCheck::Tcp => Probe::Tcp { port: self.port? },
+            crate::config::HealthCheck::Tcp => Probe::Tcp { port: port? },
             crate::config::HealthCheck::Http(path) => {
                 let path = crate::config::expand_words(std::slice::from_ref(path), &spec.env)
                     .ok()?
                     .pop()?;
-                Probe::http(self.port?, path, self.service.protocol)
+                Probe::http(port?, path, service.protocol)
             }
             crate::config::HealthCheck::Exec(words) => {
                 let argv = crate::config::expand_words(words, &spec.env).ok()?;
@@ -763,6 +1429,7 @@ impl ReplicaTask {
                 r.exit_code = lc.exit_code();
                 r.restarts = lc.restarts();
                 r.since = lc.started_at();
+                r.port = self.port;
             }
         });
     }
@@ -775,6 +1442,28 @@ impl ReplicaTask {
     fn jitter(&mut self) -> f64 {
         self.rng.unit()
     }
+}
+
+/// The environment replica `replica` of `service` is started with on `port`.
+fn app_env_of(
+    shared: &Shared,
+    service: &Service,
+    replica: u32,
+    port: Option<u16>,
+) -> Result<Vec<(String, String)>, String> {
+    let upstreams: BTreeMap<String, SocketAddr> = {
+        let addrs = shared.upstream_addrs.read();
+        service
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                let key = (service.name.clone(), u.clone());
+                addrs.get(&key).map(|a| (u.clone(), *a))
+            })
+            .collect()
+    };
+    let config = shared.config.read().clone();
+    service.app_env(&config, replica, port, &upstreams, &shared.base_env)
 }
 
 /// Resolve `user`/`group` to ids. Changing user needs root (SPEC §3).
@@ -814,6 +1503,35 @@ fn round_ms(d: Duration) -> Duration {
 async fn wait_child(child: &mut Option<Child>) -> ExitReport {
     match child {
         Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What happened to a replacement process.
+enum CandidateEvent {
+    Exited(ExitReport),
+    Health(Option<HealthEvent>),
+}
+
+async fn candidate_event(candidate: &mut Option<Candidate>) -> CandidateEvent {
+    let Some(c) = candidate else {
+        return std::future::pending().await;
+    };
+    let health = async {
+        match c.checker.as_mut() {
+            Some((_, rx)) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        report = c.child.wait() => CandidateEvent::Exited(report),
+        event = health => CandidateEvent::Health(event),
+    }
+}
+
+async fn wait_retiring(retiring: &mut Option<Retiring>) -> ExitReport {
+    match retiring {
+        Some(r) => r.child.wait().await,
         None => std::future::pending().await,
     }
 }

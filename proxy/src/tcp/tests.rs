@@ -63,11 +63,11 @@ async fn inbound(app: SocketAddr, shutdown: &CancellationToken) -> (SocketAddr, 
         mesh_name: "m".into(),
         service: "api".into(),
         replica: 0,
-        app,
+        app: app.into(),
         metrics: Metrics::new(),
-        rate_limit: None,
+        rate_limit: (None).into(),
         tls: Some(tls::server_config(ca(), identity("api"), &[]).unwrap()),
-        admitted: Arc::new(["web".to_string()].into()),
+        admitted: crate::live::Live::new(["web".to_string()].into()),
     };
     let task = tokio::spawn(serve_inbound(listener, cfg, shutdown.clone()));
     (addr, task)

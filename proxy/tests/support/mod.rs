@@ -106,9 +106,9 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         service: service.into(),
         replica,
         protocol,
-        app,
+        app: app.into(),
         metrics: Metrics::new(),
-        rate_limit: None,
+        rate_limit: (None).into(),
         tls: None,
         admitted: Default::default(),
     };

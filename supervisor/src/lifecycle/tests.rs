@@ -309,3 +309,22 @@ fn spawn_error_is_a_failure_exit() {
     ));
     assert_eq!(l.exit_code(), Some(127));
 }
+
+#[test]
+fn a_replacement_keeps_the_replica_ready_and_clears_its_failures() {
+    let mut l = lc(RestartPolicy::OnFailure);
+    let t0 = Instant::now();
+    assert_eq!(l.on(Event::Start, t0, 0.0), Action::Spawn);
+    assert_eq!(l.on(Event::Ready, t0, 0.0), Action::None);
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!(l.on(Event::Replaced, t1, 0.0), Action::None);
+    assert_eq!(l.state(), State::Running);
+    assert!(l.is_ready());
+    assert_eq!(l.restarts(), 1);
+    assert_eq!(l.started_at(), Some(t1));
+    // Not applicable without a process.
+    l.on(Event::Stop, t1, 0.0);
+    l.on(Event::Exited(0), t1, 0.0);
+    assert_eq!(l.on(Event::Replaced, t1, 0.0), Action::None);
+    assert_eq!(l.state(), State::Stopped);
+}
