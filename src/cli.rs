@@ -84,6 +84,36 @@ enum Command {
         #[command(flatten)]
         file: FileArg,
     },
+    /// Start stopped (or failed) services of the running mesh; returns once they are ready.
+    Start {
+        #[command(flatten)]
+        file: FileArg,
+        /// The services.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Stop services of the running mesh (they stay stopped across reloads).
+    Stop {
+        #[command(flatten)]
+        file: FileArg,
+        /// The services.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Replace the replicas of services one at a time, each new one ready before the old
+    /// one stops.
+    Restart {
+        #[command(flatten)]
+        file: FileArg,
+        /// The services.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Re-read mesh.toml now and apply the difference.
+    Reload {
+        #[command(flatten)]
+        file: FileArg,
+    },
     /// Past and live lines of services, from the log files (whether or not a mesh runs).
     Logs(logs::LogsArgs),
     /// Not supported yet: the commands that talk to a running mesh.
@@ -181,6 +211,10 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Logs(args) => logs::run(args, &env, cli.log_format),
+        Command::Start { file, services } => service_command(&file, &env, "start", &services),
+        Command::Stop { file, services } => service_command(&file, &env, "stop", &services),
+        Command::Restart { file, services } => service_command(&file, &env, "restart", &services),
+        Command::Reload { file } => reload_command(&file, &env),
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
             const LATER: &[&str] = &["start", "stop", "restart", "reload", "exec", "run"];
@@ -292,6 +326,94 @@ fn control_call(
 }
 
 /// `mesh ps` as a table.
+/// `mesh start|stop|restart SERVICE…`: one command to the running mesh, which answers
+/// once it is done; prints what was done. Exit 1 when a service is unknown or the action
+/// failed.
+fn service_command(
+    file: &FileArg,
+    env: &BTreeMap<String, String>,
+    cmd: &str,
+    services: &[String],
+) -> ExitCode {
+    let config = match load(file, env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for s in services {
+        if !config.services.contains_key(s) {
+            eprintln!("mesh: no service `{s}` in {}", config.path.display());
+            return ExitCode::from(1);
+        }
+    }
+    let args = serde_json::json!({ "services": services });
+    match control::call_with(&config.mesh.state_dir, cmd, args) {
+        Ok(data) => {
+            for line in data["lines"].as_array().into_iter().flatten() {
+                println!("{}", line.as_str().unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `mesh reload`: the mesh re-reads its file; exit 0 applied, 78 invalid file, 1
+/// refused ("restart required") or a replacement failed.
+fn reload_command(file: &FileArg, env: &BTreeMap<String, String>) -> ExitCode {
+    let Some(path) = file
+        .file
+        .clone()
+        .or_else(|| config::find(&std::env::current_dir().ok()?))
+    else {
+        eprintln!("mesh: no mesh.toml in the current directory or its parents (use -f FILE)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    // An invalid file is reported by the mesh, which reloads it (and keeps running as
+    // it was): only the state directory is needed here.
+    let state_dir = match config::load(&path, env) {
+        Ok(c) => c.mesh.state_dir,
+        Err(_) => state_dir_of_invalid(&path, env),
+    };
+    match control::call_with(&state_dir, "reload", serde_json::Value::Null) {
+        Ok(data) => {
+            let code = data["code"].as_u64().unwrap_or(1);
+            for line in data["lines"].as_array().into_iter().flatten() {
+                let line = line.as_str().unwrap_or_default();
+                if code == 0 {
+                    println!("{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Where the running mesh's state directory is when the file it would reload is
+/// invalid now, so that its own `state_dir` cannot be trusted: the default one
+/// (`MESH_STATE_DIR`, `STATE_DIRECTORY`, `.mesh` beside the file).
+fn state_dir_of_invalid(path: &std::path::Path, env: &BTreeMap<String, String>) -> PathBuf {
+    let dir = path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let systemd = env.get("STATE_DIRECTORY").and_then(|s| s.split(':').next());
+    let chosen = env
+        .get("MESH_STATE_DIR")
+        .map(String::as_str)
+        .or(systemd)
+        .unwrap_or(".mesh");
+    dir.join(chosen)
+}
+
 fn ps_table(data: &serde_json::Value) -> String {
     let header = [
         "SERVICE", "REPLICA", "STATE", "HEALTH", "PID", "EXIT", "RESTARTS", "PORT", "UPTIME",
@@ -479,6 +601,7 @@ async fn run_up(
     servers.spawn(control::serve(
         control,
         Arc::new(Answers {
+            runtime: mesh.clone(),
             status: mesh.status(),
             metrics: mesh.metrics().clone(),
             certs: Box::new(mesh.certs_reporter()),
@@ -501,9 +624,24 @@ async fn run_up(
             outcome = mesh.finished() => break Stop::Finished(outcome),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
-            Some(control::Request::Down) = requests.recv() => break Stop::Signal("mesh down"),
+            request = requests.recv() => match request {
+                Some(control::Request::Down) => break Stop::Signal("mesh down"),
+                Some(control::Request::Act { cmd, args, reply }) => {
+                    let mesh = mesh.clone();
+                    let systemd = systemd.is_some();
+                    tokio::spawn(async move {
+                        let _ = reply.send(act(&mesh, &cmd, &args, systemd).await);
+                    });
+                }
+                None => {}
+            },
             _ = sighup.recv() => {
-                logs.mesh_line("SIGHUP: reload is not supported yet; keeping the running configuration");
+                logs.mesh_line("SIGHUP: reloading");
+                let mesh = mesh.clone();
+                let systemd = systemd.is_some();
+                tokio::spawn(async move {
+                    reload(&mesh, systemd).await;
+                });
             }
         }
     };
@@ -537,16 +675,71 @@ async fn run_up(
     }
 }
 
+/// Carry out a command of the control socket that acts on the mesh; the answer's data.
+async fn act(
+    mesh: &Runtime,
+    cmd: &str,
+    args: &serde_json::Value,
+    systemd: bool,
+) -> Result<serde_json::Value, String> {
+    if cmd == "reload" {
+        let outcome = reload(mesh, systemd).await;
+        return Ok(serde_json::json!({ "code": outcome.code, "lines": outcome.lines }));
+    }
+    let services: Vec<String> = args["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    if services.is_empty() {
+        return Err(format!("`{cmd}` needs at least one service"));
+    }
+    let mut lines = Vec::new();
+    for service in &services {
+        lines.push(mesh.service_command(cmd, service).await?);
+    }
+    Ok(serde_json::json!({ "lines": lines }))
+}
+
+/// Reload, telling systemd (`RELOADING=1` with `MONOTONIC_USEC=`, then `READY=1`).
+async fn reload(mesh: &Runtime, systemd: bool) -> crate::runtime::ReloadOutcome {
+    if systemd {
+        let mut states = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify::send(&states);
+    }
+    let outcome = mesh.reload().await;
+    if systemd {
+        notify::send(&[sd_notify::NotifyState::Ready]);
+    }
+    outcome
+}
+
 /// The control socket's reading commands.
 struct Answers {
+    runtime: Runtime,
     status: tokio::sync::watch::Receiver<mesh_supervisor::supervisor::Statuses>,
     metrics: mesh_proxy::metrics::Metrics,
     certs: Box<dyn Fn() -> Option<crate::runtime::CertsReport> + Send + Sync>,
 }
 
 impl control::Answer for Answers {
-    fn answer(&self, cmd: &str) -> Result<serde_json::Value, String> {
+    fn answer(&self, cmd: &str, args: &serde_json::Value) -> Result<serde_json::Value, String> {
         match cmd {
+            "env" => {
+                let service = args["service"]
+                    .as_str()
+                    .ok_or_else(|| "`env` needs a service".to_string())?;
+                let (env, cwd) = self.runtime.app_env(service)?;
+                let env: serde_json::Map<String, serde_json::Value> = env
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                Ok(serde_json::json!({ "env": env, "cwd": cwd }))
+            }
             "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow(), &self.metrics))
                 .map_err(|e| e.to_string()),
             "certs" => match (self.certs)() {
