@@ -133,3 +133,43 @@ restart = "never"
     assert_eq!(mesh.exit_code(T), 0);
     assert_eq!(mesh.count("cannot notify systemd"), 0);
 }
+
+#[test]
+fn a_reload_is_announced_with_reloading_and_monotonic_usec_then_ready() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+env = {{ VERSION = "1" }}
+"#,
+        app = test_app()
+    ));
+    let systemd = Systemd::listen(&p);
+    let socket = systemd.path.to_string_lossy().into_owned();
+    let mut mesh = p.up_with_env(&[], &[("NOTIFY_SOCKET", socket.as_str())]);
+    let ready = systemd.wait("READY=1");
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml")
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    );
+    mesh.signal(Signal::SIGHUP);
+    mesh.wait_line("api: env changed", T);
+    let reloading = systemd.wait("RELOADING=1");
+    let monotonic = systemd.wait("MONOTONIC_USEC=*");
+    assert!(reloading > ready && monotonic > ready);
+    let usec: u64 = systemd.messages()[monotonic]
+        .trim_start_matches("MONOTONIC_USEC=")
+        .parse()
+        .expect("a number of microseconds");
+    assert!(usec > 0);
+    eventually("READY=1 after the reload", T, || {
+        let messages = systemd.messages();
+        messages[reloading..]
+            .iter()
+            .any(|m| m == "READY=1")
+            .then_some(())
+    });
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+}

@@ -1,0 +1,592 @@
+//! Operating a running mesh (SPEC §4): `mesh start / stop / restart`, reload by `mesh
+//! reload` and SIGHUP with each of its rules, and rolling replacements that no client
+//! notices, all against the real binary with steady traffic where it matters.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Steady keep-alive traffic (about 200 requests per second over two connections)
+/// through an address, counting every request that did not succeed.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: &str, path: &str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..2)
+            .map(|_| {
+                let (stop, ok, failed, errors) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&ok),
+                    Arc::clone(&failed),
+                    Arc::clone(&errors),
+                );
+                let (addr, path) = (addr.to_string(), path.to_string());
+                std::thread::spawn(move || {
+                    let mut conn: Option<BufReader<TcpStream>> = None;
+                    while !stop.load(Ordering::SeqCst) {
+                        match request(&mut conn, &addr, &path) {
+                            Ok(200) => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(status) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                errors
+                                    .lock()
+                                    .expect("lock")
+                                    .push(format!("status {status}"));
+                            }
+                            Err(e) => {
+                                conn = None;
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                errors.lock().expect("lock").push(e.to_string());
+                            }
+                        }
+                        // Pacing of the load (about 100 requests per second per
+                        // connection), not a wait for anything.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            ok,
+            failed,
+            errors,
+            threads,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stop; (succeeded, failed, the failures).
+    fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("traffic thread");
+        }
+        let errors = self.errors.lock().expect("lock").clone();
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            errors,
+        )
+    }
+}
+
+/// One GET on a kept-alive connection (opened if needed); the status.
+fn request(
+    conn: &mut Option<BufReader<TcpStream>>,
+    addr: &str,
+    path: &str,
+) -> std::io::Result<u16> {
+    if conn.is_none() {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(patience(Duration::from_secs(10))))?;
+        *conn = Some(BufReader::new(s));
+    }
+    let Some(reader) = conn.as_mut() else {
+        return Err(std::io::Error::other("no connection"));
+    };
+    write!(
+        reader.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+    )?;
+    let mut status_line = String::new();
+    if reader.read_line(&mut status_line)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut length = 0usize;
+    let mut close = false;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") && lower.contains("close") {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    if close {
+        *conn = None;
+    }
+    Ok(status)
+}
+
+fn app(extra: &str) -> Project {
+    Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+replicas = 2
+expose = "127.0.0.1:0"
+env = {{ VERSION = "1" }}
+{extra}
+"#,
+        app = test_app()
+    ))
+}
+
+fn pids(mesh: &MeshProc, service: &str, replicas: u32) -> Vec<i32> {
+    (0..replicas)
+        .flat_map(|i| pids_of(mesh, test_app(), service, i))
+        .collect()
+}
+
+fn serving(addr: &str) -> Response {
+    eventually("the service to answer through its ingress", T, || {
+        get(addr, "/whoami").ok().filter(|r| r.status == 200)
+    })
+}
+
+/// Wait until traffic has succeeded `n` more times (proof that it flows).
+fn flowing(traffic: &Traffic, n: u64) {
+    let start = traffic.ok();
+    eventually("traffic to flow", T, || {
+        (traffic.ok() >= start + n).then_some(())
+    });
+}
+
+fn stop(mut mesh: MeshProc, pids: &[i32]) {
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+    assert_gone(pids, T);
+}
+
+fn ps(p: &Project) -> serde_json::Value {
+    let (code, out, err) = p.run(&["ps", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect();
+    serde_json::Value::Array(rows)
+}
+
+fn row<'a>(rows: &'a serde_json::Value, service: &str, replica: u64) -> &'a serde_json::Value {
+    rows.as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["service"] == service && r["replica"] == replica)
+        })
+        .unwrap_or_else(|| panic!("no row {service}.{replica} in {rows}"))
+}
+
+#[test]
+fn restart_replaces_each_replica_without_a_failed_request() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+replicas = 2
+expose = "127.0.0.1:0"
+
+[services.solo]
+command = [{app:?}]
+expose = "127.0.0.1:0"
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    let solo = ingress(&mesh, "solo");
+    serving(&api);
+    serving(&solo);
+    let before: Vec<i32> = pids(&mesh, "api", 2)
+        .into_iter()
+        .chain(pids(&mesh, "solo", 1))
+        .collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let a = Traffic::start(&api, "/whoami");
+    let s = Traffic::start(&solo, "/whoami");
+    flowing(&a, 20);
+    flowing(&s, 20);
+    let (code, out, err) = p.run(&["restart", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("api: restarted"), "{out}");
+    flowing(&a, 20);
+    let (code, out, err) = p.run(&["restart", "solo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    flowing(&s, 20);
+    let (a_ok, a_failed, a_errors) = a.finish();
+    let (s_ok, s_failed, s_errors) = s.finish();
+    assert_eq!(a_failed, 0, "api: {a_ok} ok, failures: {a_errors:?}");
+    assert_eq!(s_failed, 0, "solo: {s_ok} ok, failures: {s_errors:?}");
+
+    // Every old process is gone, new ones serve, on fresh ports behind the same
+    // ingress.
+    assert_gone(&before, T);
+    let after: Vec<i32> = pids(&mesh, "api", 2)
+        .into_iter()
+        .chain(pids(&mesh, "solo", 1))
+        .collect();
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    let rows = ps(&p);
+    assert_eq!(row(&rows, "api", 0)["restarts"], 1, "{rows}");
+    assert_eq!(row(&rows, "api", 0)["state"], "running", "{rows}");
+    stop(mesh, &after);
+}
+
+#[test]
+fn a_reload_that_changes_env_replaces_without_a_failed_request() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    let traffic = Traffic::start(&api, "/whoami");
+    flowing(&traffic, 20);
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml")
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("api: env changed"), "{out}");
+    flowing(&traffic, 20);
+    let (ok, failed, errors) = traffic.finish();
+    assert_eq!(failed, 0, "{ok} ok, failures: {errors:?}");
+    assert_gone(&before, T);
+    let after = pids(&mesh, "api", 2);
+    let env = std::fs::read(format!("/proc/{}/environ", after[0])).expect("environ");
+    assert!(
+        env.split(|b| *b == 0).any(|v| v == b"VERSION=2"),
+        "the new process has the new env"
+    );
+    stop(mesh, &after);
+}
+
+#[test]
+fn a_fixed_port_restarts_in_place_and_requests_wait_for_it() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+port = {port}
+expose = "127.0.0.1:0"
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 1);
+    let traffic = Traffic::start(&api, "/whoami");
+    flowing(&traffic, 20);
+    let (code, out, err) = p.run(&["restart", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    flowing(&traffic, 20);
+    let (ok, failed, errors) = traffic.finish();
+    assert_eq!(failed, 0, "{ok} ok, failures: {errors:?}");
+    assert_gone(&before, T);
+    let rows = ps(&p);
+    assert_eq!(row(&rows, "api", 0)["port"], port, "{rows}");
+    let after = pids(&mesh, "api", 1);
+    stop(mesh, &after);
+}
+
+#[test]
+fn stop_and_start_a_service_while_the_rest_runs() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+expose = "127.0.0.1:0"
+
+[services.other]
+command = [{app:?}]
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let api_pids = pids(&mesh, "api", 1);
+    let other = pids(&mesh, "other", 1);
+    let (code, out, err) = p.run(&["stop", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("api: stopped"), "{out}");
+    assert_gone(&api_pids, T);
+    let rows = ps(&p);
+    assert_eq!(row(&rows, "api", 0)["state"], "stopped", "{rows}");
+    assert_ne!(row(&rows, "other", 0)["state"], "stopped", "{rows}");
+    // Out of discovery: the ingress says so.
+    let r = get(&api, "/whoami").expect("an answer");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-mesh-error"), Some("no-endpoints"));
+
+    let (code, out, err) = p.run(&["start", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("api: started"), "{out}");
+    serving(&api);
+    let (code, _, err) = p.run(&["stop", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no service `nope`"), "{err}");
+    let mut all = pids(&mesh, "api", 1);
+    all.extend(other);
+    stop(mesh, &all);
+}
+
+#[test]
+fn live_changes_apply_without_restarting_processes() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    assert_eq!(get(&api, "/sleep/400").expect("answer").status, 200);
+    assert_eq!(get(&api, "/teapot").expect("answer").status, 404);
+    // traffic (a timeout), routes (a fault), and health: applied in place.
+    let extra = r#"
+[services.api.traffic]
+timeout = "100ms"
+
+[[services.api.routes]]
+path_prefix = "/teapot"
+backends = { api = 1 }
+fault = { abort = 418, abort_percent = 100 }
+
+[services.api.health]
+http = "/healthz"
+"#;
+    p.write("mesh.toml", &format!("{}{extra}", p.read("mesh.toml")));
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("applied without restarting"), "{out}");
+    assert_eq!(get(&api, "/sleep/400").expect("answer").status, 504);
+    assert_eq!(get(&api, "/teapot").expect("answer").status, 418);
+    assert_eq!(pids(&mesh, "api", 2), before, "no process was replaced");
+    stop(mesh, &before);
+}
+
+#[test]
+fn a_replicas_change_touches_only_the_highest_indices() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let first = pids(&mesh, "api", 1);
+    let second = pids(&mesh, "api", 2)[1..].to_vec();
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml").replace("replicas = 2", "replicas = 3"),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let third = eventually("api.2 to run", T, || {
+        let pids = pids_of(&mesh, test_app(), "api", 2);
+        (!pids.is_empty()).then_some(pids)
+    });
+    assert_eq!(
+        pids(&mesh, "api", 2),
+        [first.clone(), second.clone()].concat()
+    );
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml").replace("replicas = 3", "replicas = 2"),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("stopping api.2"), "{out}");
+    assert_gone(&third, T);
+    assert_eq!(pids(&mesh, "api", 2), [first, second].concat());
+    let rows = ps(&p);
+    assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
+    let all = pids(&mesh, "api", 2);
+    stop(mesh, &all);
+}
+
+#[test]
+fn a_mesh_section_change_is_refused_with_restart_required() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml")
+            .replace("name = \"t\"", "name = \"renamed\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("restart required"), "{err}");
+    mesh.wait_line("reload refused: restart required", T);
+    serving(&api);
+    assert_eq!(pids(&mesh, "api", 2), before);
+    stop(mesh, &before);
+}
+
+#[test]
+fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    let good = p.read("mesh.toml");
+    // A valid change (env) and an invalid one together: nothing applies.
+    p.write(
+        "mesh.toml",
+        &format!(
+            "{}\nbogus_key = 1\n",
+            good.replace("VERSION = \"1\"", "VERSION = \"2\"")
+        ),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(
+        err.contains("mesh.toml:") && err.contains("error: unknown key `bogus_key`"),
+        "{err}"
+    );
+    mesh.wait_line("reload refused", T);
+    mesh.wait_line("error: unknown key `bogus_key`", T);
+    serving(&api);
+    assert_eq!(pids(&mesh, "api", 2), before, "nothing was replaced");
+    // The next good file applies.
+    p.write(
+        "mesh.toml",
+        &good.replace("VERSION = \"1\"", "VERSION = \"3\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_gone(&before, T);
+    let after = pids(&mesh, "api", 2);
+    stop(mesh, &after);
+}
+
+#[test]
+fn a_stopped_service_stays_stopped_across_a_reload() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    let (code, _, err) = p.run(&["stop", "api"]);
+    assert_eq!(code, 0, "{err}");
+    assert_gone(&before, T);
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml")
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = ps(&p);
+    assert_eq!(row(&rows, "api", 0)["state"], "stopped", "{rows}");
+    assert_eq!(row(&rows, "api", 1)["state"], "stopped", "{rows}");
+    // Started again, it runs the new configuration.
+    let (code, _, err) = p.run(&["start", "api"]);
+    assert_eq!(code, 0, "{err}");
+    let after = pids(&mesh, "api", 2);
+    let env = std::fs::read(format!("/proc/{}/environ", after[0])).expect("environ");
+    assert!(env.split(|b| *b == 0).any(|v| v == b"VERSION=2"));
+    stop(mesh, &after);
+}
+
+#[test]
+fn sighup_reloads() {
+    let p = app("");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    serving(&api);
+    let before = pids(&mesh, "api", 2);
+    p.write(
+        "mesh.toml",
+        &p.read("mesh.toml")
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    );
+    mesh.signal(Signal::SIGHUP);
+    mesh.wait_line("api: env changed", T);
+    assert_gone(&before, T);
+    let after = eventually("two new replicas", T, || {
+        let now = pids(&mesh, "api", 2);
+        (now.len() == 2).then_some(now)
+    });
+    stop(mesh, &after);
+}
+
+#[test]
+fn a_new_upstream_gets_its_outbound_and_the_caller_is_replaced() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+
+[services.web]
+command = ["sh", "-c", "echo api=$API_URL; echo extra=$${{EXTRA_URL:-none}}; exec sleep 1000"]
+port = "none"
+upstreams = ["api"]
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    mesh.wait_line("web.0 | api=http://", T);
+    let text = p.read("mesh.toml");
+    p.write(
+        "mesh.toml",
+        &format!(
+            "{}\n[services.extra]\ncommand = [{:?}]\n",
+            text.replace("upstreams = [\"api\"]", "upstreams = [\"api\", \"extra\"]"),
+            test_app()
+        ),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = mesh.wait_line("web.0 | extra=http://127.0.0.1:", T);
+    let addr = field_of(&line, "extra")
+        .trim_start_matches("http://")
+        .to_string();
+    let r = eventually("extra to answer through web's new outbound", T, || {
+        get(&addr, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    assert!(r.body.contains("extra.0"), "{r:?}");
+    let mut all = pids(&mesh, "api", 1);
+    all.extend(pids(&mesh, "extra", 1));
+    stop(mesh, &all);
+}
