@@ -160,7 +160,9 @@ fn mirror_restarts(state: &AdminState) {
 /// One JSON object per replica, as `mesh ps --json` prints them (SPEC §4).
 /// Besides SPEC's fields, each carries the replica's recent traffic through its inbound
 /// (`rps`, `success_rate`, `p99_ms`, over the last 10 s; null without an inbound or
-/// without requests).
+/// without requests), `reason` (why it is not ready, once `ready_timeout` passed; else
+/// null) and `last_rollout` (`failed: <line>` when its last rolling replacement failed,
+/// until one succeeds; else null).
 pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
     let rows: Vec<serde_json::Value> = statuses
         .values()
@@ -183,6 +185,8 @@ pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
                 "rps": traffic.map(|t| round(t.rps, 1)),
                 "success_rate": traffic.and_then(|t| t.success_rate).map(|s| round(s, 4)),
                 "p99_ms": traffic.and_then(|t| t.p99).map(|p| round(p.as_secs_f64() * 1000.0, 2)),
+                "reason": r.reason,
+                "last_rollout": r.rollout_failed.as_ref().map(|line| format!("failed: {line}")),
             })
         })
         .collect();

@@ -30,7 +30,16 @@ async fn check_exec_probe() {
     assert_eq!(probe_once(&spec("exit 0"), timeout).await, Ok(()));
     assert_eq!(
         probe_once(&spec("exit 3"), timeout).await,
-        Err("exit code 3".into())
+        Err("exec check exited 3".into())
+    );
+    // The last line it wrote to stderr says why.
+    assert_eq!(
+        probe_once(
+            &spec("echo starting >&2; echo 'db not reachable' >&2; exit 1"),
+            timeout
+        )
+        .await,
+        Err("exec check exited 1: db not reachable".into())
     );
     assert_eq!(
         probe_once(&spec("sleep 10"), Duration::from_millis(200)).await,

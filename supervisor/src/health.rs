@@ -42,8 +42,14 @@ pub const PORT_OPEN_INTERVAL: Duration = Duration::from_millis(100);
 /// either succeeds or is refused at once; this only guards against a wedged kernel queue.
 const PORT_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The `User-Agent` of HTTP checks, so applications can leave them out of access logs.
-const HEALTH_USER_AGENT: &str = "mesh-health";
+/// The `User-Agent` of HTTP checks (SPEC §4 "The first minute"), so applications can
+/// leave them out of their logs: `mesh-health/<version>`.
+pub const HEALTH_USER_AGENT: &str = concat!("mesh-health/", env!("CARGO_PKG_VERSION"));
+
+/// The result of a checker's last check, shared with whoever explains why a replica is
+/// not ready: `None` after a pass (or before the first check), else why it failed, e.g.
+/// `connection refused on 127.0.0.1:4000` or `GET /healthz -> 500 after 3 ms`.
+pub type LastCheck = std::sync::Arc<parking_lot::Mutex<Option<String>>>;
 
 /// One already-expanded check against one replica.
 #[derive(Clone, Debug)]
@@ -115,7 +121,36 @@ pub async fn probe_once(probe: &Probe, timeout: Duration) -> Result<(), String> 
         // process group rather than merely stop waiting for it.
         Probe::Exec(spec) => probe_exec(spec, timeout).await,
         Probe::Tcp { port } => bounded(timeout, probe_tcp(*port)).await,
-        Probe::Http { port, path, h2c } => bounded(timeout, probe_http(*port, path, *h2c)).await,
+        Probe::Http { port, path, h2c } => {
+            let started = Instant::now();
+            match tokio::time::timeout(timeout, probe_http(*port, path, *h2c)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(HttpFailure::Status(status))) => Err(format!(
+                    "GET {} -> {status} after {} ms",
+                    target(path),
+                    started.elapsed().as_millis()
+                )),
+                Ok(Err(HttpFailure::Other(why))) => Err(format!("GET {}: {why}", target(path))),
+                Err(_) => Err(format!("GET {}: {}", target(path), timed_out(timeout))),
+            }
+        }
+    }
+}
+
+/// Why an HTTP check failed.
+enum HttpFailure {
+    /// The app answered this status (not 200–399).
+    Status(u16),
+    /// No answer: connect refused, not HTTP, …
+    Other(String),
+}
+
+/// The request target of an HTTP check's `path`.
+fn target(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
     }
 }
 
@@ -129,10 +164,21 @@ pub async fn probe_once(probe: &Probe, timeout: Duration) -> Result<(), String> 
 ///
 /// The task runs in the caller's current tracing span, which should name the replica.
 pub fn spawn_checker(kind: CheckerKind, events: mpsc::Sender<HealthEvent>) -> JoinHandle<()> {
+    spawn_checker_with(kind, events, LastCheck::default())
+}
+
+/// [`spawn_checker`], recording each check's result in `last`.
+pub fn spawn_checker_with(
+    kind: CheckerKind,
+    events: mpsc::Sender<HealthEvent>,
+    last: LastCheck,
+) -> JoinHandle<()> {
     let task = async move {
         match kind {
-            CheckerKind::PortOpen { port } => run_port_open(port, events).await,
-            CheckerKind::Check { probe, schedule } => run_check(probe, schedule, events).await,
+            CheckerKind::PortOpen { port } => run_port_open(port, events, last).await,
+            CheckerKind::Check { probe, schedule } => {
+                run_check(probe, schedule, events, last).await
+            }
         }
     };
     tokio::spawn(task.in_current_span())
@@ -166,14 +212,16 @@ impl From<&Health> for Schedule {
 
 // === checker loops ===
 
-async fn run_port_open(port: u16, events: mpsc::Sender<HealthEvent>) {
+async fn run_port_open(port: u16, events: mpsc::Sender<HealthEvent>, last: LastCheck) {
     loop {
         let tick = Instant::now();
         let probe = bounded(PORT_OPEN_TIMEOUT, probe_tcp(port));
-        let passed = tokio::select! {
-            r = probe => r.is_ok(),
+        let result = tokio::select! {
+            r = probe => r,
             _ = events.closed() => return,
         };
+        let passed = result.is_ok();
+        *last.lock() = result.err();
         if passed {
             // A closed receiver means nobody cares any more: stopping is all there is to do.
             let _ = events.send(HealthEvent::Ready).await;
@@ -186,7 +234,12 @@ async fn run_port_open(port: u16, events: mpsc::Sender<HealthEvent>) {
     }
 }
 
-async fn run_check(probe: Probe, schedule: Schedule, events: mpsc::Sender<HealthEvent>) {
+async fn run_check(
+    probe: Probe,
+    schedule: Schedule,
+    events: mpsc::Sender<HealthEvent>,
+    last: LastCheck,
+) {
     let mut counter = FailureCounter::new(Instant::now(), schedule);
     let mut state = State::Unknown;
     loop {
@@ -195,6 +248,7 @@ async fn run_check(probe: Probe, schedule: Schedule, events: mpsc::Sender<Health
             r = probe_once(&probe, schedule.timeout) => r,
             _ = events.closed() => return,
         };
+        *last.lock() = result.clone().err();
         let event = match result {
             Ok(()) => {
                 counter.pass(tick);
@@ -307,12 +361,11 @@ fn loopback(port: u16) -> SocketAddr {
 
 /// Connect to the app; the error is already phrased for a probe failure.
 async fn connect(port: u16) -> Result<TcpStream, String> {
-    TcpStream::connect(loopback(port))
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connect refused".to_owned(),
-            _ => format!("connect failed: {e}"),
-        })
+    let addr = loopback(port);
+    TcpStream::connect(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => format!("connection refused on {addr}"),
+        _ => format!("connect to {addr} failed: {e}"),
+    })
 }
 
 async fn probe_tcp(port: u16) -> Result<(), String> {
@@ -345,13 +398,13 @@ impl Drop for AbortOnDrop {
 /// How much of a health response body is read before the connection is dropped anyway.
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
-async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
+async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), HttpFailure> {
+    probe_http_inner(port, path, h2c).await
+}
+
+async fn probe_http_inner(port: u16, path: &str, h2c: bool) -> Result<(), HttpFailure> {
     let authority = format!("127.0.0.1:{port}");
-    let target = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
+    let target = target(path);
     // HTTP/2 needs `:scheme` and `:authority`, so it gets an absolute URI; HTTP/1.1 gets
     // the origin form with a `Host` header, as a browser would send it.
     let uri: Uri = if h2c {
@@ -359,7 +412,7 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
     } else {
         target.parse()
     }
-    .map_err(|_| format!("invalid path {path:?}"))?;
+    .map_err(|_| HttpFailure::Other(format!("invalid path {path:?}")))?;
     let mut request = Request::get(uri).header(USER_AGENT, HEALTH_USER_AGENT);
     if !h2c {
         // One request per connection, said up front, so the app closes it in an orderly
@@ -368,9 +421,9 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
     }
     let request = request
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("invalid request: {e}"))?;
+        .map_err(|e| HttpFailure::Other(format!("invalid request: {e}")))?;
 
-    let io = TokioIo::new(connect(port).await?);
+    let io = TokioIo::new(connect(port).await.map_err(HttpFailure::Other)?);
     // The connection is driven by a task of its own (aborted when this probe ends), so a
     // server that answers and closes at once cannot race the response.
     let (_conn, response) = if h2c {
@@ -401,33 +454,79 @@ async fn probe_http(port: u16, path: &str, h2c: bool) -> Result<(), String> {
     verdict(status)
 }
 
-fn verdict(status: hyper::StatusCode) -> Result<(), String> {
+fn verdict(status: hyper::StatusCode) -> Result<(), HttpFailure> {
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
-        Err(format!("status {}", status.as_u16()))
+        Err(HttpFailure::Status(status.as_u16()))
     }
 }
 
-fn http_error(e: hyper::Error) -> String {
-    format!("http error: {e}")
+fn http_error(e: hyper::Error) -> HttpFailure {
+    HttpFailure::Other(format!("http error: {e}"))
 }
 
 async fn probe_exec(spec: &SpawnSpec, timeout: Duration) -> Result<(), String> {
-    let mut child = process::spawn(spec, Output::Null)
+    let mut child = process::spawn(spec, Output::Piped)
         .await
-        .map_err(|e| format!("spawn failed: {e}"))?;
-    match tokio::time::timeout(timeout, child.wait()).await {
+        .map_err(|e| format!("exec check could not start: {e}"))?;
+    // Its output is read (and stdout thrown away) so that it never blocks on a full
+    // pipe; the last line of stderr says why it failed.
+    let stderr = child.take_stderr().map(|err| tokio::spawn(last_line(err)));
+    let stdout = child.take_stdout().map(|out| tokio::spawn(last_line(out)));
+    let why = |stderr: Option<JoinHandle<String>>| async move {
+        match stderr {
+            Some(task) => task.await.unwrap_or_default(),
+            None => String::new(),
+        }
+    };
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    if let Some(task) = stdout {
+        task.abort();
+    }
+    match waited {
         Ok(ExitReport::Code(0)) => Ok(()),
-        Ok(ExitReport::Code(code)) => Err(format!("exit code {code}")),
-        Ok(ExitReport::Signal(sig)) => Err(format!("killed by signal {sig}")),
-        Ok(ExitReport::SpawnFailed(why)) => Err(format!("spawn failed: {why}")),
+        Ok(ExitReport::Code(code)) => {
+            let line = why(stderr).await;
+            Err(if line.is_empty() {
+                format!("exec check exited {code}")
+            } else {
+                format!("exec check exited {code}: {line}")
+            })
+        }
+        Ok(ExitReport::Signal(sig)) => Err(format!("exec check killed by signal {sig}")),
+        Ok(ExitReport::SpawnFailed(why)) => Err(format!("exec check could not start: {why}")),
         Err(_) => {
             // The check may have started children of its own: kill the whole group.
             child.kill_group();
             Err(timed_out(timeout))
         }
     }
+}
+
+/// The last non-empty line a pipe carried (at most 64 KiB of it are kept), once it closes.
+async fn last_line<R: tokio::io::AsyncRead + Unpin>(mut reader: R) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > MAX_PROBE_BODY {
+                    tail.drain(..tail.len() - MAX_PROBE_BODY);
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]

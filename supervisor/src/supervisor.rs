@@ -79,6 +79,12 @@ pub struct ReplicaStatus {
     pub port: Option<u16>,
     /// When the current process started.
     pub since: Option<Instant>,
+    /// Why the replica is not ready, once `ready_timeout` passed without it being ready
+    /// (the last check's result); `None` when ready or still within the time.
+    pub reason: Option<String>,
+    /// The last rolling replacement of this replica, when it failed (the line mesh
+    /// logged); cleared by the next one that succeeds.
+    pub rollout_failed: Option<String>,
 }
 
 /// How long an ended process's output may take to be relayed before its end is reported.
@@ -230,6 +236,8 @@ impl Supervisor {
                     restarts: 0,
                     port,
                     since: None,
+                    reason: None,
+                    rollout_failed: None,
                 },
             );
         });
@@ -258,6 +266,10 @@ impl Supervisor {
             retiring: None,
             waiter: None,
             fallback: None,
+            last_check: health::LastCheck::default(),
+            explain_at: None,
+            reason: None,
+            rollout_failed: None,
         };
         let span = info_span!("replica", service = %service, replica);
         self.inner.tasks.lock().spawn(task.run().instrument(span));
@@ -764,6 +776,15 @@ struct ReplicaTask {
     /// With a fixed port the old process stops before the new one starts: the
     /// configuration to start again if the new one fails (SPEC §4).
     fallback: Option<Service>,
+    /// The result of the current process's last readiness check.
+    last_check: health::LastCheck,
+    /// When to explain once why the current process is not ready yet (`ready_timeout`
+    /// after its start).
+    explain_at: Option<Instant>,
+    /// Why it is not ready, once explained (for `mesh ps`).
+    reason: Option<String>,
+    /// The last replacement's failure, until one succeeds.
+    rollout_failed: Option<String>,
 }
 
 /// A replacement process that is not serving yet.
@@ -776,6 +797,7 @@ struct Candidate {
     /// `ready_timeout` from its start.
     deadline: Instant,
     reply: Reply,
+    last_check: health::LastCheck,
 }
 
 /// A process being stopped after its replacement took over.
@@ -818,6 +840,7 @@ impl ReplicaTask {
             let candidate_deadline = self.candidate.as_ref().map(|c| c.deadline);
             let retire_at = self.retiring.as_ref().map(|r| r.kill_at);
             let waiter_at = self.waiter.as_ref().map(|(_, at)| *at);
+            let explain_at = self.explain_at;
             tokio::select! {
                 ctl = self.controls.recv(), if !closed => match ctl {
                     Some(Control::Stop) => {
@@ -859,9 +882,13 @@ impl ReplicaTask {
                     }
                 },
                 _ = sleep_until_opt(candidate_deadline) => {
-                    let limit = self.candidate.as_ref().map(|c| c.service.ready_timeout).unwrap_or_default();
+                    let (limit, why) = self
+                        .candidate
+                        .as_ref()
+                        .map(|c| (c.service.ready_timeout, last_check_text(&c.last_check)))
+                        .unwrap_or_default();
                     self.candidate_failed(format!(
-                        "replacement not ready after {}",
+                        "replacement not ready after {} (last check: {why})",
                         humantime::format_duration(limit)
                     ));
                 }
@@ -886,6 +913,10 @@ impl ReplicaTask {
                 }
                 _ = sleep_until_opt(waiter_at) => {
                     self.waiter_timed_out().await;
+                }
+                _ = sleep_until_opt(explain_at) => {
+                    self.explain_at = None;
+                    self.explain();
                 }
                 report = wait_child(&mut self.child) => {
                     self.child = None;
@@ -1012,7 +1043,9 @@ impl ReplicaTask {
             return;
         }
         if self.lifecycle.is_ready() {
-            self.fallback = None;
+            if self.fallback.take().is_some() {
+                self.rollout_failed = None;
+            }
             self.answer_waiter(Ok(()));
             return;
         }
@@ -1031,6 +1064,7 @@ impl ReplicaTask {
                     self.label
                 );
                 self.mesh_line(&line);
+                self.rollout_failed = Some(line.clone());
                 self.restore(previous);
                 self.answer_waiter(Err(line));
             }
@@ -1053,6 +1087,22 @@ impl ReplicaTask {
         self.pending = Some(Event::Restart);
     }
 
+    /// `ready_timeout` passed since the process started and it is not ready: say why,
+    /// once (SPEC §4). It is not stopped for it.
+    fn explain(&mut self) {
+        if self.lifecycle.is_ready() || self.child.is_none() {
+            return;
+        }
+        let why = format!(
+            "not ready after {} (last check: {})",
+            humantime::format_duration(self.service.ready_timeout),
+            last_check_text(&self.last_check)
+        );
+        self.mesh_line(&format!("{} is {why}", self.label));
+        self.reason = Some(why);
+        self.publish(self.child.as_ref().and_then(Child::pid));
+    }
+
     fn answer_waiter(&mut self, result: Result<(), String>) {
         if let Some((reply, _)) = self.waiter.take() {
             let _ = reply.send(result);
@@ -1065,10 +1115,12 @@ impl ReplicaTask {
         match self.fallback.take() {
             Some(previous) => {
                 let line = format!(
-                    "{}: replacement not ready after {limit}; started the previous configuration again",
-                    self.label
+                    "{}: replacement not ready after {limit} (last check: {}); started the previous configuration again",
+                    self.label,
+                    last_check_text(&self.last_check)
                 );
                 self.mesh_line(&line);
+                self.rollout_failed = Some(line.clone());
                 self.answer_waiter(Err(line));
                 self.lifecycle
                     .set_policy(previous.restart, previous.backoff, previous.start_limit);
@@ -1078,8 +1130,11 @@ impl ReplicaTask {
             }
             None => {
                 // At first start a replica that is slow to be ready is not stopped.
-                let line = format!("{} is not ready after {limit}", self.label);
-                self.mesh_line(&line);
+                let line = format!(
+                    "{} is not ready after {limit} (last check: {})",
+                    self.label,
+                    last_check_text(&self.last_check)
+                );
                 self.answer_waiter(Err(line));
             }
         }
@@ -1126,7 +1181,10 @@ impl ReplicaTask {
             if let Ok(spec) = self.spawn_spec_for(&self.service, port) {
                 if let Some(kind) = self.checker_for(&self.service, port, &spec) {
                     let (tx, rx) = mpsc::channel(4);
-                    self.checker = Some((health::spawn_checker(kind, tx), rx));
+                    self.checker = Some((
+                        health::spawn_checker_with(kind, tx, self.last_check.clone()),
+                        rx,
+                    ));
                 }
             }
         }
@@ -1222,10 +1280,11 @@ impl ReplicaTask {
             }
             _ => None,
         };
+        let last_check = health::LastCheck::default();
         let checker = match self.checker_for(&new, port, &spec) {
             Some(kind) => {
                 let (tx, rx) = mpsc::channel(4);
-                Some((health::spawn_checker(kind, tx), rx))
+                Some((health::spawn_checker_with(kind, tx, last_check.clone()), rx))
             }
             None => None,
         };
@@ -1239,6 +1298,7 @@ impl ReplicaTask {
             port,
             deadline,
             reply,
+            last_check,
         });
         if ready_now {
             // Nothing to check: ready while the process runs (SPEC §3).
@@ -1273,6 +1333,10 @@ impl ReplicaTask {
                 kill_at: Instant::now() + old_stop.1,
             });
         }
+        self.last_check = candidate.last_check;
+        self.explain_at = None;
+        self.reason = None;
+        self.rollout_failed = None;
         self.lifecycle.on(Event::Replaced, Instant::now(), 0.0);
         let new_pid = self.child.as_ref().and_then(Child::pid);
         self.publish(new_pid);
@@ -1297,6 +1361,8 @@ impl ReplicaTask {
         }
         let line = format!("{}: {why}; kept the running replica", self.label);
         self.mesh_line(&line);
+        self.rollout_failed = Some(line.clone());
+        self.publish(self.child.as_ref().and_then(Child::pid));
         let _ = candidate.reply.send(Err(line));
     }
 
@@ -1337,10 +1403,16 @@ impl ReplicaTask {
                     .attach(&self.service.name, self.replica, out, err),
             );
         }
+        self.last_check = health::LastCheck::default();
         if let Some(kind) = self.checker_kind(&spec) {
             let (tx, rx) = mpsc::channel(4);
-            self.checker = Some((health::spawn_checker(kind, tx), rx));
+            self.checker = Some((
+                health::spawn_checker_with(kind, tx, self.last_check.clone()),
+                rx,
+            ));
         }
+        self.reason = None;
+        self.explain_at = Some(Instant::now() + self.service.ready_timeout);
         let ready_now = self.service.port == PortSpec::None && self.service.health.is_none();
         self.child = Some(child);
         if ready_now && self.child.as_ref().and_then(Child::pid).is_some() {
@@ -1430,6 +1502,12 @@ impl ReplicaTask {
                 r.restarts = lc.restarts();
                 r.since = lc.started_at();
                 r.port = self.port;
+                r.reason = if lc.is_ready() {
+                    None
+                } else {
+                    self.reason.clone()
+                };
+                r.rollout_failed = self.rollout_failed.clone();
             }
         });
     }
@@ -1442,6 +1520,13 @@ impl ReplicaTask {
     fn jitter(&mut self) -> f64 {
         self.rng.unit()
     }
+}
+
+/// The last check's result for a "why not ready" line.
+fn last_check_text(last: &health::LastCheck) -> String {
+    last.lock()
+        .clone()
+        .unwrap_or_else(|| "none finished yet".to_string())
 }
 
 /// The environment replica `replica` of `service` is started with on `port`.

@@ -264,7 +264,12 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<AppBody>, CloseConnection> {
-    let log = state.log;
+    // mesh's health checks are not application traffic: not logged.
+    let health_check = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .is_some_and(|ua| ua.as_bytes().starts_with(b"mesh-health/"));
+    let log = state.log && !health_check;
     let (method, uri, version) = if log {
         (
             Some(req.method().clone()),

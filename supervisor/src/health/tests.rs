@@ -74,6 +74,10 @@ fn schedule(interval_ms: u64, failures: u32, start_period_ms: u64) -> Schedule {
     }
 }
 
+fn refused(port: u16) -> String {
+    format!("connection refused on 127.0.0.1:{port}")
+}
+
 fn unready(reason: &str) -> HealthEvent {
     HealthEvent::Unready {
         reason: reason.to_owned(),
@@ -100,7 +104,7 @@ async fn schedule_is_fast_until_first_pass_then_interval() {
     // (at 0, 2 s, 4 s), so the third counted failure lands at 4 s.
     assert_eq!(
         next_at(&mut rx, start).await,
-        (unready("connect refused"), 4000)
+        (unready(&refused(gate.port)), 4000)
     );
 
     // Opening between two fast checks is seen at the next 250 ms tick.
@@ -113,7 +117,7 @@ async fn schedule_is_fast_until_first_pass_then_interval() {
     gate.close();
     assert_eq!(
         next_at(&mut rx, start).await,
-        (unready("connect refused"), 11250)
+        (unready(&refused(gate.port)), 11250)
     );
 
     gate.open();
@@ -139,7 +143,7 @@ async fn failures_during_start_period_do_not_count() {
     // Counted failures at 3 s and 4 s only.
     assert_eq!(
         next_at(&mut rx, start).await,
-        (unready("connect refused"), 4000)
+        (unready(&refused(gate.port)), 4000)
     );
 }
 
@@ -159,7 +163,7 @@ async fn a_pass_ends_the_start_period() {
     gate.close();
     assert_eq!(
         next_at(&mut rx, start).await,
-        (unready("connect refused"), 2000)
+        (unready(&refused(gate.port)), 2000)
     );
 }
 
@@ -186,7 +190,7 @@ async fn failures_threshold_needs_consecutive_failures() {
     gate.close();
     assert_eq!(
         next_at(&mut rx, start).await,
-        (unready("connect refused"), 6000)
+        (unready(&refused(gate.port)), 6000)
     );
 }
 
@@ -226,10 +230,7 @@ async fn tcp_probe() {
     let mut gate = Gate::new();
     let probe = Probe::Tcp { port: gate.port };
     let timeout = Duration::from_secs(1);
-    assert_eq!(
-        probe_once(&probe, timeout).await,
-        Err("connect refused".into())
-    );
+    assert_eq!(probe_once(&probe, timeout).await, Err(refused(gate.port)));
     gate.open();
     assert_eq!(probe_once(&probe, timeout).await, Ok(()));
 }
@@ -300,21 +301,28 @@ async fn check_http_statuses(h2c: bool) {
     assert_eq!(probe_once(&probe("/status/200"), timeout).await, Ok(()));
     assert_eq!(
         seen.recv().await.unwrap(),
-        (format!("127.0.0.1:{port}"), "mesh-health".to_owned())
+        (format!("127.0.0.1:{port}"), HEALTH_USER_AGENT.to_owned())
     );
     assert_eq!(probe_once(&probe("/status/302"), timeout).await, Ok(()));
     assert_eq!(probe_once(&probe("status/399"), timeout).await, Ok(()));
-    assert_eq!(
-        probe_once(&probe("/status/503"), timeout).await,
-        Err("status 503".into())
+    let failed = probe_once(&probe("/status/503"), timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        failed.starts_with("GET /status/503 -> 503 after "),
+        "{failed}"
     );
-    assert_eq!(
-        probe_once(&probe("/status/404"), timeout).await,
-        Err("status 404".into())
+    assert!(failed.ends_with(" ms"), "{failed}");
+    let failed = probe_once(&probe("/status/404"), timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        failed.starts_with("GET /status/404 -> 404 after "),
+        "{failed}"
     );
     assert_eq!(
         probe_once(&probe("/slow"), Duration::from_millis(200)).await,
-        Err("timed out after 200ms".into())
+        Err("GET /slow: timed out after 200ms".into())
     );
 }
 
@@ -334,6 +342,6 @@ async fn http_probe_reports_refused_connect() {
     let probe = Probe::http(gate.port, "/healthz", Protocol::Http);
     assert_eq!(
         probe_once(&probe, Duration::from_secs(1)).await,
-        Err("connect refused".into())
+        Err(format!("GET /healthz: {}", refused(gate.port)))
     );
 }

@@ -1,0 +1,286 @@
+//! Safe rollouts and "why not ready" (SPEC §4: "The first minute", "A replacement that
+//! fails keeps the old replica"; §3 `ready_timeout`), against the real binary.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn ps_rows(p: &Project) -> Vec<serde_json::Value> {
+    let (code, out, err) = p.run(&["ps", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect()
+}
+
+fn row(p: &Project, service: &str, replica: u64) -> serde_json::Value {
+    ps_rows(p)
+        .into_iter()
+        .find(|r| r["service"] == service && r["replica"] == replica)
+        .unwrap_or_else(|| panic!("no row {service}.{replica}"))
+}
+
+fn pids(mesh: &MeshProc, service: &str, replicas: u32) -> Vec<i32> {
+    (0..replicas)
+        .flat_map(|i| pids_of(mesh, test_app(), service, i))
+        .collect()
+}
+
+fn stop(mut mesh: MeshProc, pids: &[i32]) {
+    mesh.signal(Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(T), 0);
+    assert_gone(pids, T);
+}
+
+#[test]
+fn a_replica_not_ready_in_time_is_explained_once_with_its_last_check() {
+    let p = Project::new(&format!(
+        r#"
+[services.http]
+command = [{app:?}]
+ready_timeout = "1s"
+health = {{ http = "/status/503", interval = "200ms" }}
+
+[services.quiet]
+command = ["sleep", "1000"]
+ready_timeout = "1s"
+
+[services.probe]
+command = ["sleep", "1000"]
+port = "none"
+ready_timeout = "1s"
+health = {{ exec = ["sh", "-c", "echo starting >&2; echo 'db not reachable' >&2; exit 1"], interval = "200ms" }}
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let line = mesh.wait_line("http.0 is not ready after 1s (last check: ", T);
+    assert!(line.contains("GET /status/503 -> 503 after "), "{line}");
+    let line = mesh.wait_line("quiet.0 is not ready after 1s (last check: ", T);
+    assert!(line.contains("connection refused on 127.0.0.1:"), "{line}");
+    let line = mesh.wait_line("probe.0 is not ready after 1s (last check: ", T);
+    assert!(
+        line.contains("exec check exited 1: db not reachable"),
+        "{line}"
+    );
+    let reason = row(&p, "quiet", 0)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("connection refused"), "{reason}");
+    // Not stopped for it, and said once.
+    assert_eq!(row(&p, "http", 0)["state"], "starting");
+    assert_eq!(mesh.count("http.0 is not ready after"), 1);
+    let mut all = pids(&mesh, "http", 1);
+    all.extend(pids_of(&mesh, "sleep", "quiet", 0));
+    all.extend(pids_of(&mesh, "sleep", "probe", 0));
+    stop(mesh, &all);
+}
+
+/// Keep-alive GETs through `addr` until stopped; (ok, failed).
+fn traffic(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        let ok = AtomicU64::new(0);
+        let failed = AtomicU64::new(0);
+        let mut conn: Option<BufReader<TcpStream>> = None;
+        while !stop.load(Ordering::SeqCst) {
+            match get_on(&mut conn, &addr) {
+                Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                _ => {
+                    conn = None;
+                    failed.fetch_add(1, Ordering::SeqCst)
+                }
+            };
+            // Pacing of the load, not a wait.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok.into_inner(), failed.into_inner())
+    })
+}
+
+fn get_on(conn: &mut Option<BufReader<TcpStream>>, addr: &str) -> std::io::Result<u16> {
+    if conn.is_none() {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        *conn = Some(BufReader::new(s));
+    }
+    let reader = conn.as_mut().ok_or_else(|| std::io::Error::other("none"))?;
+    write!(reader.get_mut(), "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(status.clone()))?;
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    Ok(code)
+}
+
+#[test]
+fn a_replacement_that_never_becomes_ready_keeps_the_old_replica_under_load() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+replicas = 2
+expose = "127.0.0.1:0"
+ready_timeout = "2s"
+env = {{ VERSION = "1" }}
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let addr = ingress(&mesh, "api");
+    eventually("api to serve", T, || {
+        get(&addr, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    let old = pids(&mesh, "api", 2);
+    assert_eq!(old.len(), 2);
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let load = traffic(addr.clone(), Arc::clone(&stop_load));
+
+    // The new configuration never listens: its replacement is not ready in time.
+    let good = p.read("mesh.toml");
+    p.write(
+        "mesh.toml",
+        &good.replace(
+            "VERSION = \"1\"",
+            "VERSION = \"2\", TEST_APP_DELAY_START_MS = \"600000\"",
+        ),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "api.0: replacement not ready after 2s (last check: connection refused on 127.0.0.1:"
+        ) && err.contains("); kept the running replica"),
+        "{err}"
+    );
+    mesh.wait_line("api.0: replacement not ready after 2s", T);
+    stop_load.store(true, Ordering::SeqCst);
+    let (ok, failed) = load.join().expect("traffic");
+    assert_eq!(failed, 0, "{ok} requests ok");
+    assert!(ok > 0);
+    // The old processes stayed, and the failed replacement is gone.
+    assert_eq!(pids(&mesh, "api", 2), old);
+    let rollout = row(&p, "api", 0)["last_rollout"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        rollout.starts_with("failed: api.0: replacement not ready"),
+        "{rollout}"
+    );
+    // The other replica was left as it was.
+    assert!(row(&p, "api", 1)["last_rollout"].is_null());
+
+    // The next change tries again, and succeeds.
+    p.write(
+        "mesh.toml",
+        &good.replace("VERSION = \"1\"", "VERSION = \"3\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_gone(&old, T);
+    assert!(row(&p, "api", 0)["last_rollout"].is_null());
+    let new = pids(&mesh, "api", 2);
+    stop(mesh, &new);
+}
+
+#[test]
+fn a_restart_whose_new_process_exits_keeps_the_old_one_and_exits_1() {
+    // The first start serves; any later start exits at once.
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = ["sh", "-c", "if [ -e started ]; then echo broken >&2; exit 3; fi; touch started; exec {app}"]
+expose = "127.0.0.1:0"
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let addr = ingress(&mesh, "api");
+    eventually("api to serve", T, || {
+        get(&addr, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    let old = pids(&mesh, "api", 1);
+    let (code, out, err) = p.run(&["restart", "api"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "api.0: replacement exited with code 3 before it was ready; kept the running replica"
+        ),
+        "{err}"
+    );
+    assert_eq!(get(&addr, "/whoami").expect("answer").status, 200);
+    assert_eq!(pids(&mesh, "api", 1), old);
+    stop(mesh, &old);
+}
+
+#[test]
+fn a_fixed_port_replacement_that_fails_starts_the_previous_configuration_again() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+port = {port}
+expose = "127.0.0.1:0"
+ready_timeout = "2s"
+env = {{ VERSION = "1" }}
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let addr = ingress(&mesh, "api");
+    eventually("api to serve", T, || {
+        get(&addr, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    let good = p.read("mesh.toml");
+    p.write(
+        "mesh.toml",
+        &good.replace(
+            "VERSION = \"1\"",
+            "VERSION = \"2\", TEST_APP_DELAY_START_MS = \"600000\"",
+        ),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("started the previous configuration again"),
+        "{err}"
+    );
+    // Serving again, with the previous configuration.
+    eventually("api to serve again", T, || {
+        get(&addr, "/whoami").ok().filter(|r| r.status == 200)
+    });
+    let now = pids(&mesh, "api", 1);
+    let env = std::fs::read(format!("/proc/{}/environ", now[0])).expect("environ");
+    assert!(env.split(|b| *b == 0).any(|v| v == b"VERSION=1"));
+    stop(mesh, &now);
+}
