@@ -270,7 +270,7 @@ expose = "127.0.0.1:0"
 #[test]
 fn a_reload_that_changes_env_replaces_without_a_failed_request() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -375,7 +375,7 @@ command = [{app:?}]
 #[test]
 fn live_changes_apply_without_restarting_processes() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -407,7 +407,7 @@ http = "/healthz"
 #[test]
 fn a_replicas_change_touches_only_the_highest_indices() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let first = pids(&mesh, "api", 1);
@@ -444,7 +444,7 @@ fn a_replicas_change_touches_only_the_highest_indices() {
 #[test]
 fn a_mesh_section_change_is_refused_with_restart_required() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -465,7 +465,7 @@ fn a_mesh_section_change_is_refused_with_restart_required() {
 #[test]
 fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -503,7 +503,7 @@ fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
 #[test]
 fn a_stopped_service_stays_stopped_across_a_reload() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -532,7 +532,7 @@ fn a_stopped_service_stays_stopped_across_a_reload() {
 #[test]
 fn sighup_reloads() {
     let p = app("");
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
     let before = pids(&mesh, "api", 2);
@@ -565,7 +565,7 @@ upstreams = ["api"]
 "#,
         app = test_app()
     ));
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     mesh.wait_line("web.0 | api=http://", T);
     let text = p.read("mesh.toml");
     p.write(

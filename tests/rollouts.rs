@@ -151,7 +151,7 @@ env = {{ VERSION = "1" }}
 "#,
         app = test_app()
     ));
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let addr = ingress(&mesh, "api");
     eventually("api to serve", T, || {
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)
@@ -256,7 +256,7 @@ env = {{ VERSION = "1" }}
 "#,
         app = test_app()
     ));
-    let mesh = p.up(&[]);
+    let mesh = p.up_reloading_by_hand(&[]);
     let addr = ingress(&mesh, "api");
     eventually("api to serve", T, || {
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)

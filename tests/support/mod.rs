@@ -119,6 +119,23 @@ impl Project {
         MeshProc::spawn(cmd)
     }
 
+    /// Start `mesh up` that reloads only when told (`mesh reload`, SIGHUP), for tests of
+    /// those: with `NOTIFY_SOCKET` set mesh does not watch mesh.toml (SPEC §4), so a test
+    /// that edits the file and then reloads is not raced by the automatic reload. The
+    /// socket (`notify.sock` in the project) is read by a thread and what it gets
+    /// dropped: mesh must never block on a full socket buffer.
+    pub fn up_reloading_by_hand(&self, args: &[&str]) -> MeshProc {
+        let path = self.file("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while socket.recv(&mut buf).is_ok() {}
+        });
+        let path = path.to_string_lossy().into_owned();
+        self.up_with_env(args, &[("NOTIFY_SOCKET", path.as_str())])
+    }
+
     /// Run `mesh ARGS -f mesh.toml` (a control command such as `ps`) and return (exit
     /// code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
