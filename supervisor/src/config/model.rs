@@ -5,9 +5,10 @@
 //! values, `health.http`, `health.exec`) are kept unexpanded here, as written.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 pub use nix::sys::signal::Signal;
 
 /// A whole, valid `mesh.toml`.
@@ -99,8 +100,8 @@ pub struct Service {
     pub start_limit: StartLimit,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
-    /// `watch` patterns as written (relative to `working_dir`). The key is not supported
-    /// yet, so this is empty until the watcher exists.
+    /// `watch` patterns as written (relative to `working_dir`), each valid for
+    /// [`WatchPatterns::new`]. Empty: the service's files are not watched.
     pub watch: Vec<String>,
     /// How long a new replica has to become ready: in a replacement, the old replica is
     /// kept when the new one is not ready by then; at first start, mesh says why once
@@ -118,6 +119,23 @@ pub struct Service {
 /// The default `ready_timeout` of a service: 60 s (SPEC §3).
 pub fn default_ready_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+/// A service's `watch` patterns, compiled (SPEC §4 Watch): gitignore-style globs matched
+/// against paths relative to the service's `working_dir`, as git matches `.gitignore`
+/// lines. A pattern without a `/` (but a trailing one) matches at any depth (`*.py`); one
+/// with a `/` is anchored at `working_dir` (`src/*.py`, `/app.py`); `**` crosses
+/// directories, `*` does not; a trailing `/` matches directories only; a matched
+/// directory matches everything below it; `!` excludes again, and the last pattern that
+/// matches a path decides.
+///
+/// Validation compiles each pattern with this type, so a pattern that fails here is a
+/// configuration error and the watcher never sees one.
+#[derive(Clone, Debug)]
+pub struct WatchPatterns {
+    set: GlobSet,
+    /// For each glob of `set`, the pattern it came from and whether that is a `!` one.
+    globs: Vec<(usize, bool)>,
 }
 
 /// `[services.NAME.traffic]`, the parts built so far.
@@ -337,6 +355,80 @@ impl Config {
     }
 }
 
+// === impl WatchPatterns ===
+
+impl WatchPatterns {
+    /// Compile `patterns`; the error names the first one that is not a valid glob (the
+    /// message is globset's, e.g. `unclosed character class; missing ']'`).
+    pub fn new(patterns: &[String]) -> Result<Self, String> {
+        let mut builder = GlobSetBuilder::new();
+        let mut globs = Vec::new();
+        for (index, pattern) in patterns.iter().enumerate() {
+            let (negated, translated) = Self::translate(pattern)?;
+            for glob in translated {
+                let glob = GlobBuilder::new(&glob)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .build()
+                    .map_err(|e| e.kind().to_string())?;
+                builder.add(glob);
+                globs.push((index, negated));
+            }
+        }
+        let set = builder.build().map_err(|e| e.kind().to_string())?;
+        Ok(WatchPatterns { set, globs })
+    }
+
+    /// Whether a change of `path` (relative to `working_dir`) is watched.
+    pub fn matches(&self, path: &Path) -> bool {
+        let last = self
+            .set
+            .matches(path)
+            .into_iter()
+            .map(|i| self.globs[i])
+            .max_by_key(|(pattern, _)| *pattern);
+        matches!(last, Some((_, false)))
+    }
+
+    /// The globs of one pattern, per gitignore(5) (the translation the `ignore` crate
+    /// makes of `.gitignore` lines), and whether it is a `!` pattern.
+    fn translate(pattern: &str) -> Result<(bool, Vec<String>), String> {
+        let (negated, rest) = match pattern.strip_prefix('!') {
+            Some(rest) => (true, rest),
+            None => (false, pattern),
+        };
+        let (anchored, rest) = match rest.strip_prefix('/') {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let (dir_only, rest) = match rest.strip_suffix('/') {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        if rest.is_empty() {
+            return Err("the pattern matches nothing".into());
+        }
+        let glob = if anchored || rest.contains('/') || rest.starts_with("**") {
+            rest.to_string()
+        } else {
+            format!("**/{rest}")
+        };
+        // A matched directory stands for everything below it; with a trailing `/` only
+        // paths below it match, as a file of that name is not a directory.
+        let below = if glob.ends_with("/**") {
+            format!("{glob}/*")
+        } else {
+            format!("{glob}/**")
+        };
+        let globs = if dir_only {
+            vec![below]
+        } else {
+            vec![glob, below]
+        };
+        Ok((negated, globs))
+    }
+}
+
 // === impl Route ===
 
 impl Route {
@@ -352,5 +444,72 @@ impl Service {
     /// The environment variable names an upstream maps to: `API_URL`, `API_ADDR`.
     pub fn upstream_var_stem(upstream: &str) -> String {
         upstream.to_ascii_uppercase().replace('-', "_")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(patterns: &[&str]) -> WatchPatterns {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        WatchPatterns::new(&patterns).expect("valid patterns")
+    }
+
+    #[test]
+    fn watch_patterns_match_like_gitignore_lines() {
+        let py = watch(&["*.py"]);
+        assert!(py.matches(Path::new("app.py")));
+        assert!(py.matches(Path::new("a/b/app.py")), "any depth");
+        assert!(!py.matches(Path::new("app.pyc")));
+
+        let deep = watch(&["**/*.py"]);
+        assert!(deep.matches(Path::new("app.py")));
+        assert!(deep.matches(Path::new("pkg/mod/app.py")));
+
+        let anchored = watch(&["src/*.rs", "/main.go"]);
+        assert!(anchored.matches(Path::new("src/lib.rs")));
+        assert!(
+            !anchored.matches(Path::new("src/a/lib.rs")),
+            "`*` stays in one directory"
+        );
+        assert!(
+            !anchored.matches(Path::new("x/src/lib.rs")),
+            "anchored at working_dir"
+        );
+        assert!(anchored.matches(Path::new("main.go")));
+        assert!(!anchored.matches(Path::new("cmd/main.go")));
+
+        let dir = watch(&["templates", "static/"]);
+        assert!(
+            dir.matches(Path::new("templates/index.html")),
+            "below a matched directory"
+        );
+        assert!(dir.matches(Path::new("a/templates/x/y.html")));
+        assert!(dir.matches(Path::new("static/app.js")));
+        assert!(
+            !dir.matches(Path::new("static")),
+            "a file named like a directory pattern"
+        );
+    }
+
+    #[test]
+    fn the_last_matching_watch_pattern_decides() {
+        let w = watch(&["**/*.py", "!tests/", "tests/conftest.py"]);
+        assert!(w.matches(Path::new("app.py")));
+        assert!(!w.matches(Path::new("tests/test_app.py")));
+        assert!(w.matches(Path::new("tests/conftest.py")));
+        assert!(!w.matches(Path::new("README.md")));
+        assert!(!watch(&[]).matches(Path::new("app.py")));
+    }
+
+    #[test]
+    fn invalid_watch_patterns_are_refused() {
+        for bad in ["[abc", "src/{a,b", "!", "/"] {
+            assert!(
+                WatchPatterns::new(&[bad.to_string()]).is_err(),
+                "{bad} should be refused"
+            );
+        }
     }
 }

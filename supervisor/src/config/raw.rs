@@ -304,7 +304,7 @@ pub(crate) const SERVICE: &[Field] = &[
     table("start_limit", START_LIMIT),
     key("stop_signal"),
     key("stop_timeout"),
-    not_yet(key("watch")),
+    key("watch"),
     key("ready_timeout"),
     key("allow"),
     table("health", HEALTH),

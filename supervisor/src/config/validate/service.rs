@@ -3,6 +3,8 @@
 
 // The parent's types and helpers are this module's vocabulary.
 use super::*;
+use crate::config::WatchPatterns;
+
 // === services ===
 
 pub(super) fn facts_of(raw: &RawService) -> Facts {
@@ -228,14 +230,20 @@ pub(super) fn check_service(
         .and_then(|h| check_health(ctx, h, p, port, &lookup));
 
     let expose = check_expose(ctx, raw, name, port, bindings);
-    // Not supported yet (rejected by the key walk); checked and kept in the model so that
-    // enabling them is a flip.
+    // Each pattern compiled as the watcher will compile it, so that a bad glob is
+    // refused here, with its place in the file.
     let mut watch = Vec::new();
     for pattern in raw.watch.iter().flatten() {
-        if pattern.get_ref().is_empty() {
+        let text = pattern.get_ref();
+        if text.is_empty() {
             ctx.error(pattern.span(), "empty `watch` pattern");
+        } else if let Err(why) = WatchPatterns::new(std::slice::from_ref(text)) {
+            ctx.error(
+                pattern.span(),
+                format!("invalid `watch` pattern `{text}`: {why}"),
+            );
         }
-        watch.push(pattern.get_ref().clone());
+        watch.push(text.clone());
     }
     let allow = check_allow(ctx, raw, name, scope);
     let traffic = raw
