@@ -611,6 +611,11 @@ async fn run_up(
     if let Some(systemd) = systemd.clone() {
         servers.spawn(notify::serve(systemd, mesh.status(), mesh.ca_warning()));
     }
+    servers.spawn(crate::watch::run(
+        mesh.clone(),
+        systemd.is_some(),
+        state.path().to_path_buf(),
+    ));
     for (service, addr) in mesh.ingress_addrs() {
         logs.mesh_line(&format!("ingress of `{service}` on {addr}"));
     }

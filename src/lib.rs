@@ -9,3 +9,4 @@ mod control;
 mod notify;
 mod plan;
 mod runtime;
+mod watch;

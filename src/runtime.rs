@@ -262,6 +262,11 @@ impl Runtime {
         self.inner.supervisor.config()
     }
 
+    /// Where mesh's own lines go (`mesh | …`).
+    pub(crate) fn logs(&self) -> &LogSink {
+        &self.inner.logs
+    }
+
     /// The mesh's metrics.
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.sidecars.metrics
