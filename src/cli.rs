@@ -1,5 +1,7 @@
 //! The command line: parse, dispatch, exit codes (SPEC §4).
 
+mod detach;
+mod exec;
 mod logs;
 
 use std::collections::BTreeMap;
@@ -45,19 +47,25 @@ enum Format {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start services (with their dependencies) in the foreground.
+    /// Start services (with their dependencies) in the foreground, or in the background
+    /// with -d or --wait.
     Up {
         #[command(flatten)]
         file: FileArg,
-        /// Detach (not supported yet).
+        /// Run in the background (output in state_dir/mesh.out); return once the mesh
+        /// answers.
         #[arg(short = 'd', long)]
         detach: bool,
-        /// Return once every service is ready (not supported yet).
+        /// Run in the background and return once every service started is ready; exit 1
+        /// when one fails or the time is up.
         #[arg(long)]
         wait: bool,
-        /// How long --wait waits (not supported yet).
-        #[arg(long, value_name = "D")]
-        wait_timeout: Option<String>,
+        /// How long --wait waits (a duration such as `90s`; default 60s).
+        #[arg(long, value_name = "D", requires = "wait", value_parser = humantime::parse_duration)]
+        wait_timeout: Option<std::time::Duration>,
+        /// The background half of `up -d`: a session of its own, output file restarted.
+        #[arg(long, hide = true)]
+        detached: bool,
         /// Services to start; default all.
         services: Vec<String>,
     },
@@ -116,7 +124,9 @@ enum Command {
     },
     /// Past and live lines of services, from the log files (whether or not a mesh runs).
     Logs(logs::LogsArgs),
-    /// Not supported yet: the commands that talk to a running mesh.
+    /// Run CMD with SERVICE's environment and working directory, against the running mesh.
+    Exec(exec::ExecArgs),
+    /// Not supported yet (`run`), or not a command.
     #[command(external_subcommand)]
     Other(Vec<String>),
 }
@@ -149,11 +159,12 @@ pub fn main() -> ExitCode {
             detach,
             wait,
             wait_timeout,
+            detached,
             services,
         } => {
-            if detach || wait || wait_timeout.is_some() {
-                eprintln!("mesh: `up -d`, `--wait` and `--wait-timeout` are not supported yet");
-                return ExitCode::from(2);
+            if detached {
+                // Before anything else, so that the terminal's signals stop reaching it.
+                detach::enter_session();
             }
             let config = match load(&file, &env) {
                 Ok(c) => c,
@@ -165,8 +176,17 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
+            if detach || wait {
+                let until = if wait {
+                    detach::Until::Ready
+                } else {
+                    detach::Until::Running
+                };
+                let limit = wait_timeout.unwrap_or(detach::DEFAULT_WAIT_TIMEOUT);
+                return detach::up(&config, &services, cli.log_format, until, limit);
+            }
             let only = (!services.is_empty()).then_some(services);
-            up(config, env, only, cli.log_format)
+            up(config, env, only, cli.log_format, detached)
         }
         Command::Ps { file, json } => match control_call(&file, &env, "ps") {
             Ok(data) => {
@@ -211,13 +231,14 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Logs(args) => logs::run(args, &env, cli.log_format),
+        Command::Exec(args) => exec::run(args, &env),
         Command::Start { file, services } => service_command(&file, &env, "start", &services),
         Command::Stop { file, services } => service_command(&file, &env, "stop", &services),
         Command::Restart { file, services } => service_command(&file, &env, "restart", &services),
         Command::Reload { file } => reload_command(&file, &env),
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
-            const LATER: &[&str] = &["start", "stop", "restart", "reload", "exec", "run"];
+            const LATER: &[&str] = &["run"];
             if LATER.contains(&name) {
                 eprintln!("mesh: `{name}` is not supported yet");
             } else {
@@ -467,12 +488,13 @@ fn ps_table(data: &serde_json::Value) -> String {
     out
 }
 
-/// `mesh up` in the foreground.
+/// `mesh up` in the foreground (or as the background half of `mesh up -d`, `detached`).
 fn up(
     config: Config,
     env: BTreeMap<String, String>,
     only: Option<Vec<String>>,
     format: Format,
+    detached: bool,
 ) -> ExitCode {
     let state = match StateDir::acquire(&config.mesh.state_dir) {
         Ok(s) => s,
@@ -485,6 +507,9 @@ fn up(
             return ExitCode::from(1);
         }
     };
+    if detached {
+        detach::start_output(state.path());
+    }
     let logs = LogSink::new(LogOptions {
         format: match format {
             Format::Text => LogFormat::Text,
@@ -556,8 +581,9 @@ async fn run_up(
         },
         None => None,
     };
-    let control = match control::bind(state.path()) {
-        Ok(listener) => listener,
+    // `socket_file` removes the socket file on every way out of this function.
+    let (control, socket_file) = match control::bind(state.path()) {
+        Ok(bound) => bound,
         Err(e) => {
             let path = control::socket_path(state.path());
             // Unix socket paths are limited to 107 bytes (sun_path).
@@ -669,7 +695,7 @@ async fn run_up(
     };
     mesh.shutdown(force).await;
     servers.abort_all();
-    let _ = std::fs::remove_file(control::socket_path(state.path()));
+    drop(socket_file);
     logs.mesh_line("stopped");
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         return ExitCode::from(EXIT_FORCED);
