@@ -187,9 +187,15 @@ async fn a_paused_reader_gets_everything_with_bounded_memory_and_slows_no_other_
     let mesh = p.up(&[]);
     let addr = ingress(&mesh, "api");
     wait_serving(&addr);
-    // Warm up the path (connections, buffers) before the baseline.
+    // Warm up the path (connections, buffers, the allocator's pools) with the same
+    // work as below, read at full speed, before the baseline.
     let mut send = h2c(&addr).await;
-    read_all(stream(&mut send, &addr, 20_000).await, "warm-up").await;
+    let mut other = send.clone();
+    let (a, b) = tokio::join!(
+        stream(&mut other, &addr, FRAMES),
+        stream(&mut send, &addr, 50_000)
+    );
+    tokio::join!(read_all(a, "warm-up"), read_all(b, "warm-up"));
     let before = rss_bytes(mesh.pid());
 
     let paused = stream(&mut send, &addr, FRAMES).await;
