@@ -40,6 +40,7 @@ use mesh_supervisor::supervisor::Statuses;
 use tokio::sync::mpsc;
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::runtime::Runtime;
 
@@ -394,9 +395,12 @@ impl Watch {
                     .logs()
                     .mesh_line(&format!("{name} changed: reloading"));
                 // The reload logs what it does and why it refuses.
-                self.jobs.spawn(async move {
-                    runtime.reload().await;
-                })
+                self.jobs.spawn(
+                    async move {
+                        runtime.reload().await;
+                    }
+                    .instrument(tracing::info_span!("watch_reload")),
+                )
             }
             Key::Service(service) => {
                 if !self.restartable(service) {
@@ -406,11 +410,15 @@ impl Watch {
                     "{service}: files changed ({}): restarting",
                     name_paths(&pending.paths)
                 ));
+                let span = tracing::info_span!("watch_restart", service = %service);
                 let service = service.clone();
                 // A replacement that fails is logged by the supervisor, with why.
-                self.jobs.spawn(async move {
-                    let _ = runtime.service_command("restart", &service).await;
-                })
+                self.jobs.spawn(
+                    async move {
+                        let _ = runtime.service_command("restart", &service).await;
+                    }
+                    .instrument(span),
+                )
             }
         };
         if let Some(slot) = self.slots.get_mut(&key) {
