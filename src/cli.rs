@@ -3,6 +3,7 @@
 mod detach;
 mod exec;
 mod logs;
+mod ready;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -197,6 +198,15 @@ pub fn main() -> ExitCode {
                     }
                 } else {
                     print!("{}", ps_table(&data));
+                    // On a terminal, where to go, as the ready line says it.
+                    if std::io::stdout().is_terminal() {
+                        if let Ok(urls) = control_call(&file, &env, "urls") {
+                            let urls = urls["urls"].as_str().unwrap_or_default();
+                            if !urls.is_empty() {
+                                println!("{urls}");
+                            }
+                        }
+                    }
                 }
                 ExitCode::SUCCESS
             }
@@ -599,6 +609,7 @@ async fn run_up(
             return ExitCode::from(1);
         }
     };
+    let started = tokio::time::Instant::now();
     let mesh = match Runtime::start(config, base_env, only, logs.clone()).await {
         Ok(m) => m,
         Err(e) => {
@@ -608,6 +619,8 @@ async fn run_up(
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let mut servers = tokio::task::JoinSet::new();
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let last_ready = ready::LastReady::default();
     if let Some(listener) = admin {
         if let Ok(addr) = listener.local_addr() {
             logs.mesh_line(&format!("admin on http://{addr}"));
@@ -628,6 +641,8 @@ async fn run_up(
         control,
         Arc::new(Answers {
             runtime: mesh.clone(),
+            admin: admin_addr,
+            last_ready: Arc::clone(&last_ready),
             status: mesh.status(),
             metrics: mesh.metrics().clone(),
             certs: Box::new(mesh.certs_reporter()),
@@ -648,6 +663,13 @@ async fn run_up(
     logs.mesh_line(&format!(
         "mesh `{name}` starting (pid {})",
         std::process::id()
+    ));
+    servers.spawn(ready::announce(
+        mesh.clone(),
+        admin_addr,
+        started,
+        logs.clone(),
+        Arc::clone(&last_ready),
     ));
 
     let reason = loop {
@@ -752,6 +774,9 @@ async fn reload(mesh: &Runtime, systemd: bool) -> crate::runtime::ReloadOutcome 
 /// The control socket's reading commands.
 struct Answers {
     runtime: Runtime,
+    /// The admin server's address, for the dashboard's URL.
+    admin: Option<std::net::SocketAddr>,
+    last_ready: ready::LastReady,
     status: tokio::sync::watch::Receiver<mesh_supervisor::supervisor::Statuses>,
     metrics: mesh_proxy::metrics::Metrics,
     certs: Box<dyn Fn() -> Option<crate::runtime::CertsReport> + Send + Sync>,
@@ -760,6 +785,10 @@ struct Answers {
 impl control::Answer for Answers {
     fn answer(&self, cmd: &str, args: &serde_json::Value) -> Result<serde_json::Value, String> {
         match cmd {
+            "urls" => Ok(serde_json::json!({
+                "urls": ready::urls(&self.runtime, self.admin),
+                "ready_line": *self.last_ready.lock(),
+            })),
             "env" => {
                 let service = args["service"]
                     .as_str()

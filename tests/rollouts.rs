@@ -284,3 +284,108 @@ env = {{ VERSION = "1" }}
     assert!(env.split(|b| *b == 0).any(|v| v == b"VERSION=1"));
     stop(mesh, &now);
 }
+
+#[test]
+fn the_ready_line_says_where_to_go_and_comes_again_after_a_crash() {
+    let p = Project::new(&format!(
+        r#"
+[services.web]
+command = [{app:?}]
+expose = "127.0.0.1:0"
+env = {{ TEST_APP_LOG = "1" }}
+health = {{ http = "/healthz", interval = "100ms" }}
+
+[services.raw]
+command = [{app:?}]
+protocol = "tcp"
+expose = "127.0.0.1:0"
+
+[services.ua]
+command = ["python3", "-u", "ua.py"]
+health = {{ http = "/healthz", interval = "100ms" }}
+"#,
+        app = test_app()
+    ));
+    // Records the user-agent of every request it gets.
+    p.write(
+        "ua.py",
+        r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with open("agents.txt", "a") as f:
+            f.write(self.headers.get("User-Agent", "") + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, fmt, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#,
+    );
+    let mesh = p.up(&[]);
+    let web = ingress(&mesh, "web");
+    let raw = ingress(&mesh, "raw");
+    let admin = admin(&mesh);
+    let line = mesh.wait_line("mesh | ready in ", T);
+    assert!(line.contains("s: 3 services, 3 replicas"), "{line}");
+    assert!(line.contains(&format!("web http://{web}")), "{line}");
+    assert!(
+        line.contains(&format!("raw {raw}")) && !line.contains(&format!("http://{raw}")),
+        "{line}"
+    );
+    assert!(
+        line.ends_with(&format!("dashboard http://{admin}/")),
+        "{line}"
+    );
+
+    // Health checks say who they are, and the app does not log them; a real request is
+    // logged.
+    let agents = p.read("agents.txt");
+    let want = format!("mesh-health/{}", env!("CARGO_PKG_VERSION"));
+    assert!(agents.lines().any(|a| a == want), "{agents}");
+    eventually("more health checks of web", T, || {
+        (p.read("agents.txt").lines().count() >= 5).then_some(())
+    });
+    assert_eq!(get(&web, "/whoami").expect("answer").status, 200);
+    mesh.wait_line("web.0 | test-app web.0 GET /whoami", T);
+    assert!(
+        !mesh.output().iter().any(|l| l.contains("/healthz")),
+        "health checks were logged"
+    );
+
+    // A crash makes the mesh not ready; once it is ready again, it says so.
+    let pid = pids_of(&mesh, test_app(), "web", 0)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    let again = mesh.wait_line("mesh | ready again: 3 services, 3 replicas", T);
+    assert!(again.contains(&format!("web http://{web}")), "{again}");
+
+    // `mesh ps` in a terminal ends with the same URLs.
+    let out = std::process::Command::new("script")
+        .arg("-qec")
+        .arg(format!(
+            "{} ps -f {}",
+            mesh_bin(),
+            p.file("mesh.toml").display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.contains(&format!("web http://{web}"))
+            && last.contains(&format!("dashboard http://{admin}/")),
+        "{text}"
+    );
+    let mut all = pids(&mesh, "web", 1);
+    all.extend(pids(&mesh, "raw", 1));
+    all.extend(pids_of(&mesh, "ua.py", "ua", 0));
+    stop(mesh, &all);
+}

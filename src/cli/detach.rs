@@ -133,7 +133,25 @@ pub(super) fn up(
     loop {
         match progress(&rows) {
             Progress::Ready(ready) => {
-                println!("{}", ready_line(&ready, started.elapsed()));
+                // The mesh's own ready line (time, exposed URLs, dashboard), as `mesh up`
+                // prints it; it follows the status by a moment.
+                let said = Instant::now() + Duration::from_secs(2);
+                let mut pause = Pause::new();
+                let line = loop {
+                    let asked =
+                        control::call_within(state_dir, "urls", serde_json::Value::Null, PS_LIMIT);
+                    if let Some(line) = asked
+                        .ok()
+                        .and_then(|d| d["ready_line"].as_str().map(str::to_string))
+                    {
+                        break format!("mesh | {line}");
+                    }
+                    if Instant::now() >= said {
+                        break ready_line(&ready, started.elapsed());
+                    }
+                    pause.wait();
+                };
+                println!("{line}");
                 return ExitCode::SUCCESS;
             }
             Progress::Failed(failed) => {
