@@ -243,7 +243,7 @@ fn dashboard(state: &AdminState) -> String {
          table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
          .ready{{color:#080}}.unready{{color:#b00}}</style></head><body><h1>mesh {name}</h1>\
          <h2>Replicas</h2><table><tr><th>service</th><th>replica</th><th>state</th><th>health</th>\
-         <th>pid</th><th>restarts</th><th>port</th><th>uptime</th></tr>"
+         <th>pid</th><th>restarts</th><th>port</th><th>uptime</th><th>why not ready</th><th>last rollout</th></tr>"
     );
     for r in state.status.borrow().values() {
         let uptime = r
@@ -252,7 +252,7 @@ fn dashboard(state: &AdminState) -> String {
             .unwrap_or_default();
         let _ = write!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"unready\">{}</td><td class=\"unready\">{}</td></tr>",
             escape(&r.service),
             r.replica,
             r.state,
@@ -262,6 +262,13 @@ fn dashboard(state: &AdminState) -> String {
             r.restarts,
             r.port.map(|p| p.to_string()).unwrap_or_default(),
             uptime,
+            escape(r.reason.as_deref().unwrap_or_default()),
+            escape(
+                &r.rollout_failed
+                    .as_deref()
+                    .map(|line| format!("failed: {line}"))
+                    .unwrap_or_default()
+            ),
         );
     }
     page.push_str(

@@ -77,6 +77,12 @@ health = {{ exec = ["sh", "-c", "echo starting >&2; echo 'db not reachable' >&2;
         .unwrap_or_default()
         .to_string();
     assert!(reason.contains("connection refused"), "{reason}");
+    // The dashboard shows it too.
+    let page = get(&admin(&mesh), "/").expect("dashboard").body;
+    assert!(
+        page.contains("exec check exited 1: db not reachable"),
+        "{page}"
+    );
     // Not stopped for it, and said once.
     assert_eq!(row(&p, "http", 0)["state"], "starting");
     assert_eq!(mesh.count("http.0 is not ready after"), 1);
