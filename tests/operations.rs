@@ -590,3 +590,51 @@ upstreams = ["api"]
     all.extend(pids(&mesh, "extra", 1));
     stop(mesh, &all);
 }
+
+#[test]
+fn a_watched_change_replaces_without_a_failed_request() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+replicas = 2
+expose = "127.0.0.1:0"
+watch = ["*.txt"]
+
+[services.solo]
+command = [{app:?}]
+expose = "127.0.0.1:0"
+watch = ["*.txt"]
+"#,
+        app = test_app()
+    ));
+    p.write("version.txt", "1");
+    let mesh = p.up(&[]);
+    let api = ingress(&mesh, "api");
+    let solo = ingress(&mesh, "solo");
+    serving(&api);
+    serving(&solo);
+    let before: Vec<i32> = pids(&mesh, "api", 2)
+        .into_iter()
+        .chain(pids(&mesh, "solo", 1))
+        .collect();
+    let a = Traffic::start(&api, "/whoami");
+    let s = Traffic::start(&solo, "/whoami");
+    flowing(&a, 20);
+    flowing(&s, 20);
+    p.write("version.txt", "2");
+    mesh.wait_line("api.1 replaced", T);
+    mesh.wait_line("solo.0 replaced", T);
+    flowing(&a, 20);
+    flowing(&s, 20);
+    let (a_ok, a_failed, a_errors) = a.finish();
+    let (s_ok, s_failed, s_errors) = s.finish();
+    assert_eq!(a_failed, 0, "api: {a_ok} ok, failures: {a_errors:?}");
+    assert_eq!(s_failed, 0, "solo: {s_ok} ok, failures: {s_errors:?}");
+    assert_gone(&before, T);
+    let after: Vec<i32> = pids(&mesh, "api", 2)
+        .into_iter()
+        .chain(pids(&mesh, "solo", 1))
+        .collect();
+    stop(mesh, &after);
+}
