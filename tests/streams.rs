@@ -29,6 +29,10 @@ const STREAM_WINDOW: u64 = 2 * 1024 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The two tests run one after the other: the memory figure is about one paused stream,
+/// not about a machine busy with four others at full speed.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `api` (http) and `rpc` (grpc), both the test app and both exposed, and a caller that
 /// has both as upstreams and prints their URLs.
 fn project() -> Project {
@@ -149,6 +153,7 @@ fn stop(mut mesh: MeshProc, pids: &[i32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_tiny_writes_pass_whole_via_ingress_and_outbound_over_h2c_and_grpc() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let p = project();
     let mesh = p.up(&[]);
     let paths = [
@@ -183,6 +188,7 @@ async fn streams_of_tiny_writes_pass_whole_via_ingress_and_outbound_over_h2c_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_reader_gets_everything_with_bounded_memory_and_slows_no_other_stream() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let p = project();
     let mesh = p.up(&[]);
     let addr = ingress(&mesh, "api");

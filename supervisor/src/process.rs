@@ -92,6 +92,12 @@ pub fn set_shim(path: PathBuf) {
 fn shim_path() -> io::Result<PathBuf> {
     match SHIM.get() {
         Some(p) => Ok(p.clone()),
+        // The running executable itself, even if its file was replaced or removed since
+        // mesh started (a package upgrade, a rebuild): a shim of another version, or
+        // none at all, must never be what a restart runs.
+        None if std::path::Path::new("/proc/self/exe").exists() => {
+            Ok(PathBuf::from("/proc/self/exe"))
+        }
         None => std::env::current_exe(),
     }
 }
