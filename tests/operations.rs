@@ -437,6 +437,15 @@ fn a_replicas_change_touches_only_the_highest_indices() {
     assert_eq!(pids(&mesh, "api", 2), [first, second].concat());
     let rows = ps(&p);
     assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
+    // `mesh certs` lists only the leaves in use.
+    let (code, certs, err) = p.run(&["certs"]);
+    assert_eq!(code, 0, "{err}");
+    let replicas: Vec<&str> = certs
+        .lines()
+        .filter(|l| l.starts_with("api "))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(replicas, ["0", "1"], "{certs}");
     let all = pids(&mesh, "api", 2);
     stop(mesh, &all);
 }

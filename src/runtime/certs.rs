@@ -197,6 +197,14 @@ impl Certs {
         }
     }
 
+    /// Forget the leaf of `service.replica` (a reload removed the replica): `mesh certs`
+    /// lists only what is in use.
+    pub(super) fn forget(&self, service: &str, replica: u32) {
+        self.issued
+            .lock()
+            .retain(|i| !(i.service == service && i.replica == Some(replica)));
+    }
+
     /// Stop renewing.
     pub(super) fn stop(&self) {
         self.renewals.cancel();

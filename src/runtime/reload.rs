@@ -370,6 +370,11 @@ async fn stop_replicas(rt: &Runtime, service: &str, indices: std::ops::Range<u32
         .supervisor
         .remove_replicas(service, indices.clone())
         .await;
+    if let Some(certs) = &rt.inner.certs {
+        for i in indices.clone() {
+            certs.forget(service, i);
+        }
+    }
     let servers: Vec<Server> = {
         let mut wiring = rt.inner.sidecars.wiring.lock();
         indices
