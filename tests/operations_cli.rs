@@ -115,6 +115,35 @@ fn exec_runs_a_command_with_the_environment_and_directory_of_replica_0() {
     });
     assert_eq!(status.code(), Some(5), "{status:?}");
 
+    // SIGTERM to `mesh exec` alone reaches CMD, whose answer is the exit code.
+    let mut cmd = Command::new(mesh_bin());
+    cmd.arg("exec")
+        .arg("-f")
+        .arg(p.file("mesh.toml"))
+        .args(["web", "--", "sh", "-c"])
+        .arg("trap 'exit 6' TERM; echo waiting; while :; do sleep 0.05; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut exec = cmd.spawn().expect("spawn mesh exec");
+    let mut stdout = BufReader::new(exec.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("read");
+    assert_eq!(first.trim(), "waiting");
+    // Once `mesh exec` holds SIGTERM for CMD (its mask is set just after CMD starts).
+    let status_file = format!("/proc/{}/status", exec.id());
+    eventually("mesh exec to block SIGTERM", T, || {
+        let status = std::fs::read_to_string(&status_file).ok()?;
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+        let mask = u64::from_str_radix(mask.trim(), 16).ok()?;
+        (mask & (1 << (15 - 1)) != 0).then_some(())
+    });
+    kill(Pid::from_raw(exec.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = eventually("mesh exec to exit after SIGTERM", T, || {
+        exec.try_wait().expect("try_wait")
+    });
+    assert_eq!(status.code(), Some(6), "{status:?}");
+
     // A service the mesh does not have.
     let out = mesh_cmd(&p, &["exec", "nope", "--", "true"]);
     assert_eq!(out.code, 1, "{out:?}");

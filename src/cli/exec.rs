@@ -89,12 +89,26 @@ pub(super) fn run(args: ExecArgs, env: &BTreeMap<String, String>) -> ExitCode {
             return ExitCode::from(spawn_error_code(&e));
         }
     };
-    // Blocked after the spawn, so that CMD does not inherit the mask.
+    // Blocked after the spawn, so that CMD does not inherit the mask. SIGINT and SIGQUIT,
+    // which reach CMD from the terminal itself, are waited out; SIGTERM and SIGHUP sent
+    // to `mesh exec` alone (`timeout`, a supervisor) are passed on to CMD, which decides;
+    // `mesh exec` then reports what CMD did.
     let mut terminal = SigSet::empty();
     terminal.add(Signal::SIGINT);
     terminal.add(Signal::SIGQUIT);
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&terminal), None) {
         tracing::warn!(error = %e, "cannot block SIGINT while CMD runs");
+    }
+    let mut forwarded = SigSet::empty();
+    forwarded.add(Signal::SIGTERM);
+    forwarded.add(Signal::SIGHUP);
+    if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded), None).is_ok() {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+        std::thread::spawn(move || {
+            while let Ok(signal) = forwarded.wait() {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+        });
     }
     match child.wait() {
         Ok(status) => ExitCode::from(exit_code(status)),
