@@ -40,6 +40,18 @@ env_file = "web.env"
     p
 }
 
+/// Wait until process `pid` blocks `signal` (its main thread's `SigBlk`).
+fn blocks(pid: u32, signal: Signal) {
+    let status_file = format!("/proc/{pid}/status");
+    let bit = 1u64 << (signal as i32 - 1);
+    eventually(&format!("pid {pid} to block {signal}"), T, || {
+        let status = std::fs::read_to_string(&status_file).ok()?;
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+        let mask = u64::from_str_radix(mask.trim(), 16).ok()?;
+        (mask & bit != 0).then_some(())
+    });
+}
+
 /// The value after `key=` in a line of words.
 fn word(line: &str, key: &str) -> String {
     field_of(line, key)
@@ -108,6 +120,8 @@ fn exec_runs_a_command_with_the_environment_and_directory_of_replica_0() {
     let mut first = String::new();
     stdout.read_line(&mut first).expect("read");
     assert_eq!(first.trim(), "waiting");
+    // Once `mesh exec` holds SIGINT (its mask is set just after CMD starts).
+    blocks(exec.id(), Signal::SIGINT);
     let group = Pid::from_raw(exec.id() as i32);
     killpg(group, Signal::SIGINT).expect("SIGINT to the group");
     let status = eventually("mesh exec to exit", T, || {
@@ -131,13 +145,7 @@ fn exec_runs_a_command_with_the_environment_and_directory_of_replica_0() {
     stdout.read_line(&mut first).expect("read");
     assert_eq!(first.trim(), "waiting");
     // Once `mesh exec` holds SIGTERM for CMD (its mask is set just after CMD starts).
-    let status_file = format!("/proc/{}/status", exec.id());
-    eventually("mesh exec to block SIGTERM", T, || {
-        let status = std::fs::read_to_string(&status_file).ok()?;
-        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
-        let mask = u64::from_str_radix(mask.trim(), 16).ok()?;
-        (mask & (1 << (15 - 1)) != 0).then_some(())
-    });
+    blocks(exec.id(), Signal::SIGTERM);
     kill(Pid::from_raw(exec.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let status = eventually("mesh exec to exit after SIGTERM", T, || {
         exec.try_wait().expect("try_wait")
