@@ -4,6 +4,7 @@ mod detach;
 mod exec;
 mod logs;
 mod ready;
+mod run;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -118,6 +119,9 @@ enum Command {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Start the mesh isolated, wait until it is ready, run CMD with `<SERVICE>_URL` and
+    /// `<SERVICE>_ADDR` in its environment, tear the mesh down; exit with CMD's code.
+    Run(run::RunArgs),
     /// Re-read mesh.toml now and apply the difference.
     Reload {
         #[command(flatten)]
@@ -246,14 +250,10 @@ pub fn main() -> ExitCode {
         Command::Stop { file, services } => service_command(&file, &env, "stop", &services),
         Command::Restart { file, services } => service_command(&file, &env, "restart", &services),
         Command::Reload { file } => reload_command(&file, &env),
+        Command::Run(args) => run::run(args, &env),
         Command::Other(args) => {
             let name = args.first().map(String::as_str).unwrap_or("");
-            const LATER: &[&str] = &["run"];
-            if LATER.contains(&name) {
-                eprintln!("mesh: `{name}` is not supported yet");
-            } else {
-                eprintln!("mesh: unknown command `{name}` (see `mesh --help`)");
-            }
+            eprintln!("mesh: unknown command `{name}` (see `mesh --help`)");
             ExitCode::from(2)
         }
     }

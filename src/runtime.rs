@@ -44,6 +44,30 @@ pub(crate) use reload::ReloadOutcome;
 /// The identity name of ingress listeners (SPEC §1).
 const INGRESS: &str = "ingress";
 
+/// Isolate `config` for `mesh run` and the fixture (SPEC §7): every `expose` and the
+/// admin server on ephemeral loopback ports, fixed app ports assigned instead, and
+/// `state_dir` the private directory given; so that several meshes of one file run side
+/// by side.
+pub(crate) fn isolate(config: &mut Config, state_dir: std::path::PathBuf) {
+    let ephemeral = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    config.mesh.state_dir = state_dir;
+    if config.mesh.admin.is_some() {
+        config.mesh.admin = Some(ephemeral);
+    }
+    for svc in config.services.values_mut() {
+        if svc.expose.is_some() {
+            svc.expose = Some(ephemeral);
+        }
+        if matches!(svc.port, config::PortSpec::Fixed(_)) {
+            svc.port = config::PortSpec::Assigned;
+        }
+    }
+}
+
+/// The identity name of the test ingresses of `mesh run` and the fixture (SPEC §1, §7),
+/// which every inbound admits.
+const TEST: &str = "test";
+
 /// What `mesh up` prints on stderr when `tls = "off"`.
 const TLS_OFF_WARNING: &str = "mesh: WARNING: tls = \"off\": traffic between sidecars is \
     plain text, unauthenticated, and authorization (`upstreams`, `allow`) is NOT enforced; \
@@ -100,6 +124,8 @@ struct Wiring {
     outbounds: BTreeMap<(String, String), Outbound>,
     /// Ingresses by service.
     ingresses: BTreeMap<String, Outbound>,
+    /// Test ingresses by service (`mesh run`, the fixture).
+    test_ingresses: BTreeMap<String, Outbound>,
     /// The client identities of callers (services with upstreams, and `ingress`).
     callers_tls: BTreeMap<String, proxy::tls::ClientTls>,
 }
@@ -143,6 +169,19 @@ impl Runtime {
         only: Option<Vec<String>>,
         logs: LogSink,
     ) -> anyhow::Result<Runtime> {
+        Self::start_with(config, base_env, only, logs, false).await
+    }
+
+    /// [`Runtime::start`]; with `test_ingresses` (`mesh run`, the fixture) every service
+    /// also gets an ingress on an ephemeral port presenting `spiffe://<name>/test`, which
+    /// every inbound admits ([`Runtime::test_addrs`]).
+    pub(crate) async fn start_with(
+        config: Config,
+        base_env: BTreeMap<String, String>,
+        only: Option<Vec<String>>,
+        logs: LogSink,
+        test_ingresses: bool,
+    ) -> anyhow::Result<Runtime> {
         let services = supervisor::selected(&config, only.as_deref());
         let ports = supervisor::allocate_ports(&config, &services)
             .context("cannot allocate application ports")?;
@@ -166,6 +205,7 @@ impl Runtime {
             config: &config,
             sidecars: &sidecars,
             certs: certs.as_deref(),
+            test: test_ingresses,
         };
         wire.callers(&services)?;
         wire.policies();
@@ -184,6 +224,9 @@ impl Runtime {
         for service in &services {
             if config.services[service].expose.is_some() {
                 wire.ingress(service).await?;
+            }
+            if test_ingresses {
+                wire.test_ingress(service).await?;
             }
         }
 
@@ -247,6 +290,12 @@ impl Runtime {
         })
     }
 
+    /// Wait until every started service is ready; the first replica that is `failed`,
+    /// `exited` or `blocked` instead.
+    pub(crate) async fn ready(&self) -> Result<(), String> {
+        self.inner.supervisor.ready().await
+    }
+
     /// Wait until no replica is active any more.
     pub(crate) async fn finished(&self) -> Outcome {
         self.inner.supervisor.finished().await
@@ -279,6 +328,19 @@ impl Runtime {
             .wiring
             .lock()
             .ingresses
+            .iter()
+            .map(|(s, o)| (s.clone(), o.addr))
+            .collect()
+    }
+
+    /// The address of each service's test ingress (`mesh run`, the fixture): empty unless
+    /// started with them.
+    pub(crate) fn test_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.inner
+            .sidecars
+            .wiring
+            .lock()
+            .test_ingresses
             .iter()
             .map(|(s, o)| (s.clone(), o.addr))
             .collect()
@@ -337,8 +399,15 @@ impl Runtime {
     /// stop, outbounds close.
     pub(crate) async fn shutdown(self, force: impl Future<Output = ()>) {
         let sidecars = &self.inner.sidecars;
-        let ingresses = std::mem::take(&mut sidecars.wiring.lock().ingresses);
-        for ingress in ingresses.values() {
+        let ingresses: Vec<Outbound> = {
+            let mut wiring = sidecars.wiring.lock();
+            let mut all: Vec<Outbound> = std::mem::take(&mut wiring.ingresses)
+                .into_values()
+                .collect();
+            all.extend(std::mem::take(&mut wiring.test_ingresses).into_values());
+            all
+        };
+        for ingress in &ingresses {
             ingress.server.stop.cancel();
         }
         self.inner
@@ -347,7 +416,7 @@ impl Runtime {
             .shutdown(force, &**sidecars)
             .await;
         // Whatever is left (servers of services not selected, ingress tails).
-        let mut rest: Vec<Server> = ingresses.into_values().map(|o| o.server).collect();
+        let mut rest: Vec<Server> = ingresses.into_iter().map(|o| o.server).collect();
         {
             let mut wiring = sidecars.wiring.lock();
             rest.extend(
@@ -438,6 +507,8 @@ struct Wire<'a> {
     config: &'a Config,
     sidecars: &'a Sidecars,
     certs: Option<&'a certs::Certs>,
+    /// Test ingresses for every service, admitted by every inbound.
+    test: bool,
 }
 
 impl Wire<'_> {
@@ -458,6 +529,9 @@ impl Wire<'_> {
         {
             wanted.push(INGRESS);
         }
+        if self.test {
+            wanted.push(TEST);
+        }
         for caller in wanted {
             if self.sidecars.wiring.lock().callers_tls.contains_key(caller) {
                 continue;
@@ -475,7 +549,12 @@ impl Wire<'_> {
     /// Set every service's admitted callers and rate limit to this configuration's
     /// (creating the live values of new services).
     fn policies(&self) {
-        let admitted = certs::admitted(self.config);
+        let mut admitted = certs::admitted(self.config);
+        if self.test {
+            for callers in admitted.values_mut() {
+                callers.insert(TEST.to_string());
+            }
+        }
         let mut wiring = self.sidecars.wiring.lock();
         for (service, callers) in admitted {
             match wiring.admitted.get(&service) {
@@ -591,6 +670,24 @@ impl Wire<'_> {
         let addr = listener.local_addr()?;
         let (server, setup) = self.serve_outbound(listener, INGRESS, service, true);
         self.sidecars.wiring.lock().ingresses.insert(
+            service.to_string(),
+            Outbound {
+                server,
+                addr,
+                setup,
+            },
+        );
+        Ok(addr)
+    }
+
+    /// Bind and start the test ingress of `service` on an ephemeral loopback port.
+    async fn test_ingress(&self, service: &str) -> anyhow::Result<SocketAddr> {
+        let listener = bind_loopback()
+            .await
+            .with_context(|| format!("cannot bind the test ingress of `{service}`"))?;
+        let addr = listener.local_addr()?;
+        let (server, setup) = self.serve_outbound(listener, TEST, service, true);
+        self.sidecars.wiring.lock().test_ingresses.insert(
             service.to_string(),
             Outbound {
                 server,

@@ -120,10 +120,12 @@ async fn apply(
         .cloned()
         .collect();
 
+    let test = !sidecars.wiring.lock().test_ingresses.is_empty();
     let wire = Wire {
         config: &new,
         sidecars,
         certs: rt.inner.certs.as_deref(),
+        test,
     };
     let say = |line: String, failures: &mut Vec<String>| {
         logs.mesh_line(&line);
