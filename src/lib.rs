@@ -6,7 +6,10 @@
 mod admin;
 pub mod cli;
 mod control;
+mod fixture;
 mod notify;
 mod plan;
 mod runtime;
 mod watch;
+
+pub use fixture::{DEFAULT_STARTUP_TIMEOUT, Error, Mesh, MeshBuilder, Replica, Service};
