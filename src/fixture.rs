@@ -168,15 +168,18 @@ impl Mesh {
     /// A mesh of the `mesh.toml` at `path`. Relative paths in it are resolved against
     /// its directory, as `mesh up` does.
     pub fn from_file(path: impl AsRef<Path>) -> Result<MeshBuilder, Error> {
-        let env = base_env();
-        let config = config::load(path.as_ref(), &env).map_err(|e| Error::Config(e.to_string()))?;
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let env = base_env(&text);
+        let config = config::parse(&text, path, &env).map_err(|e| Error::Config(e.to_string()))?;
         Ok(MeshBuilder::new(config, env))
     }
 
     /// A mesh of `toml`, whose relative paths (`working_dir`, `env_file`, …) are resolved
     /// against `base_dir`.
     pub fn from_toml(toml: &str, base_dir: impl AsRef<Path>) -> Result<MeshBuilder, Error> {
-        let env = base_env();
+        let env = base_env(toml);
         let path = base_dir.as_ref().join(config::FILE_NAME);
         let config = config::parse(toml, &path, &env).map_err(|e| Error::Config(e.to_string()))?;
         Ok(MeshBuilder::new(config, env))
@@ -620,16 +623,24 @@ fn private_state_dir(config: &Config) -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
-/// The environment the applications start from: the test process's, minus what only
-/// the `mesh` binary may read (systemd's variables, mesh's own overrides).
-fn base_env() -> BTreeMap<String, String> {
-    std::env::vars()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "MESH_STATE_DIR" | "STATE_DIRECTORY" | "NOTIFY_SOCKET" | "TOKIO_WORKER_THREADS"
-            ) && !k.starts_with("WATCHDOG_")
-                && !k.starts_with("LISTEN_")
-        })
+/// The environment the applications start from: of the test process's environment only
+/// what the configuration names (`${NAME}` anywhere in it), and `PATH`, so that commands
+/// are found as in a shell. Nothing else of the test process leaks into the mesh.
+fn base_env(text: &str) -> BTreeMap<String, String> {
+    let mut wanted: std::collections::BTreeSet<String> = ["PATH".to_string()].into();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        rest = &rest[at + 2..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            wanted.insert(name);
+        }
+    }
+    wanted
+        .into_iter()
+        .filter_map(|name| std::env::var(&name).ok().map(|value| (name, value)))
         .collect()
 }

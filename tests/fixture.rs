@@ -212,3 +212,31 @@ fn a_panicking_test_leaves_nothing_behind() {
     assert_eq!(pids.len(), 3, "{pids:?}");
     assert_gone(&pids, T);
 }
+
+#[test]
+fn the_apps_get_only_what_the_config_names_of_the_test_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+version = 1
+[services.api]
+command = ["sh", "-c", "env > env.txt; exec {app}"]
+env = {{ FROM_TEST = "${{CARGO_MANIFEST_DIR}}" }}
+"#,
+        app = test_app()
+    );
+    let mesh = Mesh::from_toml(&toml, dir.path())
+        .expect("valid")
+        .start_blocking()
+        .expect("ready");
+    let env = std::fs::read_to_string(dir.path().join("env.txt")).expect("env.txt");
+    assert!(
+        env.lines()
+            .any(|l| l == format!("FROM_TEST={}", env!("CARGO_MANIFEST_DIR"))),
+        "{env}"
+    );
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    // cargo sets CARGO_PKG_NAME for this test process; the config does not name it.
+    assert!(!env.contains("CARGO_PKG_NAME="), "{env}");
+    drop(mesh);
+}
