@@ -30,6 +30,10 @@ pub(crate) struct RawMesh {
     pub(crate) ca: Option<Spanned<RawCa>>,
     pub(crate) listen: Option<Spanned<String>>,
     pub(crate) etcd: Option<Spanned<RawEtcd>>,
+    /// `"in-process"` or `"tls"` (SPEC §1 "The local path"): not built yet.
+    pub(crate) local_path: Option<Spanned<String>>,
+    /// `"off"`, `"stdout"` or a path (SPEC §5): not built yet.
+    pub(crate) access_log: Option<Spanned<String>>,
     /// Seed for the random draws of routes (weighted backends, faults), so that test
     /// runs can be reproduced.
     pub(crate) seed: Option<Spanned<i64>>,
@@ -279,6 +283,8 @@ pub(crate) const MESH: &[Field] = &[
     table("ca", CA),
     not_yet(key("listen")),
     not_yet(table("etcd", ETCD)),
+    not_yet(key("local_path")),
+    not_yet(key("access_log")),
     key("seed"),
 ];
 

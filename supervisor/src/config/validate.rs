@@ -564,6 +564,26 @@ fn check_mesh(
             );
         }
     }
+    // Checked in full, then rejected as "not supported yet" (`raw::MESH`).
+    if let Some(local_path) = &raw.local_path {
+        if !matches!(local_path.get_ref().as_str(), "in-process" | "tls") {
+            ctx.error(
+                local_path.span(),
+                format!(
+                    "invalid `local_path` \"{}\": expected \"in-process\" or \"tls\"",
+                    local_path.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(access_log) = &raw.access_log {
+        if access_log.get_ref().is_empty() {
+            ctx.error(
+                access_log.span(),
+                "`access_log` is empty: \"off\", \"stdout\" or a file path",
+            );
+        }
+    }
     if let Some(etcd) = &raw.etcd {
         let etcd_ref = etcd.get_ref();
         match &etcd_ref.endpoints {
