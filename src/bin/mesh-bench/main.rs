@@ -6,7 +6,12 @@
 //! It runs the `mesh` and `mesh-test-app` executables found next to its own, so build
 //! them first: `cargo build --release --bins && target/release/mesh-bench`.
 //! See docs/benchmark.md.
+//!
+//! `mesh-bench fixture` measures something else: what a `mesh::Mesh` test fixture costs
+//! to start and to drop (`fixture.rs`, docs/fixture.md).
 
+mod apps;
+mod fixture;
 mod load;
 mod procs;
 
@@ -18,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use load::{Outcome, Target};
 use procs::{MeshChild, ScratchDir};
@@ -40,8 +45,11 @@ const TARGET_RSS_MIB: f64 = 20.0;
 /// Needs `mesh` and `mesh-test-app` next to this executable:
 /// `cargo build --release --bins && target/release/mesh-bench`.
 #[derive(Debug, Parser)]
-#[command(name = "mesh-bench")]
+#[command(name = "mesh-bench", args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Without a mode: the mesh path against the direct path.
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Length of each measured phase (seconds, or a duration such as 1500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
@@ -72,6 +80,13 @@ struct Args {
     floor: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// What a `mesh::Mesh` test fixture costs: start until ready and drop, beside `mesh
+    /// up -d --wait` / `mesh down` of the same file and the apps started without mesh.
+    Fixture(fixture::FixtureArgs),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TlsArg {
     Both,
@@ -88,7 +103,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = match &args.mode {
+        Some(Mode::Fixture(fixture)) => fixture::run(fixture),
+        None => run(&args),
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

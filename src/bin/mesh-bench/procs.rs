@@ -339,6 +339,51 @@ pub(crate) fn find_below(mesh_pid: i32, comm: &str) -> anyhow::Result<(Vec<i32>,
     Ok((shims, apps))
 }
 
+/// Every process below `root` (children, their children, …), from one scan of `/proc`.
+pub(crate) fn descendants(root: i32) -> anyhow::Result<Vec<i32>> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(s) = stat(pid) {
+            parents.push((pid, s.ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    Ok(found)
+}
+
+/// Whether `pid` runs (a zombie, already dead but not yet reaped, does not).
+pub(crate) fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(text) => text
+            .rfind(')')
+            .and_then(|i| text[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
 /// A `Vm…:` line of `/proc/<pid>/status`, in KiB.
 pub(crate) fn status_kib(pid: i32, key: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
