@@ -50,6 +50,19 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const LAST_LINES: usize = 20;
 
 /// Why a mesh could not be set up or did not become ready.
+///
+/// Its `Display` says what happened and, for [`Error::NotReady`] and
+/// [`Error::Timeout`], ends with the last 20 lines of the service at fault. `expect`
+/// and `unwrap` print the `Debug` form instead; `unwrap_or_else(|e| panic!("{e}"))`
+/// prints those lines one per line.
+///
+/// ```
+/// // A misspelled key: nothing is started, every error of the file is listed.
+/// let toml = "version = 1\n[services.web]\ncomand = \"python3 web.py\"\n";
+/// let error = mesh::Mesh::from_toml(toml, ".").unwrap_err();
+/// assert!(matches!(error, mesh::Error::Config(_)));
+/// assert!(error.to_string().contains("mesh.toml:3:1: error"), "{error}");
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration is invalid: every error, as `mesh check` prints them
@@ -91,6 +104,17 @@ pub enum Error {
 }
 
 /// A mesh to start: the configuration and the overrides of the test.
+///
+/// Made by [`Mesh::from_file`] or [`Mesh::from_toml`]; the overrides ([`env`],
+/// [`replicas`], [`services`], [`startup_timeout`]) change only this mesh, never the
+/// file. [`start`] or [`start_blocking`] starts it.
+///
+/// [`env`]: MeshBuilder::env
+/// [`replicas`]: MeshBuilder::replicas
+/// [`services`]: MeshBuilder::services
+/// [`startup_timeout`]: MeshBuilder::startup_timeout
+/// [`start`]: MeshBuilder::start
+/// [`start_blocking`]: MeshBuilder::start_blocking
 #[derive(Debug)]
 pub struct MeshBuilder {
     config: Config,
@@ -100,6 +124,24 @@ pub struct MeshBuilder {
 }
 
 /// A running mesh; dropping it stops everything.
+///
+/// Every service is ready when a `Mesh` is returned. It runs on a thread of its own
+/// with the runtime `mesh up` uses, isolated like `mesh run`: `expose` and `admin` on
+/// ephemeral loopback ports, fixed application ports assigned, a private state
+/// directory; so tests of the same file run in parallel. [`Mesh::url`] and
+/// [`Mesh::addr`] lead to a test ingress per service whose identity,
+/// `spiffe://<name>/test`, every inbound admits. Dropping it stops every process
+/// before `drop` returns, also while a failing test unwinds.
+///
+/// ```no_run
+/// # async fn test() -> Result<(), mesh::Error> {
+/// let mesh = mesh::Mesh::from_file("mesh.toml")?.start().await?;
+/// let products = format!("{}/products", mesh.url("api"));
+/// // … call it with any HTTP client, assert …
+/// # let _ = products;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Mesh {
     inner: Option<Running>,
 }
@@ -136,7 +178,8 @@ pub struct Replica {
     pub port: Option<u16>,
 }
 
-/// A service of a running mesh, to act on (see [`Mesh::service`]).
+/// A service of a running mesh, to act on (see [`Mesh::service`]): each command
+/// returns once it is done, as `mesh restart|stop|start` do.
 pub struct Service<'a> {
     mesh: &'a Mesh,
     name: String,
@@ -166,7 +209,9 @@ struct Started {
 
 impl Mesh {
     /// A mesh of the `mesh.toml` at `path`. Relative paths in it are resolved against
-    /// its directory, as `mesh up` does.
+    /// its directory, as `mesh up` does. A relative `path` is relative to the current
+    /// directory, which `cargo test` sets to the package's root. Fails with
+    /// [`Error::Config`] when the file is invalid; nothing is started yet.
     pub fn from_file(path: impl AsRef<Path>) -> Result<MeshBuilder, Error> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
@@ -177,7 +222,23 @@ impl Mesh {
     }
 
     /// A mesh of `toml`, whose relative paths (`working_dir`, `env_file`, …) are resolved
-    /// against `base_dir`.
+    /// against `base_dir`. Without `[mesh] name`, the mesh is named after `base_dir`.
+    ///
+    /// ```no_run
+    /// # fn test() -> Result<(), mesh::Error> {
+    /// let dir = std::env::temp_dir();
+    /// let toml = r#"
+    ///     version = 1
+    ///     [services.cache]
+    ///     command = "redis-server --port ${PORT}"
+    ///     protocol = "tcp"
+    /// "#;
+    /// let mesh = mesh::Mesh::from_toml(toml, &dir)?.start_blocking()?;
+    /// let addr = mesh.addr("cache"); // 127.0.0.1:<ephemeral>, through the test ingress
+    /// # let _ = addr;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn from_toml(toml: &str, base_dir: impl AsRef<Path>) -> Result<MeshBuilder, Error> {
         let env = base_env(toml);
         let path = base_dir.as_ref().join(config::FILE_NAME);
@@ -219,7 +280,20 @@ impl Mesh {
         self.running().admin.map(|a| format!("http://{a}/"))
     }
 
-    /// A service, to restart, stop or start.
+    /// A service, to restart, stop or start. Panics in none of these: an unknown
+    /// service is an [`Error::Command`] of the command.
+    ///
+    /// ```no_run
+    /// # async fn test() -> Result<(), mesh::Error> {
+    /// let mesh = mesh::Mesh::from_file("mesh.toml")?.start().await?;
+    /// mesh.service("store").stop().await?;
+    /// // Calls to the store now wait for it up to its `queue_timeout` (3 s by default),
+    /// // then get `503` with `x-mesh-error: no-endpoints`.
+    /// mesh.service("store").start().await?; // ready again when it returns
+    /// mesh.service("api").restart().await?; // one replica at a time, each new one ready first
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn service(&self, name: &str) -> Service<'_> {
         Service {
             mesh: self,
@@ -228,6 +302,15 @@ impl Mesh {
     }
 
     /// Every replica, as `mesh ps --json` shows them.
+    ///
+    /// ```no_run
+    /// # async fn test() -> Result<(), mesh::Error> {
+    /// let mesh = mesh::Mesh::from_file("mesh.toml")?.start().await?;
+    /// let rows = mesh.ps().await;
+    /// assert!(rows.iter().all(|r| r.health == "ready" || r.state == "completed"));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn ps(&self) -> Vec<Replica> {
         let (reply, answer) = oneshot::channel();
         let _ = self.running().commands.send(Request::Ps { reply });
@@ -235,7 +318,16 @@ impl Mesh {
     }
 
     /// What `service` printed so far (every replica, in time order), as
-    /// `<RFC 3339 time> <stream> <line>`.
+    /// `<RFC 3339 time> <stream> <line>`. Read from its log files in the private
+    /// state directory: nothing of it reaches the test's output.
+    ///
+    /// ```no_run
+    /// # fn test() -> Result<(), mesh::Error> {
+    /// let mesh = mesh::Mesh::from_file("mesh.toml")?.start_blocking()?;
+    /// assert!(mesh.logs("api").iter().any(|l| l.contains("listening on")));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn logs(&self, service: &str) -> Vec<String> {
         let dir = self.running().state_dir.join("logs");
         let mut lines: Vec<String> = (0..)
@@ -252,7 +344,8 @@ impl Mesh {
         lines
     }
 
-    /// Stop everything in order (as Ctrl-C on `mesh up`), and wait until it is done.
+    /// Stop everything in order (as Ctrl-C on `mesh up`), and wait until it is done:
+    /// what `drop` does, without blocking the runtime's thread meanwhile. Always `Ok`.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         let Some(mut running) = self.inner.take() else {
             return Ok(());
@@ -336,7 +429,24 @@ impl MeshBuilder {
         }
     }
 
-    /// Set an environment variable of `service`'s processes (over its `env`).
+    /// Set an environment variable of `service`'s processes (over its `env`). An
+    /// unknown service is ignored; a variable mesh sets itself (`PORT`, `MESH_*`,
+    /// `<UPSTREAM>_URL`) is set by mesh over this one.
+    ///
+    /// ```no_run
+    /// # fn test() -> Result<(), mesh::Error> {
+    /// // A database of this test's own, for the two services that open it.
+    /// let db = std::env::temp_dir().join(format!("shop-{}.db", std::process::id()));
+    /// let db = db.to_str().expect("a UTF-8 path");
+    /// let mesh = mesh::Mesh::from_file("mesh.toml")?
+    ///     .env("migrate", "STORE_DB", db)
+    ///     .env("store", "STORE_DB", db)
+    ///     .env("api", "LOG_LEVEL", "debug")
+    ///     .start_blocking()?;
+    /// # let _ = mesh;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn env(mut self, service: &str, key: &str, value: &str) -> Self {
         if let Some(svc) = self.config.services.get_mut(service) {
             svc.env.retain(|(k, _)| k != key);
@@ -345,7 +455,8 @@ impl MeshBuilder {
         self
     }
 
-    /// Run `n` replicas of `service`.
+    /// Run `n` replicas of `service` (an unknown service is ignored). With a fixed
+    /// `port` the mesh runs it on an assigned one anyway, so any number works.
     pub fn replicas(mut self, service: &str, n: u32) -> Self {
         if let Some(svc) = self.config.services.get_mut(service) {
             svc.replicas = n;
@@ -359,7 +470,8 @@ impl MeshBuilder {
         self
     }
 
-    /// Start only these services and what they need, as `mesh up S…` does.
+    /// Start only these services and what they need (`depends_on`, `upstreams`), as
+    /// `mesh up S…` does; the others get no process and no test ingress.
     pub fn services<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -377,7 +489,18 @@ impl MeshBuilder {
         finish(running, started.await)
     }
 
-    /// [`MeshBuilder::start`] for a test without a runtime (do not call it inside one).
+    /// [`MeshBuilder::start`] for a test without a runtime (do not call it inside one:
+    /// it blocks the thread until the mesh is ready). It needs no Tokio runtime.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mesh::Error> {
+    /// // A service without a port is ready while its process runs.
+    /// let toml = "version = 1\n[services.worker]\ncommand = \"sleep 60\"\nport = \"none\"\n";
+    /// let mesh = mesh::Mesh::from_toml(toml, std::env::temp_dir())?.start_blocking()?;
+    /// drop(mesh); // `sleep` is gone when this returns
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn start_blocking(self) -> Result<Mesh, Error> {
         let (running, started) = self.spawn()?;
         finish(running, started.blocking_recv())
