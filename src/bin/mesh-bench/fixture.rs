@@ -365,7 +365,7 @@ fn print_notes(samples: &Samples, args: &FixtureArgs, before: f64, after: f64) {
         );
     }
     println!(
-        "notes: both start a fresh mesh CA in a fresh state directory each round (the fixture a private one, `mesh up -d` MESH_STATE_DIR), and both wait for readiness as SPEC §3 says: first check at spawn, then every 250 ms until it passes"
+        "notes: both start a fresh mesh CA in a fresh state directory each round (the fixture a private one, `mesh up -d` MESH_STATE_DIR), and both wait for readiness as SPEC §3 says: first check at spawn, then every 250 ms until it passes (a TCP connect, without [health]: every 100 ms)"
     );
     if !args.skip_apps {
         println!(
