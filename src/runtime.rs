@@ -225,7 +225,8 @@ impl Runtime {
             if config.services[service].expose.is_some() {
                 wire.ingress(service).await?;
             }
-            if test_ingresses {
+            // A service with `port = "none"` serves nothing: no test ingress.
+            if test_ingresses && config.services[service].port != config::PortSpec::None {
                 wire.test_ingress(service).await?;
             }
         }

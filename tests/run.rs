@@ -31,6 +31,10 @@ port = {port}
 [services.raw-db]
 command = ["sh", "-c", "echo $$$$ > raw.pid; exec {app}"]
 protocol = "tcp"
+
+[services.job]
+command = ["true"]
+port = "none"
 "#,
         app = test_app()
     ));
@@ -61,7 +65,7 @@ fn pid_in(p: &Project, name: &str) -> i32 {
 fn cmd_gets_the_test_ingresses_and_its_exit_code_is_the_result() {
     let (p, _, _) = project();
     let script = r#"
-echo "url=$API_URL addr=$API_ADDR raw=$RAW_DB_ADDR rawurl=${RAW_DB_URL:-none}"
+echo "url=$API_URL addr=$API_ADDR raw=$RAW_DB_ADDR rawurl=${RAW_DB_URL:-none} job=${JOB_ADDR:-none}"
 python3 - <<'EOF'
 import json, os, urllib.request
 body = urllib.request.urlopen(os.environ["API_URL"] + "/headers", timeout=10).read()
