@@ -3,10 +3,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -92,58 +88,6 @@ health = {{ exec = ["sh", "-c", "echo starting >&2; echo 'db not reachable' >&2;
     stop(mesh, &all);
 }
 
-/// Keep-alive GETs through `addr` until stopped; (ok, failed).
-fn traffic(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
-    std::thread::spawn(move || {
-        let ok = AtomicU64::new(0);
-        let failed = AtomicU64::new(0);
-        let mut conn: Option<BufReader<TcpStream>> = None;
-        while !stop.load(Ordering::SeqCst) {
-            match get_on(&mut conn, &addr) {
-                Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
-                _ => {
-                    conn = None;
-                    failed.fetch_add(1, Ordering::SeqCst)
-                }
-            };
-            // Pacing of the load, not a wait.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (ok.into_inner(), failed.into_inner())
-    })
-}
-
-fn get_on(conn: &mut Option<BufReader<TcpStream>>, addr: &str) -> std::io::Result<u16> {
-    if conn.is_none() {
-        let s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        *conn = Some(BufReader::new(s));
-    }
-    let reader = conn.as_mut().ok_or_else(|| std::io::Error::other("none"))?;
-    write!(reader.get_mut(), "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    let code = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(status.clone()))?;
-    let mut len = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body)?;
-    Ok(code)
-}
-
 #[test]
 fn a_replacement_that_never_becomes_ready_keeps_the_old_replica_under_load() {
     let p = Project::new(&format!(
@@ -164,8 +108,7 @@ env = {{ VERSION = "1" }}
     });
     let old = pids(&mesh, "api", 2);
     assert_eq!(old.len(), 2);
-    let stop_load = Arc::new(AtomicBool::new(false));
-    let load = traffic(addr.clone(), Arc::clone(&stop_load));
+    let load = traffic::Traffic::start(&addr, "/whoami");
 
     // The new configuration never listens: its replacement is not ready in time.
     let good = p.read("mesh.toml");
@@ -185,9 +128,8 @@ env = {{ VERSION = "1" }}
         "{err}"
     );
     mesh.wait_line("api.0: replacement not ready after 2s", T);
-    stop_load.store(true, Ordering::SeqCst);
-    let (ok, failed) = load.join().expect("traffic");
-    assert_eq!(failed, 0, "{ok} requests ok");
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{ok} requests ok, failures: {errors:?}");
     assert!(ok > 0);
     // The old processes stayed, and the failed replacement is gone.
     assert_eq!(pids(&mesh, "api", 2), old);

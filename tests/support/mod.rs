@@ -11,6 +11,8 @@
     reason = "each test file uses a different subset"
 )]
 
+pub mod traffic;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
