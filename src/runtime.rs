@@ -647,16 +647,10 @@ impl Wire<'_> {
         let listener = bind_loopback()
             .await
             .with_context(|| format!("cannot bind the outbound of `{caller}` to `{upstream}`"))?;
-        let addr = listener.local_addr()?;
-        let (server, setup) = self.serve_outbound(listener, caller, upstream, false);
-        self.sidecars.wiring.lock().outbounds.insert(
-            (caller.to_string(), upstream.to_string()),
-            Outbound {
-                server,
-                addr,
-                setup,
-            },
-        );
+        let outbound = self.outbound_on(listener, caller, upstream, false)?;
+        let addr = outbound.addr;
+        let key = (caller.to_string(), upstream.to_string());
+        self.sidecars.wiring.lock().outbounds.insert(key, outbound);
         Ok(addr)
     }
 
@@ -668,16 +662,10 @@ impl Wire<'_> {
         let listener = TcpListener::bind(expose).await.with_context(|| {
             format!("cannot listen on {expose} for the ingress (`expose`) of `{service}`")
         })?;
-        let addr = listener.local_addr()?;
-        let (server, setup) = self.serve_outbound(listener, INGRESS, service, true);
-        self.sidecars.wiring.lock().ingresses.insert(
-            service.to_string(),
-            Outbound {
-                server,
-                addr,
-                setup,
-            },
-        );
+        let ingress = self.outbound_on(listener, INGRESS, service, true)?;
+        let addr = ingress.addr;
+        let key = service.to_string();
+        self.sidecars.wiring.lock().ingresses.insert(key, ingress);
         Ok(addr)
     }
 
@@ -686,17 +674,32 @@ impl Wire<'_> {
         let listener = bind_loopback()
             .await
             .with_context(|| format!("cannot bind the test ingress of `{service}`"))?;
-        let addr = listener.local_addr()?;
-        let (server, setup) = self.serve_outbound(listener, TEST, service, true);
-        self.sidecars.wiring.lock().test_ingresses.insert(
-            service.to_string(),
-            Outbound {
-                server,
-                addr,
-                setup,
-            },
-        );
+        let ingress = self.outbound_on(listener, TEST, service, true)?;
+        let addr = ingress.addr;
+        let key = service.to_string();
+        self.sidecars
+            .wiring
+            .lock()
+            .test_ingresses
+            .insert(key, ingress);
         Ok(addr)
+    }
+
+    /// An outbound (or ingress) of `caller` towards `service`, serving `listener`.
+    fn outbound_on(
+        &self,
+        listener: TcpListener,
+        caller: &str,
+        service: &str,
+        ingress: bool,
+    ) -> anyhow::Result<Outbound> {
+        let addr = listener.local_addr()?;
+        let (server, setup) = self.serve_outbound(listener, caller, service, ingress);
+        Ok(Outbound {
+            server,
+            addr,
+            setup,
+        })
     }
 
     /// Start an outbound (or, with `ingress`, an ingress) of `caller` towards `service`.
