@@ -31,6 +31,12 @@ use parking_lot::Mutex;
 /// they are (no copy), one entry each.
 const SMALL: usize = 4 * 1024;
 
+/// Beyond this many bytes held (the reader is slower than the sender), every frame is
+/// copied: a large frame is a slice of h2's read buffer and keeps the whole buffer
+/// allocated, so holding a window of them could pin many times the bytes held. While the
+/// reader keeps up, large frames pass without a copy.
+const COPY_ABOVE: usize = 64 * 1024;
+
 /// The size of each coalescing buffer, and the most handed out per poll: one HTTP/2
 /// frame's worth, so that the next hop's send buffer never takes much more than its
 /// window, and memory follows the bytes held (no buffer doubling past a window).
@@ -52,6 +58,8 @@ struct Shared {
     chunks: VecDeque<Bytes>,
     /// Small frames received after the last entry of `chunks`, concatenated.
     tail: BytesMut,
+    /// Bytes held in `chunks` and `tail`.
+    held: usize,
     /// The end of the stream, once the pump saw it.
     end: End,
     /// The consumer waiting for bytes or the end.
@@ -159,12 +167,13 @@ impl Shared {
         if data.is_empty() {
             return;
         }
-        if data.len() < SMALL {
+        self.held += data.len();
+        if data.len() < SMALL || self.held > COPY_ABOVE {
             if self.tail.capacity() - self.tail.len() < data.len() {
                 if !self.tail.is_empty() {
                     self.chunks.push_back(self.tail.split().freeze());
                 }
-                self.tail = BytesMut::with_capacity(CHUNK);
+                self.tail = BytesMut::with_capacity(CHUNK.max(data.len()));
             }
             self.tail.extend_from_slice(&data);
         } else {
@@ -176,6 +185,12 @@ impl Shared {
     }
 
     fn pop(&mut self) -> Option<Bytes> {
+        let chunk = self.take()?;
+        self.held -= chunk.len();
+        Some(chunk)
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
         if let Some(chunk) = self.chunks.front_mut() {
             if chunk.len() <= CHUNK {
                 return self.chunks.pop_front();
