@@ -8,7 +8,6 @@ mod support;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use support::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -70,12 +69,6 @@ fn metric(admin: &str, name: &str, labels: &[&str]) -> u64 {
         .sum()
 }
 
-fn stop(mut mesh: MeshProc, pids: &[i32]) {
-    mesh.signal(Signal::SIGTERM);
-    assert_eq!(mesh.exit_code(T), 0);
-    assert_gone(pids, T);
-}
-
 #[test]
 fn a_response_the_app_cuts_reaches_the_caller_as_cut_and_counts_as_a_failure() {
     let p = project("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789");
@@ -118,7 +111,7 @@ fn a_response_the_app_cuts_reaches_the_caller_as_cut_and_counts_as_a_failure() {
     );
 
     let pids = pids_of(&mesh, "app.py", "api", 0);
-    stop(mesh, &pids);
+    stop_mesh(mesh, &pids);
 }
 
 #[test]
@@ -133,5 +126,5 @@ fn an_answer_that_is_not_http_is_a_502_naming_a_protocol_error() {
     assert!(r.body.contains("protocol error"), "{}", r.body);
     assert!(!r.body.contains("closed the connection"), "{}", r.body);
     let pids = pids_of(&mesh, "app.py", "api", 0);
-    stop(mesh, &pids);
+    stop_mesh(mesh, &pids);
 }

@@ -26,12 +26,6 @@ env = {{ VERSION = "1" }}
     ))
 }
 
-fn pids(mesh: &MeshProc, service: &str, replicas: u32) -> Vec<i32> {
-    (0..replicas)
-        .flat_map(|i| pids_of(mesh, test_app(), service, i))
-        .collect()
-}
-
 fn serving(addr: &str) -> Response {
     eventually("the service to answer through its ingress", T, || {
         get(addr, "/whoami").ok().filter(|r| r.status == 200)
@@ -44,12 +38,6 @@ fn flowing(traffic: &Traffic, n: u64) {
     eventually("traffic to flow", T, || {
         (traffic.ok() >= start + n).then_some(())
     });
-}
-
-fn stop(mut mesh: MeshProc, pids: &[i32]) {
-    mesh.signal(Signal::SIGTERM);
-    assert_eq!(mesh.exit_code(T), 0);
-    assert_gone(pids, T);
 }
 
 fn ps(p: &Project) -> serde_json::Value {
@@ -91,9 +79,9 @@ expose = "127.0.0.1:0"
     let solo = ingress(&mesh, "solo");
     serving(&api);
     serving(&solo);
-    let before: Vec<i32> = pids(&mesh, "api", 2)
+    let before: Vec<i32> = app_pids(&mesh, "api", 2)
         .into_iter()
-        .chain(pids(&mesh, "solo", 1))
+        .chain(app_pids(&mesh, "solo", 1))
         .collect();
     assert_eq!(before.len(), 3, "{before:?}");
 
@@ -116,9 +104,9 @@ expose = "127.0.0.1:0"
     // Every old process is gone, new ones serve, on fresh ports behind the same
     // ingress.
     assert_gone(&before, T);
-    let after: Vec<i32> = pids(&mesh, "api", 2)
+    let after: Vec<i32> = app_pids(&mesh, "api", 2)
         .into_iter()
-        .chain(pids(&mesh, "solo", 1))
+        .chain(app_pids(&mesh, "solo", 1))
         .collect();
     assert_eq!(after.len(), 3, "{after:?}");
     assert!(
@@ -128,7 +116,7 @@ expose = "127.0.0.1:0"
     let rows = ps(&p);
     assert_eq!(row(&rows, "api", 0)["restarts"], 1, "{rows}");
     assert_eq!(row(&rows, "api", 0)["state"], "running", "{rows}");
-    stop(mesh, &after);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
@@ -137,7 +125,7 @@ fn a_reload_that_changes_env_replaces_without_a_failed_request() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     let traffic = Traffic::start(&api, "/whoami");
     flowing(&traffic, 20);
     p.write(
@@ -152,21 +140,18 @@ fn a_reload_that_changes_env_replaces_without_a_failed_request() {
     let (ok, failed, errors) = traffic.finish();
     assert_eq!(failed, 0, "{ok} ok, failures: {errors:?}");
     assert_gone(&before, T);
-    let after = pids(&mesh, "api", 2);
+    let after = app_pids(&mesh, "api", 2);
     let env = std::fs::read(format!("/proc/{}/environ", after[0])).expect("environ");
     assert!(
         env.split(|b| *b == 0).any(|v| v == b"VERSION=2"),
         "the new process has the new env"
     );
-    stop(mesh, &after);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
 fn a_fixed_port_restarts_in_place_and_requests_wait_for_it() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let p = Project::new(&format!(
         r#"
 [services.api]
@@ -179,7 +164,7 @@ expose = "127.0.0.1:0"
     let mesh = p.up(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 1);
+    let before = app_pids(&mesh, "api", 1);
     let traffic = Traffic::start(&api, "/whoami");
     flowing(&traffic, 20);
     let (code, out, err) = p.run(&["restart", "api"]);
@@ -190,8 +175,8 @@ expose = "127.0.0.1:0"
     assert_gone(&before, T);
     let rows = ps(&p);
     assert_eq!(row(&rows, "api", 0)["port"], port, "{rows}");
-    let after = pids(&mesh, "api", 1);
-    stop(mesh, &after);
+    let after = app_pids(&mesh, "api", 1);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
@@ -210,8 +195,8 @@ command = [{app:?}]
     let mesh = p.up(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let api_pids = pids(&mesh, "api", 1);
-    let other = pids(&mesh, "other", 1);
+    let api_pids = app_pids(&mesh, "api", 1);
+    let other = app_pids(&mesh, "other", 1);
     let (code, out, err) = p.run(&["stop", "api"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("api: stopped"), "{out}");
@@ -231,9 +216,9 @@ command = [{app:?}]
     let (code, _, err) = p.run(&["stop", "nope"]);
     assert_eq!(code, 1);
     assert!(err.contains("no service `nope`"), "{err}");
-    let mut all = pids(&mesh, "api", 1);
+    let mut all = app_pids(&mesh, "api", 1);
     all.extend(other);
-    stop(mesh, &all);
+    stop_mesh(mesh, &all);
 }
 
 #[test]
@@ -242,7 +227,7 @@ fn live_changes_apply_without_restarting_processes() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     assert_eq!(get(&api, "/sleep/400").expect("answer").status, 200);
     assert_eq!(get(&api, "/teapot").expect("answer").status, 404);
     // traffic (a timeout), routes (a fault), and health: applied in place.
@@ -264,8 +249,8 @@ http = "/healthz"
     assert!(out.contains("applied without restarting"), "{out}");
     assert_eq!(get(&api, "/sleep/400").expect("answer").status, 504);
     assert_eq!(get(&api, "/teapot").expect("answer").status, 418);
-    assert_eq!(pids(&mesh, "api", 2), before, "no process was replaced");
-    stop(mesh, &before);
+    assert_eq!(app_pids(&mesh, "api", 2), before, "no process was replaced");
+    stop_mesh(mesh, &before);
 }
 
 #[test]
@@ -274,8 +259,8 @@ fn a_replicas_change_touches_only_the_highest_indices() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let first = pids(&mesh, "api", 1);
-    let second = pids(&mesh, "api", 2)[1..].to_vec();
+    let first = app_pids(&mesh, "api", 1);
+    let second = app_pids(&mesh, "api", 2)[1..].to_vec();
     p.write(
         "mesh.toml",
         &p.read("mesh.toml").replace("replicas = 2", "replicas = 3"),
@@ -287,7 +272,7 @@ fn a_replicas_change_touches_only_the_highest_indices() {
         (!pids.is_empty()).then_some(pids)
     });
     assert_eq!(
-        pids(&mesh, "api", 2),
+        app_pids(&mesh, "api", 2),
         [first.clone(), second.clone()].concat()
     );
     p.write(
@@ -298,7 +283,7 @@ fn a_replicas_change_touches_only_the_highest_indices() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("stopping api.2"), "{out}");
     assert_gone(&third, T);
-    assert_eq!(pids(&mesh, "api", 2), [first, second].concat());
+    assert_eq!(app_pids(&mesh, "api", 2), [first, second].concat());
     let rows = ps(&p);
     assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
     // `mesh certs` lists only the leaves in use.
@@ -310,8 +295,8 @@ fn a_replicas_change_touches_only_the_highest_indices() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(replicas, ["0", "1"], "{certs}");
-    let all = pids(&mesh, "api", 2);
-    stop(mesh, &all);
+    let all = app_pids(&mesh, "api", 2);
+    stop_mesh(mesh, &all);
 }
 
 #[test]
@@ -320,7 +305,7 @@ fn a_mesh_section_change_is_refused_with_restart_required() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     p.write(
         "mesh.toml",
         &p.read("mesh.toml")
@@ -331,8 +316,8 @@ fn a_mesh_section_change_is_refused_with_restart_required() {
     assert!(err.contains("restart required"), "{err}");
     mesh.wait_line("reload refused: restart required", T);
     serving(&api);
-    assert_eq!(pids(&mesh, "api", 2), before);
-    stop(mesh, &before);
+    assert_eq!(app_pids(&mesh, "api", 2), before);
+    stop_mesh(mesh, &before);
 }
 
 #[test]
@@ -341,7 +326,7 @@ fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     let good = p.read("mesh.toml");
     // A valid change (env) and an invalid one together: nothing applies.
     p.write(
@@ -360,7 +345,7 @@ fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
     mesh.wait_line("reload refused", T);
     mesh.wait_line("error: unknown key `bogus_key`", T);
     serving(&api);
-    assert_eq!(pids(&mesh, "api", 2), before, "nothing was replaced");
+    assert_eq!(app_pids(&mesh, "api", 2), before, "nothing was replaced");
     // The next good file applies.
     p.write(
         "mesh.toml",
@@ -369,8 +354,8 @@ fn an_invalid_file_is_refused_whole_and_the_mesh_keeps_running() {
     let (code, out, err) = p.run(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_gone(&before, T);
-    let after = pids(&mesh, "api", 2);
-    stop(mesh, &after);
+    let after = app_pids(&mesh, "api", 2);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
@@ -379,7 +364,7 @@ fn a_stopped_service_stays_stopped_across_a_reload() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     let (code, _, err) = p.run(&["stop", "api"]);
     assert_eq!(code, 0, "{err}");
     assert_gone(&before, T);
@@ -396,10 +381,10 @@ fn a_stopped_service_stays_stopped_across_a_reload() {
     // Started again, it runs the new configuration.
     let (code, _, err) = p.run(&["start", "api"]);
     assert_eq!(code, 0, "{err}");
-    let after = pids(&mesh, "api", 2);
+    let after = app_pids(&mesh, "api", 2);
     let env = std::fs::read(format!("/proc/{}/environ", after[0])).expect("environ");
     assert!(env.split(|b| *b == 0).any(|v| v == b"VERSION=2"));
-    stop(mesh, &after);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
@@ -408,7 +393,7 @@ fn sighup_reloads() {
     let mesh = p.up_reloading_by_hand(&[]);
     let api = ingress(&mesh, "api");
     serving(&api);
-    let before = pids(&mesh, "api", 2);
+    let before = app_pids(&mesh, "api", 2);
     p.write(
         "mesh.toml",
         &p.read("mesh.toml")
@@ -418,10 +403,10 @@ fn sighup_reloads() {
     mesh.wait_line("api: env changed", T);
     assert_gone(&before, T);
     let after = eventually("two new replicas", T, || {
-        let now = pids(&mesh, "api", 2);
+        let now = app_pids(&mesh, "api", 2);
         (now.len() == 2).then_some(now)
     });
-    stop(mesh, &after);
+    stop_mesh(mesh, &after);
 }
 
 #[test]
@@ -459,9 +444,9 @@ upstreams = ["api"]
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)
     });
     assert!(r.body.contains("extra.0"), "{r:?}");
-    let mut all = pids(&mesh, "api", 1);
-    all.extend(pids(&mesh, "extra", 1));
-    stop(mesh, &all);
+    let mut all = app_pids(&mesh, "api", 1);
+    all.extend(app_pids(&mesh, "extra", 1));
+    stop_mesh(mesh, &all);
 }
 
 #[test]
@@ -487,9 +472,9 @@ watch = ["*.txt"]
     let solo = ingress(&mesh, "solo");
     serving(&api);
     serving(&solo);
-    let before: Vec<i32> = pids(&mesh, "api", 2)
+    let before: Vec<i32> = app_pids(&mesh, "api", 2)
         .into_iter()
-        .chain(pids(&mesh, "solo", 1))
+        .chain(app_pids(&mesh, "solo", 1))
         .collect();
     let a = Traffic::start(&api, "/whoami");
     let s = Traffic::start(&solo, "/whoami");
@@ -505,9 +490,9 @@ watch = ["*.txt"]
     assert_eq!(a_failed, 0, "api: {a_ok} ok, failures: {a_errors:?}");
     assert_eq!(s_failed, 0, "solo: {s_ok} ok, failures: {s_errors:?}");
     assert_gone(&before, T);
-    let after: Vec<i32> = pids(&mesh, "api", 2)
+    let after: Vec<i32> = app_pids(&mesh, "api", 2)
         .into_iter()
-        .chain(pids(&mesh, "solo", 1))
+        .chain(app_pids(&mesh, "solo", 1))
         .collect();
-    stop(mesh, &after);
+    stop_mesh(mesh, &after);
 }

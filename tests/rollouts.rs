@@ -25,18 +25,6 @@ fn row(p: &Project, service: &str, replica: u64) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no row {service}.{replica}"))
 }
 
-fn pids(mesh: &MeshProc, service: &str, replicas: u32) -> Vec<i32> {
-    (0..replicas)
-        .flat_map(|i| pids_of(mesh, test_app(), service, i))
-        .collect()
-}
-
-fn stop(mut mesh: MeshProc, pids: &[i32]) {
-    mesh.signal(Signal::SIGTERM);
-    assert_eq!(mesh.exit_code(T), 0);
-    assert_gone(pids, T);
-}
-
 #[test]
 fn a_replica_not_ready_in_time_is_explained_once_with_its_last_check() {
     let p = Project::new(&format!(
@@ -82,10 +70,10 @@ health = {{ exec = ["sh", "-c", "echo starting >&2; echo 'db not reachable' >&2;
     // Not stopped for it, and said once.
     assert_eq!(row(&p, "http", 0)["state"], "starting");
     assert_eq!(mesh.count("http.0 is not ready after"), 1);
-    let mut all = pids(&mesh, "http", 1);
+    let mut all = app_pids(&mesh, "http", 1);
     all.extend(pids_of(&mesh, "sleep", "quiet", 0));
     all.extend(pids_of(&mesh, "sleep", "probe", 0));
-    stop(mesh, &all);
+    stop_mesh(mesh, &all);
 }
 
 #[test]
@@ -106,7 +94,7 @@ env = {{ VERSION = "1" }}
     eventually("api to serve", T, || {
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)
     });
-    let old = pids(&mesh, "api", 2);
+    let old = app_pids(&mesh, "api", 2);
     assert_eq!(old.len(), 2);
     let load = traffic::Traffic::start(&addr, "/whoami");
 
@@ -132,7 +120,7 @@ env = {{ VERSION = "1" }}
     assert_eq!(failed, 0, "{ok} requests ok, failures: {errors:?}");
     assert!(ok > 0);
     // The old processes stayed, and the failed replacement is gone.
-    assert_eq!(pids(&mesh, "api", 2), old);
+    assert_eq!(app_pids(&mesh, "api", 2), old);
     let rollout = row(&p, "api", 0)["last_rollout"]
         .as_str()
         .unwrap_or_default()
@@ -153,8 +141,8 @@ env = {{ VERSION = "1" }}
     assert_eq!(code, 0, "{out}{err}");
     assert_gone(&old, T);
     assert!(row(&p, "api", 0)["last_rollout"].is_null());
-    let new = pids(&mesh, "api", 2);
-    stop(mesh, &new);
+    let new = app_pids(&mesh, "api", 2);
+    stop_mesh(mesh, &new);
 }
 
 #[test]
@@ -173,7 +161,7 @@ expose = "127.0.0.1:0"
     eventually("api to serve", T, || {
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)
     });
-    let old = pids(&mesh, "api", 1);
+    let old = app_pids(&mesh, "api", 1);
     let (code, out, err) = p.run(&["restart", "api"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
@@ -183,16 +171,13 @@ expose = "127.0.0.1:0"
         "{err}"
     );
     assert_eq!(get(&addr, "/whoami").expect("answer").status, 200);
-    assert_eq!(pids(&mesh, "api", 1), old);
-    stop(mesh, &old);
+    assert_eq!(app_pids(&mesh, "api", 1), old);
+    stop_mesh(mesh, &old);
 }
 
 #[test]
 fn a_fixed_port_replacement_that_fails_starts_the_previous_configuration_again() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let p = Project::new(&format!(
         r#"
 [services.api]
@@ -227,10 +212,10 @@ env = {{ VERSION = "1" }}
     eventually("api to serve again", T, || {
         get(&addr, "/whoami").ok().filter(|r| r.status == 200)
     });
-    let now = pids(&mesh, "api", 1);
+    let now = app_pids(&mesh, "api", 1);
     let env = std::fs::read(format!("/proc/{}/environ", now[0])).expect("environ");
     assert!(env.split(|b| *b == 0).any(|v| v == b"VERSION=1"));
-    stop(mesh, &now);
+    stop_mesh(mesh, &now);
 }
 
 #[test]
@@ -332,8 +317,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
             && last.contains(&format!("dashboard http://{admin}/")),
         "{text}"
     );
-    let mut all = pids(&mesh, "web", 1);
-    all.extend(pids(&mesh, "raw", 1));
+    let mut all = app_pids(&mesh, "web", 1);
+    all.extend(app_pids(&mesh, "raw", 1));
     all.extend(pids_of(&mesh, "ua.py", "ua", 0));
-    stop(mesh, &all);
+    stop_mesh(mesh, &all);
 }

@@ -16,11 +16,7 @@ const T: Duration = Duration::from_secs(30);
 /// `api` (http, exposed on a fixed port and listening on a fixed port) and `raw` (tcp),
 /// each writing its pid to a file; nothing calls them.
 fn project() -> (Project, u16, u16) {
-    let free = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let (expose, port) = (free(), free());
+    let (expose, port) = (free_port(), free_port());
     let p = Project::new(&format!(
         r#"
 [services.api]

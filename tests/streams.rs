@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use nix::sys::signal::Signal;
 use support::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -153,12 +152,6 @@ fn app_pids(mesh: &MeshProc) -> Vec<i32> {
     pids
 }
 
-fn stop(mut mesh: MeshProc, pids: &[i32]) {
-    mesh.signal(Signal::SIGTERM);
-    assert_eq!(mesh.exit_code(T), 0);
-    assert_gone(pids, T);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_tiny_writes_pass_whole_via_ingress_and_outbound_over_h2c_and_grpc() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -191,7 +184,7 @@ async fn streams_of_tiny_writes_pass_whole_via_ingress_and_outbound_over_h2c_and
         );
     }
     let pids = app_pids(&mesh);
-    stop(mesh, &pids);
+    stop_mesh(mesh, &pids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,5 +256,5 @@ async fn a_paused_reader_gets_everything_with_bounded_memory_and_slows_no_other_
     );
 
     let pids = app_pids(&mesh);
-    stop(mesh, &pids);
+    stop_mesh(mesh, &pids);
 }

@@ -494,3 +494,25 @@ pub fn outbound(mesh: &MeshProc, caller: &str) -> String {
         .trim_start_matches("http://")
         .to_string()
 }
+
+/// A loopback port that was free a moment ago (for a fixed `port` or `expose` in a test
+/// config).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The pids of the test app's replicas `0..replicas` of `service` under `mesh`.
+pub fn app_pids(mesh: &MeshProc, service: &str, replicas: u32) -> Vec<i32> {
+    (0..replicas)
+        .flat_map(|i| pids_of(mesh, test_app(), service, i))
+        .collect()
+}
+
+/// SIGTERM to `mesh`: it exits 0 and `pids` are gone.
+pub fn stop_mesh(mut mesh: MeshProc, pids: &[i32]) {
+    let limit = patience(Duration::from_secs(30));
+    mesh.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(mesh.exit_code(limit), 0);
+    assert_gone(pids, limit);
+}
