@@ -714,14 +714,7 @@ fn timed_out(mesh: &Runtime, logs_dir: &Path, timeout: Duration) -> Error {
         .unwrap_or_default();
     Error::Timeout {
         timeout,
-        waiting: waiting
-            .iter()
-            .map(|r| match &r.reason {
-                Some(why) => format!("{}.{} is {} ({why})", r.service, r.replica, r.state),
-                None => format!("{}.{} is {}", r.service, r.replica, r.state),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+        waiting: mesh.not_ready(),
         last_lines: last_lines(logs_dir, &service, replica),
         service,
     }

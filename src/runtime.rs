@@ -297,6 +297,21 @@ impl Runtime {
         self.inner.supervisor.ready().await
     }
 
+    /// The replicas not ready, with why when known: `api.0 is starting (not ready after
+    /// 1m (last check: …)), web.0 is waiting`.
+    pub(crate) fn not_ready(&self) -> String {
+        let status = self.status();
+        let all = status.borrow();
+        all.values()
+            .filter(|r| !r.ready)
+            .map(|r| match &r.reason {
+                Some(why) => format!("{}.{} is {} ({why})", r.service, r.replica, r.state),
+                None => format!("{}.{} is {}", r.service, r.replica, r.state),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Wait until no replica is active any more.
     pub(crate) async fn finished(&self) -> Outcome {
         self.inner.supervisor.finished().await

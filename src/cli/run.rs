@@ -135,7 +135,7 @@ async fn run_in(
             Err(_) => Err(format!(
                 "not ready within {}: {}",
                 humantime::format_duration(wait),
-                not_ready(&mesh)
+                mesh.not_ready()
             )),
         },
         _ = sigint.recv() => Err("interrupted (SIGINT) before the mesh was ready".into()),
@@ -205,21 +205,6 @@ fn forward(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
     }
-}
-
-/// The replicas not ready, with why when known.
-fn not_ready(mesh: &Runtime) -> String {
-    let status = mesh.status();
-    let all = status.borrow();
-    let names: Vec<String> = all
-        .values()
-        .filter(|r| !r.ready)
-        .map(|r| match &r.reason {
-            Some(why) => format!("{}.{} is {} ({why})", r.service, r.replica, r.state),
-            None => format!("{}.{} is {}", r.service, r.replica, r.state),
-        })
-        .collect();
-    names.join(", ")
 }
 
 /// The last lines of each replica that failed (or, if none did, that is not ready).

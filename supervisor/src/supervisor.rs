@@ -1250,23 +1250,18 @@ impl ReplicaTask {
             }
             _ => None,
         };
-        let spec = match self.spawn_spec_for(&new, port) {
-            Ok(spec) => spec,
-            Err(msg) => {
-                let line = format!(
-                    "{}: replacement cannot start: {msg}; kept the running replica",
-                    self.label
-                );
-                self.mesh_line(&line);
-                let _ = reply.send(Err(line));
-                return;
-            }
+        let started = match self.spawn_spec_for(&new, port) {
+            Ok(spec) => process::spawn(&spec, Output::Piped)
+                .await
+                .map(|child| (spec, child))
+                .map_err(|e| e.to_string()),
+            Err(msg) => Err(msg),
         };
-        let mut child = match process::spawn(&spec, Output::Piped).await {
-            Ok(child) => child,
-            Err(e) => {
+        let (spec, mut child) = match started {
+            Ok(started) => started,
+            Err(why) => {
                 let line = format!(
-                    "{}: replacement cannot start: {e}; kept the running replica",
+                    "{}: replacement cannot start: {why}; kept the running replica",
                     self.label
                 );
                 self.mesh_line(&line);
