@@ -1,11 +1,17 @@
-//! `mesh-bench`: measures the direct path (client → app) against the mesh path (client →
-//! caller's outbound sidecar → callee's inbound sidecar → app) at fixed request rates and
-//! at full speed, with the mesh's CPU time per request and peak RSS; the mesh path with
-//! mutual TLS between the sidecars (the default) and with `tls = "off"`.
+//! `mesh-bench`: measures the mesh path (client → caller's outbound sidecar → callee's
+//! inbound sidecar → app) beside real peers in front of the same app, in one run and the
+//! same phases (fixed request rates, then full speed): the direct path (client → app),
+//! two haproxy processes with mutual TLS between them, two nginx processes likewise, and
+//! one plain haproxy hop (`peers.rs`). It reports latency, the proxies' CPU time per
+//! request and peak RSS, and checks the targets of issue 12 (the mesh against haproxy in
+//! the same run). The mesh paths: `mesh` (default settings), `mesh-tls-path` (`[mesh]
+//! local_path = "tls"`: mutual TLS over loopback between the sidecars) and, with `--tls
+//! both|off`, `plain` (the socket path with `tls = "off"`).
 //!
 //! It runs the `mesh` and `mesh-test-app` executables found next to its own, so build
-//! them first: `cargo build --release --bins && target/release/mesh-bench`.
-//! See docs/benchmark.md.
+//! them first: `cargo build --release --bins && target/release/mesh-bench`; the peers'
+//! executables come from the system (`scripts/install-bench-deps`). See
+//! docs/benchmark.md.
 //!
 //! `mesh-bench fixture` measures something else: what a `mesh::Mesh` test fixture costs
 //! to start and to drop (`fixture.rs`, docs/fixture.md).
@@ -13,12 +19,13 @@
 mod apps;
 mod fixture;
 mod load;
+mod peers;
 mod procs;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,28 +33,38 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use load::{Outcome, Target};
-use procs::{MeshChild, ScratchDir};
+use peers::{Peer, PeerRun};
+use procs::{ChildProcess, ScratchDir};
 
-/// How long mesh may take to start the services and open the mesh path.
+/// How long mesh (or a peer) may take to start and open its path.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long mesh may take to stop after SIGTERM.
+/// How long mesh (or a peer) may take to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-// The targets of issue 3 ("Speed"), for the mesh path.
-const TARGET_THROUGHPUT_RATIO: f64 = 0.40;
-const TARGET_P99_EXTRA_US: f64 = 250.0;
+// The targets of issue 12 ("Speed, measured beside real peers in one run"), for the
+// paths `mesh` and `mesh-tls-path`, against the peers of the same run.
+/// Full-speed throughput, at least this many times haproxy-mtls's.
+const TARGET_THROUGHPUT_VS_HAPROXY_MTLS: f64 = 1.4;
+/// p99 at [`TARGET_P99_RATE`], at most this many times haproxy-mtls's.
+const TARGET_P99_VS_HAPROXY_MTLS: f64 = 1.0;
 const TARGET_P99_RATE: u32 = 2000;
-const TARGET_CPU_US: f64 = 25.0;
+/// CPU per request (the mesh process against both haproxy processes), at most this many
+/// times haproxy-mtls's, in every phase.
+const TARGET_CPU_VS_HAPROXY_MTLS: f64 = 0.7;
+/// Peak RSS (`VmHWM`) of the mesh process.
 const TARGET_RSS_MIB: f64 = 20.0;
+/// Full-speed throughput, at least this many times haproxy-plain's.
+const TARGET_THROUGHPUT_VS_HAPROXY_PLAIN: f64 = 0.9;
 
-/// Benchmark the mesh path against the direct path.
+/// Benchmark the mesh path beside the direct path and real peers.
 ///
 /// Needs `mesh` and `mesh-test-app` next to this executable:
-/// `cargo build --release --bins && target/release/mesh-bench`.
+/// `cargo build --release --bins && target/release/mesh-bench`; and, for the peers,
+/// haproxy, nginx and openssl (`scripts/install-bench-deps`).
 #[derive(Debug, Parser)]
 #[command(name = "mesh-bench", args_conflicts_with_subcommands = true)]
 struct Args {
-    /// Without a mode: the mesh path against the direct path.
+    /// Without a mode: the mesh paths beside the direct path and the peers.
     #[command(subcommand)]
     mode: Option<Mode>,
     /// Length of each measured phase (seconds, or a duration such as 1500ms).
@@ -68,10 +85,15 @@ struct Args {
     /// Worker threads of the load generator (it shares the machine with mesh and the app).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Which mesh paths to measure: with mutual TLS between the sidecars, without
-    /// (`tls = "off"`), or both (two meshes side by side).
-    #[arg(long, value_enum, default_value_t = TlsArg::Both)]
+    /// Which mesh paths to measure: `mutual`: `mesh` (default settings, mutual TLS) and
+    /// `mesh-tls-path` (`local_path = "tls"`); `both`: also `plain` (the socket path with
+    /// `tls = "off"`); `off`: `plain` only.
+    #[arg(long, value_enum, default_value_t = TlsArg::Mutual)]
     tls: TlsArg,
+    /// The peers to measure, comma-separated: haproxy-mtls, nginx-mtls, haproxy-plain
+    /// (or all, or none). A peer whose executables are missing is skipped with a note.
+    #[arg(long, default_value = "all", value_parser = parse_peer_list)]
+    peers: PeerList,
     /// Also measure the floor of the stack: `mesh-floor`, a bare two-hop proxy built
     /// from the same parts as the sidecars (hyper, h2, rustls with the mesh's TLS
     /// configuration, one tokio worker) with none of the mesh's logic, in front of the
@@ -89,9 +111,17 @@ enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TlsArg {
-    Both,
     Mutual,
+    Both,
     Off,
+}
+
+/// The value of `--peers`.
+#[derive(Clone, Debug)]
+struct PeerList(Vec<Peer>);
+
+fn parse_peer_list(s: &str) -> Result<PeerList, String> {
+    peers::parse_peers(s).map(PeerList)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -137,6 +167,8 @@ enum Route {
     Direct,
     /// The mesh path of `Running::meshes[i]`.
     Mesh(usize),
+    /// The peer path of `Running::peers[i]`.
+    Peer(usize),
     /// Through `mesh-floor` (`--floor`).
     Floor,
 }
@@ -145,12 +177,14 @@ struct Row {
     phase: Phase,
     route: Route,
     outcome: Outcome,
-    /// CPU time per request (successful or not), µs.
-    mesh_cpu: f64,
+    /// CPU time per request (successful or not), µs, of the path's proxies: the mesh
+    /// process, every process of a peer, or mesh-floor; 0 on the direct path.
+    proxy_cpu: f64,
     app_cpu: f64,
     client_cpu: f64,
-    /// CPU busy on the machine outside mesh, the app and this process during the phase,
-    /// in % of one CPU (other programs: their load distorts the results).
+    /// CPU busy on the machine outside the path's processes, the app and this process
+    /// during the phase, in % of one CPU (other programs, and the idle proxies of the
+    /// other paths: their load distorts the results).
     other_pct: f64,
     /// CPU time the hypervisor took from this machine, % of one CPU.
     steal_pct: f64,
@@ -162,40 +196,157 @@ impl Row {
     }
 }
 
-/// Everything running: one mesh per measured TLS mode, and the direct path (the app of
-/// the first mesh).
+/// Everything running: the meshes, the direct path (the app of the first mesh), and the
+/// peers and mesh-floor in front of that app.
 struct Running {
     meshes: Vec<MeshRun>,
     direct: Arc<Target>,
+    peers: Vec<PeerRun>,
     floor: Option<FloorRun>,
+}
+
+impl Running {
+    /// The path's name in the table and the summary.
+    fn label(&self, route: Route) -> &'static str {
+        match route {
+            Route::Direct => "direct",
+            Route::Mesh(i) => self.meshes[i].kind.label(),
+            Route::Peer(i) => self.peers[i].peer.name(),
+            Route::Floor => "floor",
+        }
+    }
+
+    fn target(&self, route: Route) -> anyhow::Result<&Arc<Target>> {
+        Ok(match route {
+            Route::Direct => &self.direct,
+            Route::Mesh(i) => &self.meshes[i].via_mesh,
+            Route::Peer(i) => &self.peers[i].via,
+            Route::Floor => &self.floor.as_ref().context("no floor running")?.via,
+        })
+    }
+
+    /// The processes whose CPU time is the path's proxy CPU.
+    fn proxy_pids(&self, route: Route) -> Vec<i32> {
+        match route {
+            Route::Direct => Vec::new(),
+            Route::Mesh(i) => vec![self.meshes[i].mesh_pid],
+            Route::Peer(i) => self.peers[i].pids.clone(),
+            Route::Floor => self.floor.iter().map(|f| f.pid).collect(),
+        }
+    }
+
+    /// The app the path ends at: a mesh path's own, the first mesh's otherwise.
+    fn app_pid(&self, route: Route) -> i32 {
+        match route {
+            Route::Mesh(i) => self.meshes[i].app_pid,
+            _ => self.meshes[0].app_pid,
+        }
+    }
+
+    /// The last output of the processes on the path, for error messages.
+    fn context(&self, route: Route) -> String {
+        match route {
+            Route::Direct => self.meshes[0].mesh.context(),
+            Route::Mesh(i) => self.meshes[i].mesh.context(),
+            Route::Peer(i) => self.peers[i].context(),
+            Route::Floor => self
+                .floor
+                .as_ref()
+                .map(|f| f.child.context())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Stops every process, mesh first; returns what did not stop cleanly.
+    fn stop(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for m in &mut self.meshes {
+            match m.mesh.stop(STOP_TIMEOUT) {
+                Ok(status) if status.success() => {}
+                Ok(status) => problems.push(format!(
+                    "{}: mesh exited with {status} after SIGTERM",
+                    m.kind.label()
+                )),
+                Err(e) => problems.push(format!("{}: {e:#}", m.kind.label())),
+            }
+        }
+        for p in &mut self.peers {
+            problems.extend(p.stop(STOP_TIMEOUT));
+        }
+        if let Some(f) = &mut self.floor {
+            if let Err(e) = f.child.stop(STOP_TIMEOUT) {
+                problems.push(format!("floor: {e:#}"));
+            }
+        }
+        problems
+    }
 }
 
 /// `mesh-floor` in front of the first mesh's app.
 struct FloorRun {
-    child: MeshChild,
+    child: ChildProcess,
     pid: i32,
     via: Arc<Target>,
 }
 
+/// Which mesh path a mesh is started for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MeshKind {
+    /// Default settings: mutual TLS, the default local path.
+    Default,
+    /// `local_path = "tls"`: local calls over the inbound's TLS listener.
+    TlsPath,
+    /// `tls = "off"` over the socket path (`local_path = "tls"`).
+    Plain,
+}
+
+impl MeshKind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Default => "mesh",
+            Self::TlsPath => "mesh-tls-path",
+            Self::Plain => "plain",
+        }
+    }
+
+    /// Its `[mesh]` settings besides the name.
+    fn settings(self) -> &'static str {
+        match self {
+            Self::Default => "",
+            Self::TlsPath => "local_path = \"tls\"\n",
+            Self::Plain => "tls = \"off\"\nlocal_path = \"tls\"\n",
+        }
+    }
+
+    /// What its path is, for the header.
+    fn description(self) -> &'static str {
+        match self {
+            Self::Default => "default settings (tls = \"mutual\", the default local path)",
+            Self::TlsPath => "local_path = \"tls\" (mutual TLS over loopback between the sidecars)",
+            Self::Plain => {
+                "tls = \"off\", local_path = \"tls\" (plain HTTP/2 over loopback between the sidecars)"
+            }
+        }
+    }
+
+    /// Whether the targets of issue 12 apply to it.
+    fn has_targets(self) -> bool {
+        matches!(self, Self::Default | Self::TlsPath)
+    }
+}
+
 /// One running mesh, the pids to watch, and its mesh path.
 struct MeshRun {
-    mesh: MeshChild,
+    kind: MeshKind,
+    mesh: ChildProcess,
     mesh_pid: i32,
     app_pid: i32,
     shims: Vec<i32>,
     via_mesh: Arc<Target>,
-    /// Mutual TLS between its sidecars (`tls = "off"` otherwise).
-    tls: bool,
 }
 
-impl MeshRun {
-    /// The label of its path in the table: `mtls` or `plain`.
-    fn label(&self) -> &'static str {
-        if self.tls { "mtls" } else { "plain" }
-    }
-}
-
-/// Runs the benchmark; `Ok(false)` when some request failed.
+/// Runs the benchmark; `Ok(false)` when some request failed or a selected peer that is
+/// installed could not start.
 fn run(args: &Args) -> anyhow::Result<bool> {
     if args.connections == 0 || args.threads == 0 || args.duration.is_zero() {
         bail!("--connections, --threads and --duration must be above zero");
@@ -213,34 +364,87 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .build()
         .context("building the tokio runtime")?;
 
-    // mesh assigns the app's port by binding port 0 and releasing it, so on a busy
-    // machine another socket can take it before the app binds it (the app then
-    // crash-loops on "Address already in use"): one more try with a fresh mesh.
-    let modes: &[bool] = match args.tls {
-        TlsArg::Both => &[true, false],
-        TlsArg::Mutual => &[true],
-        TlsArg::Off => &[false],
+    // What was not measured, and why: printed in the header.
+    let mut skipped: Vec<String> = Vec::new();
+    let mut failed = false;
+
+    let kinds: &[MeshKind] = match args.tls {
+        TlsArg::Mutual => &[MeshKind::Default, MeshKind::TlsPath],
+        TlsArg::Both => &[MeshKind::Default, MeshKind::TlsPath, MeshKind::Plain],
+        TlsArg::Off => &[MeshKind::Plain],
     };
     let mut meshes = Vec::new();
     let mut direct = None;
-    for &tls in modes {
+    for &kind in kinds {
         // Each mesh has its own directory: its own state_dir, CA and lock.
-        let dir = scratch.path().join(if tls { "mtls" } else { "plain" });
+        let dir = scratch.path().join(kind.label());
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let config = write_config(&dir, &app_bin, tls)?;
-        let (run, app) = match start(&mesh_bin, &config, &dir, &rt, tls) {
+        let config = write_config(&dir, &app_bin, kind)?;
+        if kind != MeshKind::Default {
+            // A mesh without the `local_path` key yet refuses the file: say so and go on.
+            if let Some(refusal) = refused_local_path(&mesh_bin, &config, &dir)? {
+                skipped.push(format!(
+                    "{}: this mesh refuses `local_path = \"tls\"` ({refusal})",
+                    kind.label()
+                ));
+                continue;
+            }
+        }
+        // mesh assigns the app's port by binding port 0 and releasing it, so on a busy
+        // machine another socket can take it before the app binds it (the app then
+        // crash-loops on "Address already in use"): one more try with a fresh mesh.
+        let (run, app) = match start(&mesh_bin, &config, &dir, &rt, kind) {
             Ok(r) => r,
             Err(e) => {
                 let first = format!("{e:#}");
                 let first = first.lines().next().unwrap_or_default();
-                eprintln!("mesh-bench: warning: mesh did not start ({first}); trying once more");
-                start(&mesh_bin, &config, &dir, &rt, tls)?
+                eprintln!(
+                    "mesh-bench: warning: mesh ({}) did not start ({first}); trying once more",
+                    kind.label()
+                );
+                start(&mesh_bin, &config, &dir, &rt, kind)?
             }
         };
         direct.get_or_insert(app);
         meshes.push(run);
     }
-    let direct = direct.context("no mesh to measure")?;
+    let Some(direct) = direct else {
+        bail!("no mesh to measure: {}", skipped.join("; "));
+    };
+
+    // The peers, in front of the direct path's app.
+    let tools = peers::Tools::find();
+    let mut runnable = Vec::new();
+    for &peer in &args.peers.0 {
+        match tools.missing(peer) {
+            Some(why) => skipped.push(format!("{peer}: {why}; {}", peers::INSTALL_HINT)),
+            None => runnable.push(peer),
+        }
+    }
+    let certs = peers::make_certs(&tools, &runnable, &scratch.path().join("certs"))?;
+    let mut peer_runs = Vec::new();
+    for peer in runnable {
+        let dir = scratch.path().join(peer.name());
+        match peers::start(
+            peer,
+            &tools,
+            certs.as_ref(),
+            &dir,
+            direct.addr(),
+            &rt,
+            START_TIMEOUT,
+        ) {
+            Ok(run) => peer_runs.push(run),
+            Err(e) => {
+                eprintln!("mesh-bench: error: {peer} did not start: {e:#}");
+                let first = format!("{e:#}");
+                let first = first.lines().next().unwrap_or_default().to_owned();
+                skipped.push(format!("{peer}: did not start ({first}); see stderr"));
+                failed = true;
+            }
+        }
+    }
+
     let floor = if args.floor {
         Some(start_floor(&direct, &rt)?)
     } else {
@@ -249,25 +453,29 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut running = Running {
         meshes,
         direct,
+        peers: peer_runs,
         floor,
     };
     let ticks = procs::clock_ticks();
     let self_pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
 
-    print_header(args, &machine, &running);
+    let routes: Vec<Route> = std::iter::once(Route::Direct)
+        .chain((0..running.meshes.len()).map(Route::Mesh))
+        .chain((0..running.peers.len()).map(Route::Peer))
+        .chain(running.floor.iter().map(|_| Route::Floor))
+        .collect();
+    print_header(args, &machine, &running, &tools, &skipped);
 
-    // Warm-up on both paths: connections, pools, caches, the allocator's arenas.
+    // Warm-up on every path: connections, pools, caches, the allocator's arenas.
     if !args.warmup.is_zero() {
-        let paths = std::iter::once(&running.direct)
-            .chain(running.meshes.iter().map(|m| &m.via_mesh))
-            .chain(running.floor.iter().map(|f| &f.via));
-        for t in paths {
+        for &route in &routes {
+            let t = running.target(route)?;
             rt.block_on(load::closed_loop(t, args.connections, args.warmup))?;
         }
     }
 
     println!(
-        "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>7}  {:>15}  {:>14}  {:>17}  {:>11}",
+        "{:<16} {:<13} {:>9} {:>8} {:>8} {:>8} {:>7}  {:>16}  {:>14}  {:>17}  {:>11}",
         "phase",
         "path",
         "req/s",
@@ -275,7 +483,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         "p99 µs",
         "max µs",
         "errors",
-        "mesh CPU µs/req",
+        "proxy CPU µs/req",
         "app CPU µs/req",
         "client CPU µs/req",
         "other CPU %"
@@ -285,68 +493,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         phases.push(Phase::Full);
     }
     let mut rows = Vec::new();
-    let routes: Vec<Route> = std::iter::once(Route::Direct)
-        .chain((0..running.meshes.len()).map(Route::Mesh))
-        .chain(running.floor.iter().map(|_| Route::Floor))
-        .collect();
-    for phase in phases {
+    for &phase in &phases {
         for &route in &routes {
-            let app_pid = running.meshes[0].app_pid;
-            // The path, the pids of its proxy (the mesh, or mesh-floor) and app, and the
-            // output of the proxy for error messages.
-            let (target, pids, context) = match (route, &running.floor) {
-                (Route::Direct, _) => (
-                    &running.direct,
-                    [running.meshes[0].mesh_pid, app_pid, self_pid],
-                    &running.meshes[0].mesh,
-                ),
-                (Route::Mesh(i), _) => {
-                    let m = &running.meshes[i];
-                    (&m.via_mesh, [m.mesh_pid, m.app_pid, self_pid], &m.mesh)
-                }
-                (Route::Floor, Some(f)) => (&f.via, [f.pid, app_pid, self_pid], &f.child),
-                (Route::Floor, None) => unreachable!("the floor route exists only with --floor"),
-            };
-            std::thread::sleep(Duration::from_millis(200));
-            let machine_before = procs::machine_cpu_ticks()?;
-            let before = pids.map(procs::cpu_sample);
-            let wall = Instant::now();
-            let outcome = match phase {
-                Phase::Rate(r) => {
-                    rt.block_on(load::open_loop(target, args.connections, r, args.duration))?
-                }
-                Phase::Full => {
-                    rt.block_on(load::closed_loop(target, args.connections, args.duration))?
-                }
-            };
-            let after = pids.map(procs::cpu_sample);
-            let wall_us = wall.elapsed().as_secs_f64() * 1e6;
-            let machine_after = procs::machine_cpu_ticks()?;
-            let requests = (outcome.latencies.len() as u64 + outcome.errors).max(1) as f64;
-            let mut used_us = [0.0; 3];
-            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
-                let (Ok(b), Ok(a)) = (b, a) else {
-                    bail!(
-                        "reading CPU times from /proc (did a process exit?)\n{}",
-                        context.context()
-                    );
-                };
-                used_us[i] = procs::cpu_between(b, a, ticks);
-            }
-            let tick_us = 1e6 / ticks as f64;
-            let busy_us = machine_after.0.saturating_sub(machine_before.0) as f64 * tick_us;
-            let steal_us = machine_after.1.saturating_sub(machine_before.1) as f64 * tick_us;
-            let ours: f64 = used_us.iter().sum();
-            let row = Row {
-                phase,
-                route,
-                outcome,
-                mesh_cpu: used_us[0] / requests,
-                app_cpu: used_us[1] / requests,
-                client_cpu: used_us[2] / requests,
-                other_pct: ((busy_us - ours) / wall_us * 100.0).max(0.0),
-                steal_pct: steal_us / wall_us * 100.0,
-            };
+            let row = measure(args, &rt, &running, phase, route, ticks, self_pid)?;
             print_row(&row, &running);
             rows.push(row);
         }
@@ -355,6 +504,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let errors: u64 = rows.iter().map(|r| r.outcome.errors).sum();
     let queued: u64 = rows.iter().map(|r| r.outcome.queued).sum();
     println!();
+    let haproxy_mtls = find_peer(&running, Peer::HaproxyMtls);
+    let haproxy_plain = find_peer(&running, Peer::HaproxyPlain);
     for (i, m) in running.meshes.iter().enumerate() {
         let peak_rss_kib = procs::status_kib(m.mesh_pid, "VmHWM")?;
         let shim_rss: Vec<u64> = m
@@ -363,30 +514,114 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             .filter_map(|&p| procs::status_kib(p, "VmHWM").ok())
             .collect();
         let app_rss = procs::status_kib(m.app_pid, "VmHWM").ok();
-        print_summary(
+        print_mesh_summary(
             &rows,
+            &phases,
             Route::Mesh(i),
-            m.label(),
+            m.kind,
             peak_rss_kib,
             &shim_rss,
             app_rss,
+            [haproxy_mtls, haproxy_plain],
         );
     }
-    if let Some(f) = &running.floor {
-        let peak_rss_kib = procs::status_kib(f.pid, "VmHWM")?;
-        print_summary(&rows, Route::Floor, "floor", peak_rss_kib, &[], None);
+    for (i, p) in running.peers.iter().enumerate() {
+        print_peer_summary(&rows, Route::Peer(i), p.peer.name(), p.peak_rss_kib());
     }
-    print_totals(&rows, errors, queued);
+    if let Some(f) = &running.floor {
+        let peak_rss_kib = procs::status_kib(f.pid, "VmHWM").map(|k| vec![k]);
+        print_peer_summary(&rows, Route::Floor, "floor", peak_rss_kib);
+    }
+    print_totals(&rows, errors, queued, failed);
 
-    for m in &mut running.meshes {
-        let status = m.mesh.stop(STOP_TIMEOUT)?;
-        if !status.success() {
-            eprintln!("mesh-bench: warning: mesh exited with {status} after SIGTERM");
-        }
+    for problem in running.stop() {
+        eprintln!("mesh-bench: warning: {problem}");
     }
     drop(running);
     drop(scratch);
-    Ok(errors == 0)
+    Ok(errors == 0 && !failed)
+}
+
+/// One phase on one path.
+fn measure(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+    running: &Running,
+    phase: Phase,
+    route: Route,
+    ticks: u64,
+    self_pid: i32,
+) -> anyhow::Result<Row> {
+    let target = running.target(route)?;
+    let proxies = running.proxy_pids(route);
+    let others = [running.app_pid(route), self_pid];
+    let sample = |pids: &[i32]| -> anyhow::Result<Vec<procs::CpuSample>> {
+        pids.iter()
+            .map(|&p| procs::cpu_sample(p))
+            .collect::<anyhow::Result<_>>()
+            .with_context(|| {
+                format!(
+                    "reading CPU times from /proc (did a process exit?)\n{}",
+                    running.context(route)
+                )
+            })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let machine_before = procs::machine_cpu_ticks()?;
+    let (proxies_before, others_before) = (sample(&proxies)?, sample(&others)?);
+    let wall = Instant::now();
+    let outcome = match phase {
+        Phase::Rate(r) => rt.block_on(load::open_loop(target, args.connections, r, args.duration)),
+        Phase::Full => rt.block_on(load::closed_loop(target, args.connections, args.duration)),
+    }
+    .with_context(|| {
+        format!(
+            "measuring {} at {}\n{}",
+            running.label(route),
+            phase.label(),
+            running.context(route)
+        )
+    })?;
+    let (proxies_after, others_after) = (sample(&proxies)?, sample(&others)?);
+    let wall_us = wall.elapsed().as_secs_f64() * 1e6;
+    let machine_after = procs::machine_cpu_ticks()?;
+    let requests = (outcome.latencies.len() as u64 + outcome.errors).max(1) as f64;
+    let used = |before: &[procs::CpuSample], after: &[procs::CpuSample]| -> Vec<f64> {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| procs::cpu_between(b, a, ticks))
+            .collect()
+    };
+    // A fold from 0.0: an empty sum (the direct path) is -0.0.
+    let proxy_us = used(&proxies_before, &proxies_after)
+        .iter()
+        .fold(0.0, |a, b| a + b);
+    let [app_us, client_us] = used(&others_before, &others_after)[..] else {
+        bail!("expected two CPU samples (app, client)");
+    };
+    let tick_us = 1e6 / ticks as f64;
+    let busy_us = machine_after.0.saturating_sub(machine_before.0) as f64 * tick_us;
+    let steal_us = machine_after.1.saturating_sub(machine_before.1) as f64 * tick_us;
+    let ours = proxy_us + app_us + client_us;
+    Ok(Row {
+        phase,
+        route,
+        outcome,
+        proxy_cpu: proxy_us / requests,
+        app_cpu: app_us / requests,
+        client_cpu: client_us / requests,
+        other_pct: ((busy_us - ours) / wall_us * 100.0).max(0.0),
+        steal_pct: steal_us / wall_us * 100.0,
+    })
+}
+
+fn find_peer(running: &Running, peer: Peer) -> Option<Route> {
+    running
+        .peers
+        .iter()
+        .position(|p| p.peer == peer)
+        .map(Route::Peer)
 }
 
 /// `mesh` and `mesh-test-app`, next to this executable.
@@ -398,20 +633,17 @@ fn executables() -> anyhow::Result<(PathBuf, PathBuf)> {
 fn beside(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating mesh-bench itself")?;
     let dir = exe.parent().context("mesh-bench has no parent directory")?;
-    let find = |name: &str| {
-        let p = dir.join(name);
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(anyhow::anyhow!(
-                "{} not found: mesh-bench runs the executables built beside it (`mesh`, \
-                 `mesh-test-app`, and `mesh-floor` with --floor); build them first with \
-                 `cargo build --release --bins`",
-                p.display()
-            ))
-        }
-    };
-    find(name)
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        bail!(
+            "{} not found: mesh-bench runs the executables built beside it (`mesh`, \
+             `mesh-test-app`, and `mesh-floor` with --floor); build them first with \
+             `cargo build --release --bins`",
+            p.display()
+        )
+    }
 }
 
 /// Starts `mesh-floor` in front of the app of the direct path and waits until its path
@@ -419,7 +651,7 @@ fn beside(name: &str) -> anyhow::Result<PathBuf> {
 fn start_floor(direct: &Target, rt: &tokio::runtime::Runtime) -> anyhow::Result<FloorRun> {
     let mut command = std::process::Command::new(beside("mesh-floor")?);
     command.arg(direct.addr().to_string());
-    let mut child = MeshChild::spawn(command)?;
+    let mut child = ChildProcess::spawn(command)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let line = child.wait_line("floor=", deadline)?;
     let via = addr_after(&line, "floor=").with_context(|| format!("no address in {line:?}"))?;
@@ -434,17 +666,16 @@ fn start_floor(direct: &Target, rt: &tokio::runtime::Runtime) -> anyhow::Result<
 
 /// A mesh of one service (`server`, the test app) and a caller (`client`) that only
 /// prints its outbound sidecar's URL.
-fn write_config(dir: &Path, app: &Path, tls: bool) -> anyhow::Result<PathBuf> {
+fn write_config(dir: &Path, app: &Path, kind: MeshKind) -> anyhow::Result<PathBuf> {
     let app = app.to_str().context("the test app's path is not UTF-8")?;
-    let tls = if tls { "mutual" } else { "off" };
+    let settings = kind.settings();
     let text = format!(
-        r#"# Written by mesh-bench.
+        r#"# Written by mesh-bench ({label}).
 version = 1
 
 [mesh]
 name = "bench"
-tls = "{tls}"
-
+{settings}
 [services.server]
 command = [{app:?}]
 
@@ -452,11 +683,39 @@ command = [{app:?}]
 command = ["sh", "-c", "echo url=$SERVER_URL; exec sleep 100000"]
 port = "none"
 upstreams = ["server"]
-"#
+"#,
+        label = kind.label(),
     );
     let path = dir.join("mesh.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// `mesh check` of `config`: `Some(message)` when mesh refuses it over `local_path` (a
+/// mesh built before the key was), an error when it refuses it for anything else.
+fn refused_local_path(mesh: &Path, config: &Path, cwd: &Path) -> anyhow::Result<Option<String>> {
+    let out = std::process::Command::new(mesh)
+        .arg("check")
+        .arg("-f")
+        .arg(config)
+        .current_dir(cwd)
+        .env_remove("MESH_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} check", mesh.display()))?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match stderr.lines().find(|l| l.contains("local_path")) {
+        Some(line) => Ok(Some(line.trim().to_owned())),
+        None => bail!(
+            "mesh check refused {} ({}):\n{}",
+            config.display(),
+            out.status,
+            stderr.trim()
+        ),
+    }
 }
 
 /// Starts mesh and waits until both paths are open; returns the mesh and the direct path
@@ -466,9 +725,9 @@ fn start(
     config: &Path,
     cwd: &Path,
     rt: &tokio::runtime::Runtime,
-    tls: bool,
+    kind: MeshKind,
 ) -> anyhow::Result<(MeshRun, Arc<Target>)> {
-    let mut mesh = MeshChild::start(mesh_bin, config, cwd)?;
+    let mut mesh = ChildProcess::start(mesh_bin, config, cwd)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let line = mesh.wait_line("client.0 | url=", deadline)?;
     let via_mesh =
@@ -488,12 +747,12 @@ fn start(
         bail!("expected one mesh-test-app process below mesh (pid {mesh_pid}), found {apps:?}");
     };
     let run = MeshRun {
+        kind,
         mesh,
         mesh_pid,
         app_pid,
         shims,
         via_mesh,
-        tls,
     };
     Ok((run, direct))
 }
@@ -506,7 +765,13 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
         .ok()
 }
 
-fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
+fn print_header(
+    args: &Args,
+    m: &procs::Machine,
+    r: &Running,
+    tools: &peers::Tools,
+    skipped: &[String],
+) {
     let rates: Vec<String> = args.rates.iter().map(u32::to_string).collect();
     println!("mesh-bench");
     println!(
@@ -515,27 +780,31 @@ fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
     );
     println!("  date:     {}", m.date);
     println!("  mesh:     commit {}", m.commit);
-    let meshes: Vec<String> = r
-        .meshes
-        .iter()
-        .map(|m| {
-            let tls = if m.tls {
-                "mutual TLS between the sidecars"
-            } else {
-                "tls = \"off\""
-            };
-            format!(
-                "{} = client → caller's outbound {} → callee's inbound → app, {tls}",
-                m.label(),
-                m.via_mesh.addr()
-            )
-        })
-        .collect();
-    println!(
-        "  paths:    direct = client → app {}; {}",
-        r.direct.addr(),
-        meshes.join("; ")
-    );
+    let peers: Vec<Peer> = r.peers.iter().map(|p| p.peer).collect();
+    if !peers.is_empty() {
+        println!("  peers:    {}", tools.versions(&peers));
+    }
+    println!("  paths:    direct = client → app {}", r.direct.addr());
+    for mesh in &r.meshes {
+        println!(
+            "            {} = client → caller's outbound {} → callee's inbound → app; {}",
+            mesh.kind.label(),
+            mesh.via_mesh.addr(),
+            mesh.kind.description()
+        );
+    }
+    for p in &r.peers {
+        println!("            {} = {}", p.peer, p.description);
+    }
+    if let Some(f) = &r.floor {
+        println!(
+            "            floor = client → mesh-floor {} (two hops in one process) → app",
+            f.via.addr()
+        );
+    }
+    for s in skipped {
+        println!("  skipped:  {s}");
+    }
     println!(
         "  load:     GET / over HTTP/1.1 keep-alive, {} connections, {} s per phase, rates {} rps (open loop), {}; warm-up {} s per path; generator: {} tokio threads in this process, on the same CPUs",
         args.connections,
@@ -552,10 +821,14 @@ fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
     for m in &r.meshes {
         println!(
             "  pids:     {}: mesh {} (both sidecars), test app {}",
-            m.label(),
+            m.kind.label(),
             m.mesh_pid,
             m.app_pid
         );
+    }
+    for p in &r.peers {
+        let pids: Vec<String> = p.pids.iter().map(i32::to_string).collect();
+        println!("  pids:     {}: {}", p.peer, pids.join(", "));
     }
     println!();
     flush();
@@ -563,21 +836,16 @@ fn print_header(args: &Args, m: &procs::Machine, r: &Running) {
 
 fn print_row(row: &Row, running: &Running) {
     let o = &row.outcome;
-    let route = match row.route {
-        Route::Direct => "direct",
-        Route::Mesh(i) => running.meshes[i].label(),
-        Route::Floor => "floor",
-    };
     println!(
-        "{:<16} {:<7} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>15.1}  {:>14.1}  {:>17.1}  {:>11.0}",
+        "{:<16} {:<13} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>16.1}  {:>14.1}  {:>17.1}  {:>11.0}",
         row.phase.label(),
-        route,
+        running.label(row.route),
         o.throughput(),
         load::quantile_us(&o.latencies, 0.50),
         load::quantile_us(&o.latencies, 0.99),
         load::quantile_us(&o.latencies, 1.0),
         o.errors,
-        row.mesh_cpu,
+        row.proxy_cpu,
         row.app_cpu,
         row.client_cpu,
         row.other_pct,
@@ -593,105 +861,218 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "MISS" }
 }
 
-/// The ratios and targets of one mesh path (`route`, labelled `label`).
-fn print_summary(
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The ratios and targets of one mesh path: against haproxy-mtls and haproxy-plain of
+/// the same run (`peers`, when they were measured), then against the direct path.
+#[allow(clippy::too_many_arguments)]
+fn print_mesh_summary(
     rows: &[Row],
+    phases: &[Phase],
     route: Route,
-    label: &str,
+    kind: MeshKind,
     peak_rss_kib: u64,
     shim_rss: &[u64],
     app_rss: Option<u64>,
+    [haproxy_mtls, haproxy_plain]: [Option<Route>; 2],
 ) {
-    let mut ratios = Vec::new();
+    let label = kind.label();
+    let mut against = Vec::new();
     let mut targets = Vec::new();
+    let p99_phase = Phase::Rate(TARGET_P99_RATE);
 
+    // Against haproxy-mtls: throughput, p99, CPU per request in each phase.
+    let mut mtls = Vec::new();
+    let not_measured = |what: &str| format!("{what} [not measured]");
+    let throughput_target =
+        format!("throughput ≥{TARGET_THROUGHPUT_VS_HAPROXY_MTLS:.1}× haproxy-mtls");
+    let p99_target =
+        format!("p99@{TARGET_P99_RATE} ≤{TARGET_P99_VS_HAPROXY_MTLS:.1}× haproxy-mtls");
+    let cpu_target =
+        format!("CPU/req ≤{TARGET_CPU_VS_HAPROXY_MTLS:.1}× haproxy-mtls in every phase");
+    match haproxy_mtls {
+        Some(h) => {
+            match (find(rows, Phase::Full, route), find(rows, Phase::Full, h)) {
+                (Some(m), Some(p)) => {
+                    let (a, b) = (m.outcome.throughput(), p.outcome.throughput());
+                    let ratio = a / b;
+                    mtls.push(format!("throughput {ratio:.2}× ({a:.0} vs {b:.0} req/s)"));
+                    targets.push(format!(
+                        "{throughput_target} [{}]",
+                        verdict(ratio >= TARGET_THROUGHPUT_VS_HAPROXY_MTLS)
+                    ));
+                }
+                _ => targets.push(not_measured(&throughput_target)),
+            }
+            match (find(rows, p99_phase, route), find(rows, p99_phase, h)) {
+                (Some(m), Some(p)) => {
+                    let (a, b) = (m.p99(), p.p99());
+                    let ratio = a / b;
+                    mtls.push(format!(
+                        "p99 @{TARGET_P99_RATE} {ratio:.2}× ({a:.0} vs {b:.0} µs)"
+                    ));
+                    targets.push(format!(
+                        "{p99_target} [{}]",
+                        verdict(ratio <= TARGET_P99_VS_HAPROXY_MTLS)
+                    ));
+                }
+                _ => targets.push(not_measured(&p99_target)),
+            }
+            let mut cpu = Vec::new();
+            let mut worst: Option<f64> = None;
+            for &phase in phases.iter().rev() {
+                if let (Some(m), Some(p)) = (find(rows, phase, route), find(rows, phase, h)) {
+                    let ratio = m.proxy_cpu / p.proxy_cpu;
+                    cpu.push(format!(
+                        "{ratio:.2}× at {} ({:.1} vs {:.1} µs)",
+                        phase.label(),
+                        m.proxy_cpu,
+                        p.proxy_cpu
+                    ));
+                    worst = Some(worst.map_or(ratio, |w| w.max(ratio)));
+                }
+            }
+            match worst {
+                Some(w) => {
+                    mtls.push(format!("CPU/req {}", cpu.join(", ")));
+                    targets.push(format!(
+                        "{cpu_target} [{}]",
+                        verdict(w <= TARGET_CPU_VS_HAPROXY_MTLS)
+                    ));
+                }
+                None => targets.push(not_measured(&cpu_target)),
+            }
+            against.push(format!("against haproxy-mtls: {}", mtls.join(", ")));
+        }
+        None => {
+            against.push("against haproxy-mtls: not measured".to_owned());
+            targets.push(not_measured(&throughput_target));
+            targets.push(not_measured(&p99_target));
+            targets.push(not_measured(&cpu_target));
+        }
+    }
+
+    let rss_mib = mib(peak_rss_kib);
+    targets.push(format!(
+        "peak RSS ≤{TARGET_RSS_MIB:.0} MiB ({rss_mib:.1}) [{}]",
+        verdict(rss_mib <= TARGET_RSS_MIB)
+    ));
+
+    let plain_target =
+        format!("throughput ≥{TARGET_THROUGHPUT_VS_HAPROXY_PLAIN:.1}× haproxy-plain");
+    match haproxy_plain
+        .and_then(|h| Some((find(rows, Phase::Full, route)?, find(rows, Phase::Full, h)?)))
+    {
+        Some((m, p)) => {
+            let (a, b) = (m.outcome.throughput(), p.outcome.throughput());
+            let ratio = a / b;
+            against.push(format!(
+                "against haproxy-plain: throughput {ratio:.2}× ({a:.0} vs {b:.0} req/s)"
+            ));
+            targets.push(format!(
+                "{plain_target} [{}]",
+                verdict(ratio >= TARGET_THROUGHPUT_VS_HAPROXY_PLAIN)
+            ));
+        }
+        None => {
+            against.push("against haproxy-plain: not measured".to_owned());
+            targets.push(not_measured(&plain_target));
+        }
+    }
+
+    println!("{label}: {}", against.join("; "));
+    if kind.has_targets() {
+        println!("{label}: targets: {}", targets.join(", "));
+    }
+    println!(
+        "{label}: against direct (information): {}",
+        against_direct(rows, route).join(", ")
+    );
+    let shims: Vec<String> = shim_rss.iter().map(|k| format!("{:.1}", mib(*k))).collect();
+    println!(
+        "{label}: notes: proxy CPU is the mesh process (both sidecars, plus its supervisor) per request; peak RSS is its VmHWM; \
+         the shims (one per app process) peak at [{}] MiB, the test app at {} MiB",
+        shims.join(", "),
+        app_rss.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", mib(k))),
+    );
+    flush();
+}
+
+/// A path against the direct path: throughput at full speed, extra p99 at
+/// [`TARGET_P99_RATE`], its proxy CPU per request at full speed and the worst phase.
+fn against_direct(rows: &[Row], route: Route) -> Vec<String> {
+    let mut out = Vec::new();
     if let (Some(d), Some(m)) = (
         find(rows, Phase::Full, Route::Direct),
         find(rows, Phase::Full, route),
     ) {
-        let ratio = m.outcome.throughput() / d.outcome.throughput();
-        ratios.push(format!("throughput {ratio:.2}×"));
-        targets.push(format!(
-            "throughput ≥{TARGET_THROUGHPUT_RATIO:.2}× [{}]",
-            verdict(ratio >= TARGET_THROUGHPUT_RATIO)
-        ));
-    } else {
-        targets.push(format!(
-            "throughput ≥{TARGET_THROUGHPUT_RATIO:.2}× [not measured]"
+        out.push(format!(
+            "throughput {:.2}×",
+            m.outcome.throughput() / d.outcome.throughput()
         ));
     }
-
     let p99_phase = Phase::Rate(TARGET_P99_RATE);
     if let (Some(d), Some(m)) = (
         find(rows, p99_phase, Route::Direct),
         find(rows, p99_phase, route),
     ) {
-        let extra = m.p99() - d.p99();
-        ratios.push(format!("p99 @{TARGET_P99_RATE} {extra:+.0} µs"));
-        targets.push(format!(
-            "p99@{TARGET_P99_RATE} ≤ +{TARGET_P99_EXTRA_US:.0} µs [{}]",
-            verdict(extra <= TARGET_P99_EXTRA_US)
-        ));
-    } else {
-        targets.push(format!(
-            "p99@{TARGET_P99_RATE} ≤ +{TARGET_P99_EXTRA_US:.0} µs [not measured]"
+        out.push(format!(
+            "p99 @{TARGET_P99_RATE} {:+.0} µs",
+            m.p99() - d.p99()
         ));
     }
-
-    // CPU: the full-speed figure (the one comparable to other proxies), and the worst
-    // mesh phase; the target is checked against the worst.
-    let mesh_rows: Vec<&Row> = rows.iter().filter(|r| r.route == route).collect();
-    if let Some(worst) = mesh_rows
+    let worst = rows
         .iter()
-        .max_by(|a, b| a.mesh_cpu.total_cmp(&b.mesh_cpu))
-    {
+        .filter(|r| r.route == route)
+        .max_by(|a, b| a.proxy_cpu.total_cmp(&b.proxy_cpu));
+    if let Some(worst) = worst {
         let mut s = String::from("CPU/req");
         if let Some(full) = find(rows, Phase::Full, route) {
-            s.push_str(&format!(" {:.1} µs at full speed,", full.mesh_cpu));
+            s.push_str(&format!(" {:.1} µs at full speed,", full.proxy_cpu));
         }
         s.push_str(&format!(
             " worst {:.1} µs ({})",
-            worst.mesh_cpu,
+            worst.proxy_cpu,
             worst.phase.label()
         ));
-        ratios.push(s);
-        targets.push(format!(
-            "CPU ≤{TARGET_CPU_US:.0} µs [{}]",
-            verdict(worst.mesh_cpu <= TARGET_CPU_US)
-        ));
+        out.push(s);
     }
+    out
+}
 
-    let rss_mib = peak_rss_kib as f64 / 1024.0;
-    ratios.push(format!("peak RSS {rss_mib:.1} MiB"));
-    targets.push(format!(
-        "RSS ≤{TARGET_RSS_MIB:.0} MiB [{}]",
-        verdict(rss_mib <= TARGET_RSS_MIB)
-    ));
-
-    println!("{label}: ratios mesh/direct: {}", ratios.join(", "));
-    println!("{label}: targets: {}", targets.join(", "));
-    let shims: Vec<String> = shim_rss
-        .iter()
-        .map(|k| format!("{:.1}", *k as f64 / 1024.0))
-        .collect();
-    if route == Route::Floor {
-        println!(
-            "{label}: notes: its CPU column is the mesh-floor process (both hops, nothing else) per request; peak RSS is its VmHWM"
-        );
-        flush();
-        return;
-    }
+/// A peer's (or mesh-floor's) peak RSS, summed over its processes, and its figures
+/// against the direct path.
+fn print_peer_summary(rows: &[Row], route: Route, label: &str, rss_kib: anyhow::Result<Vec<u64>>) {
+    let rss = match rss_kib {
+        Ok(kib) => rss_text(&kib),
+        Err(e) => format!("peak RSS unknown ({e:#})"),
+    };
     println!(
-        "{label}: notes: mesh CPU is the mesh process (both sidecars, plus its supervisor) per request; peak RSS is its VmHWM; \
-         the shims (one per app process) peak at [{}] MiB, the test app at {} MiB",
-        shims.join(", "),
-        app_rss.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        "{label}: {rss}; against direct (information): {}",
+        against_direct(rows, route).join(", ")
     );
     flush();
 }
 
+/// `peak RSS 9.8 MiB`, or `peak RSS 19.6 MiB over its 2 processes (9.8 + 9.8 MiB)`.
+fn rss_text(rss_kib: &[u64]) -> String {
+    let each: Vec<String> = rss_kib.iter().map(|k| format!("{:.1}", mib(*k))).collect();
+    let total = mib(rss_kib.iter().sum());
+    if rss_kib.len() > 1 {
+        format!(
+            "peak RSS {total:.1} MiB over its {} processes ({} MiB)",
+            rss_kib.len(),
+            each.join(" + ")
+        )
+    } else {
+        format!("peak RSS {total:.1} MiB")
+    }
+}
+
 /// What concerns the whole run: a noisy machine, queued requests, errors.
-fn print_totals(rows: &[Row], errors: u64, queued: u64) {
+fn print_totals(rows: &[Row], errors: u64, queued: u64, failed: bool) {
     let other = rows.iter().map(|r| r.other_pct).fold(0.0, f64::max);
     let steal = rows.iter().map(|r| r.steal_pct).fold(0.0, f64::max);
     if other >= 10.0 || steal >= 5.0 {
@@ -703,6 +1084,9 @@ fn print_totals(rows: &[Row], errors: u64, queued: u64) {
         println!(
             "notes: {queued} fixed-rate requests found no free connection at their scheduled time (their wait is in the latency)"
         );
+    }
+    if failed {
+        println!("ERRORS: a selected peer did not start (see \"skipped:\" above)");
     }
     if errors > 0 {
         println!("ERRORS: {errors} requests failed (see the errors column)");

@@ -1,5 +1,6 @@
-//! The processes around the benchmark: the `mesh up` child (started, watched, always
-//! stopped), and what `/proc` says about it and its application (CPU time, peak RSS).
+//! The processes around the benchmark: the `mesh up` child and the peers' proxies
+//! (started, watched, always stopped), and what `/proc` says about them and the
+//! application (CPU time, peak RSS).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead as _, BufReader, Read};
@@ -41,17 +42,21 @@ impl Drop for ScratchDir {
     }
 }
 
-/// The `mesh up` child process. Dropping it stops the mesh (SIGTERM, then SIGKILL), so no
-/// error path leaves processes behind.
-pub(crate) struct MeshChild {
+/// A child process of the bench: `mesh up`, `mesh-floor`, or a peer's proxy. Dropping it
+/// stops it (SIGTERM, then SIGKILL), so no error path leaves processes behind.
+pub(crate) struct ChildProcess {
     child: Child,
+    /// Its executable's file name, for messages.
+    name: String,
     reaped: bool,
     lines: Receiver<String>,
     seen: Vec<String>,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// Closed when its stderr has been read to the end.
+    stderr_done: Receiver<()>,
 }
 
-impl MeshChild {
+impl ChildProcess {
     /// Runs `<mesh> up -f <config>` in `cwd`, relaying nothing: stdout lines go to a
     /// channel (read by a thread for the whole run, so mesh never blocks on its output),
     /// the last lines of stderr are kept for error messages.
@@ -67,8 +72,14 @@ impl MeshChild {
     }
 
     /// Runs `command` the same way: its stdout lines to the channel, the tail of its
-    /// stderr kept (used for `mesh-floor` too).
+    /// stderr kept (used for `mesh-floor` and the peers too).
     pub(crate) fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        let program = Path::new(command.get_program());
+        let name = program
+            .file_name()
+            .unwrap_or(program.as_os_str())
+            .to_string_lossy()
+            .into_owned();
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -88,16 +99,22 @@ impl MeshChild {
             });
         }
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let (done, stderr_done) = mpsc::channel();
         if let Some(err) = child.stderr.take() {
             let keep = Arc::clone(&stderr);
-            std::thread::spawn(move || drain_tail(err, &keep));
+            std::thread::spawn(move || {
+                drain_tail(err, &keep);
+                drop(done);
+            });
         }
         Ok(Self {
             child,
+            name,
             reaped: false,
             lines,
             seen: Vec::new(),
             stderr,
+            stderr_done,
         })
     }
 
@@ -119,14 +136,16 @@ impl MeshChild {
                 Ok(line) => self.seen.push(line),
                 Err(RecvTimeoutError::Timeout) => {
                     bail!(
-                        "timed out waiting for mesh to print {needle:?}\n{}",
+                        "timed out waiting for {} to print {needle:?}\n{}",
+                        self.name,
                         self.context()
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.wait_for_exit(Duration::from_secs(5));
                     bail!(
-                        "mesh closed its output ({}) before printing {needle:?}\n{}",
+                        "{} closed its output ({}) before printing {needle:?}\n{}",
+                        self.name,
                         status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
                         self.context()
                     )
@@ -135,15 +154,15 @@ impl MeshChild {
         }
     }
 
-    /// The last lines mesh printed on stdout and stderr, for error messages.
+    /// The last lines it printed on stdout and stderr, for error messages.
     pub(crate) fn context(&self) -> String {
-        let mut s = String::from("--- mesh stdout (last lines) ---\n");
+        let mut s = format!("--- {} stdout (last lines) ---\n", self.name);
         let from = self.seen.len().saturating_sub(TAIL);
         for l in &self.seen[from..] {
             s.push_str(l);
             s.push('\n');
         }
-        s.push_str("--- mesh stderr (last lines) ---\n");
+        s.push_str(&format!("--- {} stderr (last lines) ---\n", self.name));
         if let Ok(err) = self.stderr.lock() {
             for l in err.iter() {
                 s.push_str(l);
@@ -162,9 +181,23 @@ impl MeshChild {
             return Ok(status);
         }
         let _ = self.child.kill();
-        let status = self.child.wait().context("waiting for mesh")?;
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("waiting for {}", self.name))?;
         self.reaped = true;
-        bail!("mesh did not exit within {timeout:?} of SIGTERM; killed ({status})")
+        bail!(
+            "{} did not exit within {timeout:?} of SIGTERM; killed ({status})",
+            self.name
+        )
+    }
+
+    /// Its exit status, if it has exited; then its last words are in [`Self::context`]
+    /// (unless a process it left behind holds its stderr open for more than a second).
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.wait_for_exit(Duration::ZERO)?;
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(1));
+        Some(status)
     }
 
     fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -184,7 +217,7 @@ impl MeshChild {
     }
 }
 
-impl Drop for MeshChild {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         if !self.reaped {
             let _ = self.stop(Duration::from_secs(10));
