@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use mesh_supervisor::config::{
-    Condition, Config, HealthCheck, PortSpec, RestartPolicy, Service, TlsMode,
+    Condition, Config, HealthCheck, LocalPath, PortSpec, RestartPolicy, Service, TlsMode,
     default_ready_timeout,
 };
 
@@ -35,6 +35,15 @@ pub(crate) fn render(config: &Config) -> String {
         ),
     };
     let _ = writeln!(out, "  tls               {tls}");
+    let local_path = match config.mesh.local_path {
+        LocalPath::InProcess => {
+            "in-process (calls between sidecars of this process cross no socket)"
+        }
+        LocalPath::Tls => {
+            "tls (calls between sidecars of this process go through the inbounds' TLS listeners)"
+        }
+    };
+    let _ = writeln!(out, "  local_path        {local_path}");
     let _ = writeln!(out, "start order:");
     for (i, name) in config.start_order.iter().enumerate() {
         let svc = &config.services[name];

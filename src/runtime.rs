@@ -25,12 +25,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use mesh_proxy as proxy;
-use mesh_supervisor::config::{self, Config, LoadBalancer, Protocol, TlsMode};
+use mesh_supervisor::config::{self, Config, LoadBalancer, LocalPath, Protocol, TlsMode};
 use mesh_supervisor::logs::LogSink;
 use mesh_supervisor::supervisor::{self, Options, Outcome, ShutdownHooks, Statuses, Supervisor};
 use parking_lot::Mutex;
 use proxy::balance::{Algorithm, Balancer};
-use proxy::discovery::{Endpoint, Registry};
+use proxy::discovery::{Endpoint, Local, Registry};
 use proxy::live::Live;
 use proxy::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -136,6 +136,9 @@ struct Inbound {
     addr: SocketAddr,
     /// The app port it forwards to (moved by a rolling replacement).
     app: Live<SocketAddr>,
+    /// The entry point outbounds of this process hand calls to, with `local_path =
+    /// "in-process"` (SPEC §1 "The local path"); `None` sends them to `addr`.
+    local: Option<Local>,
 }
 
 /// An outbound or an ingress, with the settings it serves with.
@@ -614,7 +617,7 @@ impl Wire<'_> {
         };
         let mesh_name = self.config.mesh.name.clone();
         let metrics = self.sidecars.metrics.clone();
-        let task = match svc.protocol {
+        let (task, local) = match svc.protocol {
             Protocol::Tcp => {
                 let cfg = proxy::tcp::TcpInboundConfig {
                     mesh_name,
@@ -626,9 +629,9 @@ impl Wire<'_> {
                     tls,
                     admitted,
                 };
-                tokio::spawn(
-                    proxy::tcp::serve_inbound(listener, cfg, stop.clone()).instrument(span),
-                )
+                let server = proxy::tcp::TcpInboundServer::new(cfg, stop.clone());
+                let local = Local::Tcp(server.local());
+                (tokio::spawn(server.serve(listener).instrument(span)), local)
             }
             protocol => {
                 let cfg = proxy::inbound::InboundConfig {
@@ -642,15 +645,20 @@ impl Wire<'_> {
                     tls,
                     admitted,
                 };
-                tokio::spawn(proxy::inbound::serve(listener, cfg, stop.clone()).instrument(span))
+                let limits = proxy::http::server::Limits::default();
+                let server = proxy::inbound::InboundServer::new(cfg, limits, stop.clone());
+                let local = Local::Http(server.local());
+                (tokio::spawn(server.serve(listener).instrument(span)), local)
             }
         };
+        let local = (self.config.mesh.local_path == LocalPath::InProcess).then_some(local);
         self.sidecars.wiring.lock().inbounds.insert(
             (service.to_string(), replica),
             Inbound {
                 server: Server { stop, task },
                 addr,
                 app,
+                local,
             },
         );
         self.sidecars.rewired.send_replace(());
@@ -931,14 +939,21 @@ fn proxy_traffic(t: &config::Traffic, algorithm: Algorithm) -> proxy::Traffic {
 async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Statuses>) {
     let mut rewired = sidecars.rewired.subscribe();
     loop {
-        let inbound_addrs: BTreeMap<(String, u32), SocketAddr> = sidecars
+        let inbounds: BTreeMap<(String, u32), Endpoint> = sidecars
             .wiring
             .lock()
             .inbounds
             .iter()
-            .map(|(k, i)| (k.clone(), i.addr))
+            .map(|((service, replica), inbound)| {
+                let endpoint = Endpoint::new(format!("{service}.{replica}"), inbound.addr);
+                let endpoint = match &inbound.local {
+                    Some(local) => endpoint.with_local(local.clone()),
+                    None => endpoint,
+                };
+                ((service.clone(), *replica), endpoint)
+            })
             .collect();
-        let mut ready: BTreeMap<String, Vec<Endpoint>> = inbound_addrs
+        let mut ready: BTreeMap<String, Vec<Endpoint>> = inbounds
             .keys()
             .map(|(s, _)| (s.clone(), Vec::new()))
             .collect();
@@ -950,11 +965,11 @@ async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Sta
                     continue;
                 }
                 let key = (r.service.clone(), r.replica);
-                if let Some(addr) = inbound_addrs.get(&key) {
-                    ready.entry(r.service.clone()).or_default().push(Endpoint {
-                        id: format!("{}.{}", r.service, r.replica).into(),
-                        addr: *addr,
-                    });
+                if let Some(endpoint) = inbounds.get(&key) {
+                    ready
+                        .entry(r.service.clone())
+                        .or_default()
+                        .push(endpoint.clone());
                 }
             }
         }

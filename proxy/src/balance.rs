@@ -638,6 +638,10 @@ struct BreakerState {
 impl State {
     /// Bring the per-endpoint state in line with the registry's `list`: keep the state of
     /// endpoints still there, create it for new ones, drop it for departed ones.
+    #[allow(
+        clippy::mutable_key_type,
+        reason = "an endpoint's hash and equality are its id, address and the identity of its local handle, never what the handle mutates"
+    )]
     fn sync(&mut self, list: Arc<[Endpoint]>) {
         if Arc::ptr_eq(&self.seen, &list) {
             return;

@@ -9,12 +9,87 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 /// One replica's inbound sidecar.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug)]
 pub struct Endpoint {
     /// `service.replica`, as error messages and `tried=` show it.
     pub id: Arc<str>,
     /// The replica's inbound listener.
     pub addr: SocketAddr,
+    /// The inbound itself when it runs in this process and calls are to take the local
+    /// path (SPEC §1): outbounds hand requests and streams to it instead of connecting to
+    /// `addr`.
+    pub local: Option<Local>,
+}
+
+impl Endpoint {
+    /// An endpoint reached through its listener at `addr`.
+    pub fn new(id: impl Into<Arc<str>>, addr: SocketAddr) -> Self {
+        Endpoint {
+            id: id.into(),
+            addr,
+            local: None,
+        }
+    }
+
+    /// This endpoint, reached in the process through `local`.
+    pub fn with_local(mut self, local: Local) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// The HTTP inbound to hand requests to, on the local path.
+    pub(crate) fn local_http(&self) -> Option<&crate::inbound::LocalInbound> {
+        match &self.local {
+            Some(Local::Http(inbound)) => Some(inbound),
+            _ => None,
+        }
+    }
+
+    /// The tcp inbound to hand streams to, on the local path.
+    pub(crate) fn local_tcp(&self) -> Option<&crate::tcp::LocalTcpInbound> {
+        match &self.local {
+            Some(Local::Tcp(inbound)) => Some(inbound),
+            _ => None,
+        }
+    }
+}
+
+// Identity and order are the id and the address: an inbound keeps its listener for its
+// whole life, so the same address is the same inbound.
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.addr == other.addr && self.local == other.local
+    }
+}
+
+impl Eq for Endpoint {}
+
+impl PartialOrd for Endpoint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Endpoint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.id, self.addr).cmp(&(&other.id, other.addr))
+    }
+}
+
+impl std::hash::Hash for Endpoint {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+        self.addr.hash(state);
+    }
+}
+
+/// A replica's inbound in this process, by protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Local {
+    /// An http or grpc inbound.
+    Http(crate::inbound::LocalInbound),
+    /// A tcp inbound.
+    Tcp(crate::tcp::LocalTcpInbound),
 }
 
 /// The publishing side of one service's endpoint set.

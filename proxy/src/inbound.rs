@@ -21,11 +21,11 @@ use std::sync::Arc;
 
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use crate::errors::{ErrorKind, ForwardError, HDR_DETAIL, HDR_ERROR, MeshError};
@@ -81,63 +81,133 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    let span = tracing::debug_span!(
-        "http_inbound",
-        service = %cfg.service,
-        replica = cfg.replica,
-        app = %cfg.app.get(),
-    );
-    let server_tls = cfg.tls.as_ref().map(|config| ServerTls {
-        config: Arc::clone(config),
-        metrics: cfg.metrics.clone(),
-        service: cfg.service.clone(),
-    });
-    let errors = cfg
-        .metrics
-        .connection_errors(crate::metrics::Listener::Inbound, "", &cfg.service);
-    let stats = cfg.metrics.replica(&cfg.service, cfg.replica);
-    let inbound = Arc::new(Inbound {
-        stats,
-        id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
-        trust_domain: format!("spiffe://{}/", cfg.mesh_name),
-        target: RwLock::new(Arc::new(AppTarget::new(
-            *cfg.app.get(),
-            limits.app_idle_timeout,
-        ))),
-        idle_timeout: limits.app_idle_timeout,
-        bucket: RwLock::new(Arc::new(
-            cfg.rate_limit
-                .get()
-                .map(|limit| TokenBucket::new(limit, tokio::time::Instant::now())),
-        )),
-        cfg,
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
-    });
-    let builder = server::builder(&limits, Facing::Sidecars);
-    let stats = Arc::clone(&inbound.stats);
-    let handle = move |_peer, req| {
-        let inbound = Arc::clone(&inbound);
-        let stats = Arc::clone(&stats);
-        async move {
-            let arrival = std::time::Instant::now();
-            let response = inbound.handle(req).await;
-            stats.record(response.status().as_u16(), arrival.elapsed());
-            response
-        }
-    };
-    async move {
-        server::serve_tls(
-            listener, builder, limits, tracker, shutdown, server_tls, errors, handle,
-        )
+    InboundServer::new(cfg, limits, shutdown)
+        .serve(listener)
         .await;
-        tracing::debug!("shutdown complete");
-    }
-    .instrument(span)
-    .await;
 }
 
+/// One replica's inbound before it serves: [`InboundServer::local`] hands out the entry
+/// point for sidecars of this process (SPEC §1 "The local path"),
+/// [`InboundServer::serve`] serves the TLS (or plain) listener. Both entry points run the
+/// same inbound: authorization, rate limit, drain, headers, metrics.
+pub struct InboundServer {
+    inbound: Arc<Inbound>,
+    limits: Limits,
+}
+
+impl InboundServer {
+    /// The inbound of `cfg`, which drains when `shutdown` is cancelled.
+    pub fn new(cfg: InboundConfig, limits: Limits, shutdown: CancellationToken) -> Self {
+        let stats = cfg.metrics.replica(&cfg.service, cfg.replica);
+        let inbound = Arc::new(Inbound {
+            stats,
+            id: Arc::from(format!("{}.{}", cfg.service, cfg.replica)),
+            trust_domain: format!("spiffe://{}/", cfg.mesh_name),
+            target: RwLock::new(Arc::new(AppTarget::new(
+                *cfg.app.get(),
+                limits.app_idle_timeout,
+            ))),
+            idle_timeout: limits.app_idle_timeout,
+            bucket: RwLock::new(Arc::new(
+                cfg.rate_limit
+                    .get()
+                    .map(|limit| TokenBucket::new(limit, tokio::time::Instant::now())),
+            )),
+            cfg,
+            tracker: TaskTracker::new(),
+            shutdown,
+        });
+        InboundServer { inbound, limits }
+    }
+
+    /// The entry point for outbounds of this process.
+    pub fn local(&self) -> LocalInbound {
+        LocalInbound {
+            inbound: Arc::clone(&self.inbound),
+        }
+    }
+
+    /// Serve `listener` until the shutdown token is cancelled, then drain: stop
+    /// accepting, finish the requests in flight (those of the local entry point too),
+    /// and return.
+    pub async fn serve(self, listener: TcpListener) {
+        let InboundServer { inbound, limits } = self;
+        let cfg = &inbound.cfg;
+        let span = tracing::debug_span!(
+            "http_inbound",
+            service = %cfg.service,
+            replica = cfg.replica,
+            app = %cfg.app.get(),
+        );
+        let server_tls = cfg.tls.as_ref().map(|config| ServerTls {
+            config: Arc::clone(config),
+            metrics: cfg.metrics.clone(),
+            service: cfg.service.clone(),
+        });
+        let errors =
+            cfg.metrics
+                .connection_errors(crate::metrics::Listener::Inbound, "", &cfg.service);
+        let builder = server::builder(&limits, Facing::Sidecars);
+        let tracker = inbound.tracker.clone();
+        let shutdown = inbound.shutdown.clone();
+        let handle = move |_peer, req| {
+            let inbound = Arc::clone(&inbound);
+            async move { inbound.serve_request(req, None).await }
+        };
+        async move {
+            server::serve_tls(
+                listener, builder, limits, tracker, shutdown, server_tls, errors, handle,
+            )
+            .await;
+            tracing::debug!("shutdown complete");
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+/// A replica's inbound as the outbounds of this process call it: no socket, no TLS, no
+/// HTTP/2 framing; the caller's identity is the one the process gave its outbound.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct LocalInbound {
+    inbound: Arc<Inbound>,
+}
+
+impl std::fmt::Debug for LocalInbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LocalInbound")
+            .field(&self.inbound.id)
+            .finish()
+    }
+}
+
+impl PartialEq for LocalInbound {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inbound, &other.inbound)
+    }
+}
+
+impl LocalInbound {
+    /// Serve `req` from the caller `peer`, exactly as a request of that identity over the
+    /// TLS listener: authorization, rate limit, `x-mesh-client-id`, the caller's HTTP
+    /// version towards the app, upgrades (the request's own upgrade, spliced with the
+    /// app's), metrics. The inbound's drain waits for the request and its response body.
+    /// A draining inbound takes no new request: `req` comes back unsent, as a closed
+    /// listener would refuse a connection.
+    pub(crate) async fn call(
+        &self,
+        peer: &PeerIdentity,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, Request<Body>> {
+        if self.inbound.shutdown.is_cancelled() {
+            return Err(req);
+        }
+        let hold = self.inbound.tracker.token();
+        req.extensions_mut().insert(peer.clone());
+        Ok(self.inbound.serve_request(req, Some(hold)).await)
+    }
+}
 /// The app's address and the connections to it.
 struct AppTarget {
     addr: SocketAddr,
@@ -180,7 +250,29 @@ enum AppVersion {
 }
 
 impl Inbound {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// One request, from the listener or from the local entry point (`hold` keeps the
+    /// drain waiting until the response body ends), recorded for `mesh ps`.
+    async fn serve_request<B>(
+        &self,
+        req: Request<B>,
+        hold: Option<TaskTrackerToken>,
+    ) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::http::BoxError>,
+    {
+        let arrival = std::time::Instant::now();
+        let response = self.handle(req, hold).await;
+        self.stats
+            .record(response.status().as_u16(), arrival.elapsed());
+        response
+    }
+
+    async fn handle<B>(&self, mut req: Request<B>, hold: Option<TaskTrackerToken>) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::http::BoxError>,
+    {
         let peer = match self.authorize(&req) {
             Ok(peer) => peer,
             Err(refusal) => return refusal,
@@ -269,7 +361,7 @@ impl Inbound {
                 if upgraded || connect {
                     return response;
                 }
-                self.watch_body(response, caller)
+                self.watch_body(response, caller, hold)
             }
             Err(error) => {
                 // An HTTP/2 server that did not enable extended CONNECT resets the stream
@@ -292,7 +384,7 @@ impl Inbound {
         clippy::result_large_err,
         reason = "the refusal is the response itself, built on the rare path"
     )]
-    fn authorize(&self, req: &Request<Incoming>) -> Result<Option<PeerIdentity>, Response<Body>> {
+    fn authorize<B>(&self, req: &Request<B>) -> Result<Option<PeerIdentity>, Response<Body>> {
         if self.cfg.tls.is_none() {
             return Ok(None);
         }
@@ -334,7 +426,7 @@ impl Inbound {
     }
 
     /// The version the caller used, as its sidecar said; grpc apps always get h2c.
-    fn app_version(&self, req: &Request<Incoming>) -> AppVersion {
+    fn app_version<B>(&self, req: &Request<B>) -> AppVersion {
         if self.cfg.protocol == Protocol::Grpc {
             return AppVersion::Http2;
         }
@@ -379,9 +471,9 @@ impl Inbound {
 
     /// The rate-limit step: `None` when the request may go on, else the `rate-limited`
     /// answer (429 with `Retry-After`; grpc-status 8 for grpc).
-    fn rate_limit(
+    fn rate_limit<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         peer: Option<&PeerIdentity>,
     ) -> Option<Response<Body>> {
         let bucket = self.bucket()?;
@@ -432,8 +524,14 @@ impl Inbound {
     /// The app's response, whose body is watched: an app that breaks it mid-way (a
     /// `Content-Length` it does not fill, a connection closed, a stream reset) is a failed
     /// request of this replica for `mesh ps` and the metrics, and is logged. The caller
-    /// still gets the status and the bytes that came, then the break.
-    fn watch_body(&self, response: Response<Body>, caller: Caller) -> Response<Body> {
+    /// still gets the status and the bytes that came, then the break. `hold` (a local
+    /// call's) keeps the inbound's drain waiting until the body ends.
+    fn watch_body(
+        &self,
+        response: Response<Body>,
+        caller: Caller,
+        hold: Option<TaskTrackerToken>,
+    ) -> Response<Body> {
         let stats = Arc::clone(&self.stats);
         let metrics = self.cfg.metrics.clone();
         let service = self.cfg.service.clone();
@@ -441,6 +539,7 @@ impl Inbound {
         let trust_domain = self.trust_domain.clone();
         response.map(move |body| {
             boxed(Finish::new(body, move |end| {
+                drop(hold);
                 let End::Cut { bytes, error } = end else {
                     return;
                 };
@@ -510,9 +609,9 @@ impl Caller {
 impl Inbound {
     /// The calling identity's name (`web`, `ingress`) for metrics: from its certificate
     /// with mutual TLS, else from the identity its sidecar sent; "unknown" without one.
-    fn caller_name<'a>(
+    fn caller_name<'a, B>(
         &'a self,
-        req: &'a Request<Incoming>,
+        req: &'a Request<B>,
         peer: Option<&'a PeerIdentity>,
     ) -> &'a str {
         if let Some(peer) = peer {

@@ -95,6 +95,13 @@ struct ConnectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+    caller: String,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     caller: String,
     service: String,
@@ -148,6 +155,7 @@ struct Inner {
     connection_errors: Family<ConnectionLabels, Counter>,
     restarts: Family<ReplicaLabels, Counter>,
     cert_expiry: Family<ReplicaLabels, Gauge>,
+    connections: Family<ListenerLabels, Counter>,
 }
 
 /// The metrics of one mesh. Clones share the same families.
@@ -182,6 +190,7 @@ impl Metrics {
         let connection_errors = Family::<ConnectionLabels, Counter>::default();
         let restarts = Family::<ReplicaLabels, Counter>::default();
         let cert_expiry = Family::<ReplicaLabels, Gauge>::default();
+        let connections = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests answered by callers' outbounds and ingresses",
@@ -215,6 +224,12 @@ impl Metrics {
             connection_errors.clone(),
         );
         registry.register(
+            "connections",
+            "Connections accepted by sidecar listeners (an inbound's are calls from other \
+             hosts, or all calls with local_path = \"tls\"; local calls cross no socket)",
+            connections.clone(),
+        );
+        registry.register(
             "process_restarts",
             "Restarts of each replica's process",
             restarts.clone(),
@@ -237,6 +252,7 @@ impl Metrics {
                 connection_errors,
                 restarts,
                 cert_expiry,
+                connections,
             }),
         }
     }
@@ -313,7 +329,17 @@ impl Metrics {
             listener,
             caller: caller.into(),
             service: service.into(),
+            accepted: self.connections(listener, caller, service),
         }
+    }
+
+    /// `mesh_connections_total` of one listener: add one per accepted connection.
+    pub fn connections(&self, listener: Listener, caller: &str, service: &str) -> Counter {
+        self.inner.connections.get_or_create_owned(&ListenerLabels {
+            listener: listener.as_str().to_string(),
+            caller: caller.to_string(),
+            service: service.to_string(),
+        })
     }
 
     /// Raise a replica's restart counter to `total` (restarts are counted by the
@@ -388,6 +414,8 @@ pub struct ConnectionErrors {
     listener: Listener,
     caller: Arc<str>,
     service: Arc<str>,
+    /// `mesh_connections_total` of the same listener.
+    accepted: Counter,
 }
 
 impl std::fmt::Debug for ConnectionErrors {
@@ -401,6 +429,11 @@ impl std::fmt::Debug for ConnectionErrors {
 }
 
 impl ConnectionErrors {
+    /// One client connection accepted.
+    pub fn accepted(&self) {
+        self.accepted.inc();
+    }
+
     /// One client connection ended with an error of `kind`.
     pub fn record(&self, kind: ConnectionError) {
         self.metrics

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -38,17 +39,22 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::balance::{Admission, Balancer, NoPick, Outcome, Pick, Verdict};
-use crate::errors::{ErrorKind, HDR_DETAIL, HDR_ERROR, MeshError, Retryable};
+use crate::errors::{ErrorKind, ForwardError, HDR_DETAIL, HDR_ERROR, MeshError, Retryable};
 use crate::http::client::{self, H2Pool, PeerTls};
 use crate::http::headers::{self, HDR_ATTEMPT, MESH_PREFIX, TRACEPARENT};
-use crate::http::server::{self, Facing, Limits};
+use crate::http::server::{self, Facing, Limits, PeerIdentity};
 use crate::http::{Body, boxed, full};
+use crate::inbound::LocalInbound;
 use crate::live::Live;
 use crate::routes::{Decision, Routes};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
 use retry::{Budget, ReqBody, TRIES};
 pub use retry::{MIN_RETRIES_PER_SEC, RetryOn, RetryPolicy};
+
+/// The pause before retrying on the endpoint that failed the previous try, doubled with
+/// each try (25, 50 ms for the default rule's two retries).
+const SAME_ENDPOINT_BACKOFF: Duration = Duration::from_micros(12_500);
 
 /// What an outbound (or ingress) listener serves.
 #[derive(Clone, Debug)]
@@ -230,6 +236,10 @@ impl Outbound {
                 (target, pool)
             })
             .collect();
+        let local_peer = PeerIdentity {
+            identity: Arc::from(format!("spiffe://{}/{}", cfg.mesh_name, cfg.caller)),
+            header: Some(source.clone()),
+        };
         // With mTLS the certificate carries the identity: no header that could be
         // trusted by mistake.
         let source = cfg.tls.is_none().then_some(source);
@@ -244,6 +254,7 @@ impl Outbound {
             retries,
             cfg,
             source,
+            local_peer,
             balancer: setup.balancer.clone(),
             pools,
             tracker: tracker.clone(),
@@ -263,6 +274,8 @@ struct Outbound {
     retries: Option<(RetryPolicy, Budget)>,
     /// `x-mesh-source` for every hop, with `tls = "off"` only.
     source: Option<HeaderValue>,
+    /// The caller's identity as the inbounds of this process see it on the local path.
+    local_peer: PeerIdentity,
     balancer: Balancer,
     /// Connections to each service requests may go to, by service name.
     /// The service's first, then its route backends'.
@@ -433,7 +446,7 @@ impl Outbound {
         let mut last: Option<(ErrorKind, String)> = None;
         // A response that asked for a retry, answered if no further try happens.
         // (With the breaker verdict still to come from its trailers, if deferred.)
-        let mut pending: Option<(client::H2Response, Option<Deferred>)> = None;
+        let mut pending: Option<(TryResponse, Option<Deferred>)> = None;
         loop {
             let pick = match balancer.pick_or(&progress.tried, deadline).await {
                 Ok(pick) => pick,
@@ -467,6 +480,14 @@ impl Outbound {
                 let tried = std::mem::take(&mut progress.tried);
                 return self.error(kind, tried, progress.attempts, detail);
             };
+            // A retry on an endpoint that already failed this request (the only one
+            // left) waits a moment first, doubling each time: a reset often means the app
+            // is going away, and tries in a burst would all meet the same dying process.
+            // (Connect failures eject the endpoint; the pick above waited for another.)
+            if progress.tried.contains(&pick.endpoint.id) {
+                let backoff = SAME_ENDPOINT_BACKOFF * (1 << progress.attempts.min(4));
+                tokio::time::sleep(backoff).await;
+            }
             // The previous try's response is dropped only now that another try goes out.
             drop(pending.take());
             progress.attempts += 1;
@@ -495,10 +516,7 @@ impl Outbound {
             } else {
                 per_try_deadline
             };
-            let send = self
-                .target(balancer.service())
-                .pool
-                .send(pick.endpoint.addr, request);
+            let send = self.send(balancer, &pick, request);
             let sent = match try_deadline {
                 None => Some(send.await),
                 Some(at) => tokio::time::timeout_at(at, send).await.ok(),
@@ -630,6 +648,29 @@ impl Outbound {
         }
     }
 
+    /// Send one try to the picked endpoint: handed to its inbound in this process (the
+    /// local path), else over the shared HTTP/2 connection to its listener.
+    async fn send(
+        &self,
+        balancer: &Balancer,
+        pick: &Pick,
+        request: Request<Body>,
+    ) -> Result<TryResponse, client::SendError> {
+        let addr = pick.endpoint.addr;
+        match pick.endpoint.local_http().cloned() {
+            Some(inbound) => match inbound.call(&self.local_peer, request).await {
+                Ok(response) => Ok(response.map(Either::Right)),
+                Err(unsent) => Err((draining(addr), Some(unsent))),
+            },
+            None => self
+                .target(balancer.service())
+                .pool
+                .send(addr, request)
+                .await
+                .map(|response| response.map(Either::Left)),
+        }
+    }
+
     /// Record a try's outcome with the balancer, and count an ejection it caused.
     fn record(&self, balancer: &Balancer, pick: Pick, outcome: Outcome) {
         if pick.record(outcome) {
@@ -652,15 +693,6 @@ impl Outbound {
         queue_timeout: Duration,
         deadline: Instant,
     ) -> Response<Body> {
-        let downstream = hyper::upgrade::on(&mut req);
-        // The extended CONNECT's `:protocol` (the `hyper::ext::Protocol` extension) stays
-        // in the parts and goes out with the request.
-        let (mut parts, body) = req.into_parts();
-        self.hop_headers(&mut parts.headers, peer, parts.version);
-        headers::strip_hop_by_hop(&mut parts.headers, tunnel == Tunnel::Upgrade);
-        parts
-            .headers
-            .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
         let pick = match balancer.pick_or(&[], deadline).await {
             Ok(pick) => pick,
             Err(NoPick::CircuitOpen) => {
@@ -672,9 +704,27 @@ impl Outbound {
                 return self.error(ErrorKind::NoEndpoints, Vec::new(), 0, detail);
             }
         };
+        // On the local path the request keeps the caller's upgrade (in its extensions):
+        // the inbound splices the caller's connection with the app's itself.
+        let downstream = match pick.endpoint.local_http() {
+            Some(inbound) => Err(inbound.clone()),
+            None => Ok(hyper::upgrade::on(&mut req)),
+        };
+        // The extended CONNECT's `:protocol` (the `hyper::ext::Protocol` extension) stays
+        // in the parts and goes out with the request.
+        let (mut parts, body) = req.into_parts();
+        self.hop_headers(&mut parts.headers, peer, parts.version);
+        headers::strip_hop_by_hop(&mut parts.headers, tunnel == Tunnel::Upgrade);
+        parts
+            .headers
+            .insert(HDR_ATTEMPT, HeaderValue::from_static("1"));
+        let request = Request::from_parts(parts, boxed(body));
+        let downstream = match downstream {
+            Ok(downstream) => downstream,
+            Err(inbound) => return self.upgrade_local(inbound, balancer, pick, request).await,
+        };
         let id = Arc::clone(&pick.endpoint.id);
         let started = Instant::now();
-        let request = Request::from_parts(parts, boxed(body));
         let target = self.target(balancer.service());
         let addr = pick.endpoint.addr;
         let sent = match tunnel {
@@ -719,6 +769,31 @@ impl Outbound {
                 }
                 let detail = format!("{id}: {}", error.chain());
                 self.error(error.kind(), vec![id], 1, detail)
+            }
+        }
+    }
+
+    /// An upgrade or extended CONNECT handed to an inbound of this process, which splices
+    /// the caller's connection (the request's own upgrade) with the app's.
+    async fn upgrade_local(
+        &self,
+        inbound: LocalInbound,
+        balancer: &Balancer,
+        pick: Pick,
+        request: Request<Body>,
+    ) -> Response<Body> {
+        let id = Arc::clone(&pick.endpoint.id);
+        let addr = pick.endpoint.addr;
+        let started = Instant::now();
+        match inbound.call(&self.local_peer, request).await {
+            Ok(response) => {
+                self.record(balancer, pick, Outcome::Response(started.elapsed()));
+                response
+            }
+            Err(_unsent) => {
+                self.record(balancer, pick, Outcome::ConnectFailed);
+                let detail = format!("{id}: {}", draining(addr).chain());
+                self.error(ErrorKind::ConnectFailed, vec![id], 1, detail)
             }
         }
     }
@@ -1061,6 +1136,22 @@ impl<B: hyper::body::Body<Error = E>, E> hyper::body::Body for Guarded<B, E> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A try's response: from an inbound's listener (HTTP/2), or from an inbound of this
+/// process.
+type TryResponse = Response<Either<client::RecvBody, Body>>;
+
+/// What a draining inbound of this process answers a local call: what its closed
+/// listener would answer a connect.
+fn draining(addr: SocketAddr) -> ForwardError {
+    ForwardError::Connect {
+        addr,
+        source: std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "the inbound is draining",
+        ),
     }
 }
 

@@ -114,17 +114,25 @@ pub async fn serve_outbound_live(
 ) {
     let service: Arc<str> = setup.get().0.service.as_str().into();
     let local = listener.local_addr().ok();
-    serve(listener, shutdown, "outbound", |client, peer, force| {
-        let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
-        let current = setup.get();
-        // The route step (SPEC §3 Routes): a backend drawn per connection.
-        let (balancer, queue_timeout) = match current.0.routes.decide_connection().backend {
-            Some(backend) => (backend.balancer.clone(), backend.queue_timeout),
-            None => (current.1.clone(), current.0.traffic.queue_timeout),
-        };
-        async move { proxy_outbound(client, &current.0, &balancer, queue_timeout, force).await }
-            .instrument(span)
-    })
+    let (tracker, force) = (TaskTracker::new(), CancellationToken::new());
+    serve(
+        listener,
+        shutdown,
+        tracker,
+        force,
+        "outbound",
+        |client, peer, force| {
+            let span = tracing::info_span!("tcp_outbound", service = %service, %peer);
+            let current = setup.get();
+            // The route step (SPEC §3 Routes): a backend drawn per connection.
+            let (balancer, queue_timeout) = match current.0.routes.decide_connection().backend {
+                Some(backend) => (backend.balancer.clone(), backend.queue_timeout),
+                None => (current.1.clone(), current.0.traffic.queue_timeout),
+            };
+            async move { proxy_outbound(client, &current.0, &balancer, queue_timeout, force).await }
+                .instrument(span)
+        },
+    )
     .instrument(tracing::info_span!("tcp_outbound_listener", service = %service, listener = ?local))
     .await;
 }
@@ -139,27 +147,238 @@ pub async fn serve_inbound(
     cfg: TcpInboundConfig,
     shutdown: CancellationToken,
 ) {
-    let app = *cfg.app.get();
-    let local = listener.local_addr().ok();
-    // The bucket of the limit in force: a new, full one when a reload changes it.
-    let mut bucket: Option<Arc<TokenBucket>> = cfg
-        .rate_limit
-        .get()
-        .map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
-    let cfg = Arc::new(cfg);
-    serve(listener, shutdown, "inbound", |client, peer, force| {
-        let span = tracing::info_span!("tcp_inbound", %app, %peer);
-        let cfg = Arc::clone(&cfg);
-        let limit = *cfg.rate_limit.get();
-        if bucket.as_ref().map(|b| b.limit()) != limit {
-            bucket = limit.map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
+    TcpInboundServer::new(cfg, shutdown).serve(listener).await;
+}
+
+/// One tcp replica's inbound before it serves: [`TcpInboundServer::local`] hands out the
+/// entry point for outbounds of this process (SPEC §1 "The local path"),
+/// [`TcpInboundServer::serve`] serves its listener. Both run the same steps:
+/// authorization, rate limit, the app connect, drain.
+pub struct TcpInboundServer {
+    inbound: Arc<TcpInbound>,
+}
+
+struct TcpInbound {
+    cfg: TcpInboundConfig,
+    /// The bucket of the limit in force: a new, full one when a reload changes it.
+    bucket: parking_lot::Mutex<Option<Arc<TokenBucket>>>,
+    /// `spiffe://<mesh>/`.
+    trust_domain: String,
+    /// The connections of both entry points, waited for by the drain.
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// Cancelled when [`TcpInboundServer::serve`] ends or is dropped: every connection
+    /// closes.
+    force: CancellationToken,
+}
+
+impl TcpInboundServer {
+    /// The inbound of `cfg`, which drains when `shutdown` is cancelled.
+    pub fn new(cfg: TcpInboundConfig, shutdown: CancellationToken) -> Self {
+        let bucket = cfg
+            .rate_limit
+            .get()
+            .map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
+        let trust_domain = format!("spiffe://{}/", cfg.mesh_name);
+        TcpInboundServer {
+            inbound: Arc::new(TcpInbound {
+                cfg,
+                bucket: parking_lot::Mutex::new(bucket),
+                trust_domain,
+                tracker: TaskTracker::new(),
+                shutdown,
+                force: CancellationToken::new(),
+            }),
         }
-        let bucket = bucket.clone();
-        async move { accept_inbound(client, peer, &cfg, bucket.as_deref(), force).await }
-            .instrument(span)
-    })
-    .instrument(tracing::info_span!("tcp_inbound_listener", %app, listener = ?local))
-    .await;
+    }
+
+    /// The entry point for outbounds of this process.
+    pub fn local(&self) -> LocalTcpInbound {
+        LocalTcpInbound {
+            inbound: Arc::clone(&self.inbound),
+        }
+    }
+
+    /// Serve `listener` until the shutdown token is cancelled, then drain (the local
+    /// entry point's connections too).
+    pub async fn serve(self, listener: TcpListener) {
+        let inbound = self.inbound;
+        let app = *inbound.cfg.app.get();
+        let local = listener.local_addr().ok();
+        let tracker = inbound.tracker.clone();
+        let shutdown = inbound.shutdown.clone();
+        let force = inbound.force.clone();
+        let accepted = inbound.cfg.metrics.connections(
+            crate::metrics::Listener::Inbound,
+            "",
+            &inbound.cfg.service,
+        );
+        serve(
+            listener,
+            shutdown,
+            tracker,
+            force,
+            "inbound",
+            |client, peer, force| {
+                accepted.inc();
+                let span = tracing::info_span!("tcp_inbound", %app, %peer);
+                let inbound = Arc::clone(&inbound);
+                async move { inbound.accept(client, peer, force).await }.instrument(span)
+            },
+        )
+        .instrument(tracing::info_span!("tcp_inbound_listener", %app, listener = ?local))
+        .await;
+    }
+}
+
+/// A tcp replica's inbound as the outbounds of this process call it: the caller's stream
+/// goes to the app with no socket or TLS between the sidecars. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalTcpInbound {
+    inbound: Arc<TcpInbound>,
+}
+
+impl std::fmt::Debug for LocalTcpInbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cfg = &self.inbound.cfg;
+        write!(f, "LocalTcpInbound({}.{})", cfg.service, cfg.replica)
+    }
+}
+
+impl PartialEq for LocalTcpInbound {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inbound, &other.inbound)
+    }
+}
+
+impl LocalTcpInbound {
+    /// Whether the inbound takes new connections (not while it drains, as its closed
+    /// listener would refuse them).
+    pub(crate) fn open(&self) -> bool {
+        !self.inbound.shutdown.is_cancelled()
+    }
+
+    /// Serve `client` from the caller named `caller` (`web`, `ingress`), exactly as a
+    /// connection of that identity over the TLS listener, until both directions end or
+    /// either side's `force` is cancelled. The inbound's drain waits for it.
+    pub(crate) async fn serve(&self, client: TcpStream, caller: &str, force: &CancellationToken) {
+        let inbound = &self.inbound;
+        let _hold = inbound.tracker.token();
+        let identity = format!("{}{caller}", inbound.trust_domain);
+        let proxied = async {
+            if inbound.cfg.tls.is_some() && !inbound.authorized(&identity) {
+                return;
+            }
+            let name = if inbound.cfg.tls.is_some() {
+                caller
+            } else {
+                "unknown"
+            };
+            if !inbound.admit_rate(name) {
+                return;
+            }
+            proxy_inbound(client, *inbound.cfg.app.get(), force).await;
+        };
+        tokio::select! {
+            () = proxied => {}
+            () = inbound.force.cancelled() => {}
+        }
+    }
+}
+
+impl TcpInbound {
+    /// The TLS handshake and authorization of a connection from a sidecar (when mTLS is
+    /// on), then [`proxy_inbound`].
+    async fn accept(&self, client: TcpStream, peer: SocketAddr, force: CancellationToken) {
+        let _ = client.set_nodelay(true);
+        let Some(config) = &self.cfg.tls else {
+            // SPEC §3: the rate limit applies to every caller (here unidentified).
+            if !self.admit_rate("unknown") {
+                return;
+            }
+            return proxy_inbound(client, *self.cfg.app.get(), &force).await;
+        };
+        let handshake = tls::accept_counted(
+            Arc::clone(config),
+            client,
+            HANDSHAKE_TIMEOUT,
+            &self.cfg.metrics,
+            &self.cfg.service,
+            peer,
+        );
+        let accepted = tokio::select! {
+            accepted = handshake => accepted,
+            () = force.cancelled() => return,
+        };
+        let Some((client, identity)) = accepted else {
+            return;
+        };
+        if !self.authorized(&identity) {
+            // Dropping the stream closes the connection without data.
+            return;
+        }
+        let name = identity
+            .strip_prefix(self.trust_domain.as_str())
+            .unwrap_or(&identity);
+        // SPEC §3: the rate limit applies after authorization, to every caller.
+        if !self.admit_rate(name) {
+            return;
+        }
+        proxy_inbound(client, *self.cfg.app.get(), &force).await;
+    }
+
+    /// Whether `identity` may call this replica; a refusal is logged and counted.
+    fn authorized(&self, identity: &str) -> bool {
+        let cfg = &self.cfg;
+        let name = identity.strip_prefix(self.trust_domain.as_str());
+        if name.is_some_and(|name| cfg.admitted.get().contains(name)) {
+            return true;
+        }
+        let service = cfg.service.as_str();
+        let replica = cfg.replica;
+        let trust_domain = &self.trust_domain;
+        cfg.metrics
+            .mesh_error(name.unwrap_or(identity), service, "unauthorized");
+        tracing::warn!(
+            kind = "unauthorized",
+            service,
+            "mesh: unauthorized: service={service} tried={service}.{replica} attempts=1: \
+             {identity} is not allowed to call {trust_domain}{service}",
+        );
+        false
+    }
+
+    /// The rate-limit step: whether a new connection of `caller` may go on. A refused one
+    /// is dropped, which closes it without data; the kind is logged and counted.
+    fn admit_rate(&self, caller: &str) -> bool {
+        let cfg = &self.cfg;
+        let bucket = {
+            let mut bucket = self.bucket.lock();
+            let limit = *cfg.rate_limit.get();
+            if bucket.as_ref().map(|b| b.limit()) != limit {
+                *bucket = limit.map(|limit| Arc::new(TokenBucket::new(limit, Instant::now())));
+            }
+            bucket.clone()
+        };
+        let Some(bucket) = bucket else {
+            return true;
+        };
+        let Err(wait) = bucket.try_take(Instant::now()) else {
+            return true;
+        };
+        let limit = bucket.limit();
+        let service = cfg.service.as_str();
+        cfg.metrics.mesh_error(caller, service, "rate-limited");
+        tracing::warn!(
+            kind = "rate-limited",
+            service,
+            "mesh: rate-limited: service={service} tried={service}.{} attempts=1: rate limit of {} rps (burst {}) exceeded, next connection in {wait:?}",
+            cfg.replica,
+            limit.rps,
+            limit.burst,
+        );
+        false
+    }
 }
 
 /// The accept loop both directions share. `connection` makes the (instrumented) task of
@@ -168,16 +387,16 @@ pub async fn serve_inbound(
 async fn serve<F, Fut>(
     listener: TcpListener,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
+    force: CancellationToken,
     direction: &'static str,
     mut connection: F,
 ) where
     F: FnMut(TcpStream, SocketAddr, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let tracker = TaskTracker::new();
     // The caller bounds the drain with a timeout by dropping this future; the guard then
     // tells the connections to close, since spawned tasks would otherwise outlive it.
-    let force = CancellationToken::new();
     let _force_on_drop = force.clone().drop_guard();
     let mut accept_warnings = WarnLimiter::new(ACCEPT_WARN_INTERVAL);
     loop {
@@ -214,29 +433,6 @@ async fn serve<F, Fut>(
     tracing::debug!("tcp {direction} shutdown complete");
 }
 
-/// The rate-limit step of a tcp inbound: whether a new connection may go on. A refused
-/// one is dropped, which closes it without data; the kind is logged and counted.
-fn admit_rate(cfg: &TcpInboundConfig, bucket: Option<&TokenBucket>, caller: &str) -> bool {
-    let Some(bucket) = bucket else {
-        return true;
-    };
-    let Err(wait) = bucket.try_take(Instant::now()) else {
-        return true;
-    };
-    let limit = bucket.limit();
-    let service = cfg.service.as_str();
-    cfg.metrics.mesh_error(caller, service, "rate-limited");
-    tracing::warn!(
-        kind = "rate-limited",
-        service,
-        "mesh: rate-limited: service={service} tried={service}.{} attempts=1: rate limit of {} rps (burst {}) exceeded, next connection in {wait:?}",
-        cfg.replica,
-        limit.rps,
-        limit.burst,
-    );
-    false
-}
-
 /// Connect `client` to an endpoint through `balancer` and pipe bytes until both
 /// directions end.
 async fn proxy_outbound(
@@ -269,13 +465,24 @@ async fn proxy_outbound(
     };
     let mut client = client;
     match result {
-        Ok((admission, pick, mut upstream)) => {
+        Ok((admission, pick, upstream)) => {
             let endpoint = pick.endpoint.id.clone();
             let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
             let _ = client.set_nodelay(true);
-            pipe(&mut client, &mut upstream, &force)
-                .instrument(span)
-                .await;
+            match upstream {
+                Upstream::Stream(mut upstream) => {
+                    pipe(&mut client, &mut upstream, &force)
+                        .instrument(span)
+                        .await;
+                }
+                // The local path: the inbound takes the caller's stream itself.
+                Upstream::Local(inbound) => {
+                    inbound
+                        .serve(client, &cfg.caller, &force)
+                        .instrument(span)
+                        .await;
+                }
+            }
             drop(pick);
             drop(admission);
         }
@@ -303,6 +510,13 @@ async fn proxy_outbound(
 /// A failure to set up a connection: the mesh error kind and its detail.
 type SetupError = (&'static str, String);
 
+/// Where a set-up connection goes: a stream to an inbound's listener, or an inbound of
+/// this process (the local path).
+enum Upstream {
+    Stream(Box<dyn Stream>),
+    Local(LocalTcpInbound),
+}
+
 /// Take a `max_concurrent` slot of `balancer` (the service's, or the drawn route
 /// backend's), then connect to an endpoint (trying up to [`MAX_CONNECT_TRIES`] of them);
 /// `tried` collects the endpoints tried.
@@ -312,7 +526,7 @@ async fn setup_outbound(
     queue_timeout: Duration,
     arrival: Instant,
     tried: &mut Vec<Arc<str>>,
-) -> Result<(Admission, Pick, Box<dyn Stream>), SetupError> {
+) -> Result<(Admission, Pick, Upstream), SetupError> {
     let deadline = arrival + queue_timeout;
     let Some(admission) = balancer.admit(deadline).await else {
         return Err((
@@ -333,12 +547,18 @@ async fn setup_outbound(
             Err(_) => break,
         };
         let started = Instant::now();
-        let error = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            connect(cfg, balancer.service(), pick.endpoint.addr),
-        )
-        .await
-        {
+        let connected = match pick.endpoint.local_tcp() {
+            Some(local) if local.open() => Ok(Ok(Upstream::Local(local.clone()))),
+            // A draining inbound refuses, as its closed listener would.
+            Some(_) => Ok(Err("the inbound is draining".to_string())),
+            None => tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connect(cfg, balancer.service(), pick.endpoint.addr),
+            )
+            .await
+            .map(|connected| connected.map(Upstream::Stream)),
+        };
+        let error = match connected {
             Ok(Ok(upstream)) => {
                 // The connect time is the latency p2c compares; the pick stays in
                 // flight for the life of the connection, so open connections count as
@@ -399,63 +619,8 @@ async fn connect(
     }
 }
 
-/// The TLS handshake and authorization of a connection from a sidecar (when mTLS is on),
-/// then [`proxy_inbound`].
-async fn accept_inbound(
-    client: TcpStream,
-    peer: SocketAddr,
-    cfg: &TcpInboundConfig,
-    bucket: Option<&TokenBucket>,
-    force: CancellationToken,
-) {
-    let _ = client.set_nodelay(true);
-    let Some(config) = &cfg.tls else {
-        // SPEC §3: the rate limit applies to every caller (here unidentified).
-        if !admit_rate(cfg, bucket, "unknown") {
-            return;
-        }
-        return proxy_inbound(client, *cfg.app.get(), force).await;
-    };
-    let handshake = tls::accept_counted(
-        Arc::clone(config),
-        client,
-        HANDSHAKE_TIMEOUT,
-        &cfg.metrics,
-        &cfg.service,
-        peer,
-    );
-    let accepted = tokio::select! {
-        accepted = handshake => accepted,
-        () = force.cancelled() => return,
-    };
-    let Some((client, identity)) = accepted else {
-        return;
-    };
-    let trust_domain = format!("spiffe://{}/", cfg.mesh_name);
-    let name = identity.strip_prefix(trust_domain.as_str());
-    if !name.is_some_and(|name| cfg.admitted.get().contains(name)) {
-        let service = cfg.service.as_str();
-        let replica = cfg.replica;
-        cfg.metrics
-            .mesh_error(name.unwrap_or(&identity), service, "unauthorized");
-        tracing::warn!(
-            kind = "unauthorized",
-            service,
-            "mesh: unauthorized: service={service} tried={service}.{replica} attempts=1: \
-             {identity} is not allowed to call {trust_domain}{service}",
-        );
-        // Dropping the stream closes the connection without data.
-        return;
-    }
-    // SPEC §3: the rate limit applies after authorization, to every caller.
-    if !admit_rate(cfg, bucket, name.unwrap_or(&identity)) {
-        return;
-    }
-    proxy_inbound(client, *cfg.app.get(), force).await;
-}
-
 /// Connect `client` to the app at `app` and pipe bytes until both directions end.
-async fn proxy_inbound<S>(mut client: S, app: SocketAddr, force: CancellationToken)
+async fn proxy_inbound<S>(mut client: S, app: SocketAddr, force: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -475,7 +640,7 @@ where
         () = force.cancelled() => return,
     };
     let _ = upstream.set_nodelay(true);
-    pipe(&mut client, &mut upstream, &force).await;
+    pipe(&mut client, &mut upstream, force).await;
 }
 
 /// Copy both ways until both directions have ended (or `force` is cancelled). The

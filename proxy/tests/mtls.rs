@@ -46,13 +46,17 @@ fn expired(ca: &Ca, service: &str) -> Arc<Identity> {
     ))
 }
 
-/// An inbound of `api.0` with mutual TLS, admitting `admitted`.
+/// An inbound of `api.0` with mutual TLS, admitting `admitted`. With `local`, outbounds
+/// of the test reach it in process unless the run forces the TLS path
+/// ([`support::local_path`]); without, always through its TLS listener (the tests of the
+/// handshake itself).
 async fn tls_inbound(
     ca: &Ca,
     protocol: Protocol,
     app: SocketAddr,
     admitted: &[&str],
     metrics: &Metrics,
+    local: bool,
 ) -> Sidecar {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -68,7 +72,11 @@ async fn tls_inbound(
         tls: Some(tls::server_config(ca, identity(ca, "api"), tls::ALPN_INBOUND_HTTP).unwrap()),
         admitted: mesh_proxy::live::Live::new(admitted.iter().map(|s| s.to_string()).collect()),
     };
-    let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
+    let task = if local {
+        support::serve_inbound(listener, cfg, Default::default(), shutdown.clone())
+    } else {
+        tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()))
+    };
     Sidecar {
         addr,
         shutdown,
@@ -163,7 +171,7 @@ async fn an_admitted_caller_passes_with_the_identity_of_its_certificate() {
         let ca = Ca::generate(MESH).unwrap();
         let metrics = Metrics::new();
         let (app, hits) = counting_app().await;
-        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics).await;
+        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics, true).await;
         let client = ClientTls::new(&ca, &identity(&ca, "web")).unwrap();
         let (out, _registry) =
             tls_outbound("web", P::Http, inbound.addr, Some(client), &metrics).await;
@@ -192,7 +200,7 @@ async fn requests_reuse_one_tls_connection() {
         let ca = Ca::generate(MESH).unwrap();
         let metrics = Metrics::new();
         let (app, hits) = counting_app().await;
-        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics).await;
+        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics, false).await;
         // A counting TCP relay in front of the inbound sees every connection made to it.
         let (relay, connections) = counting_relay(inbound.addr).await;
         let client = ClientTls::new(&ca, &identity(&ca, "web")).unwrap();
@@ -226,7 +234,7 @@ async fn a_caller_not_admitted_gets_403_naming_both_identities() {
         let ca = Ca::generate(MESH).unwrap();
         let metrics = Metrics::new();
         let (app, hits) = counting_app().await;
-        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics).await;
+        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics, true).await;
         // Same CA, valid certificate, but `intruder` is not admitted by `api`.
         let client = ClientTls::new(&ca, &identity(&ca, "intruder")).unwrap();
         let (out, _registry) =
@@ -262,7 +270,7 @@ async fn grpc_unauthorized_is_grpc_status_7() {
         let ca = Ca::generate(MESH).unwrap();
         let metrics = Metrics::new();
         let (app, hits) = counting_app().await;
-        let inbound = tls_inbound(&ca, P::Grpc, app.addr, &["web"], &metrics).await;
+        let inbound = tls_inbound(&ca, P::Grpc, app.addr, &["web"], &metrics, true).await;
         let client = ClientTls::new(&ca, &identity(&ca, "intruder")).unwrap();
         let (out, _registry) =
             tls_outbound("intruder", P::Grpc, inbound.addr, Some(client), &metrics).await;
@@ -291,7 +299,7 @@ async fn a_plaintext_caller_is_refused_and_counted() {
         let ca = Ca::generate(MESH).unwrap();
         let metrics = Metrics::new();
         let (app, hits) = counting_app().await;
-        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics).await;
+        let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics, false).await;
 
         // A raw HTTP/1.1 request, as a local process could send it.
         let mut raw = TcpStream::connect(inbound.addr).await.unwrap();
@@ -333,7 +341,7 @@ async fn certificates_of_another_ca_or_expired_are_refused_and_counted() {
             ),
         ] {
             let metrics = Metrics::new();
-            let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics).await;
+            let inbound = tls_inbound(&ca, P::Http, app.addr, &["web"], &metrics, false).await;
             let (out, _registry) =
                 tls_outbound("web", P::Http, inbound.addr, Some(client), &metrics).await;
             let response = get(out.addr, "/").await;
@@ -420,7 +428,7 @@ async fn tcp_callers_not_admitted_are_closed_and_counted() {
             tls: Some(tls::server_config(&ca, identity(&ca, "api"), &[]).unwrap()),
             admitted: BTreeSet::from(["web".to_string()]).into(),
         };
-        tokio::spawn(tcp::serve_inbound(listener, cfg, shutdown.clone()));
+        support::serve_tcp_inbound(listener, cfg, shutdown.clone());
 
         let mut outbounds = Vec::new();
         for caller in ["web", "intruder"] {

@@ -8,7 +8,7 @@ mod support;
 use mesh_proxy::Protocol;
 use mesh_proxy::balance::Algorithm;
 use mesh_proxy::discovery::Registry;
-use mesh_proxy::inbound::{self, InboundConfig};
+use mesh_proxy::inbound::InboundConfig;
 use mesh_proxy::metrics::Metrics;
 use mesh_proxy::ratelimit::RateLimit;
 use support::*;
@@ -32,7 +32,7 @@ async fn limited_inbound(replica: u32, app: &App, burst: u32) -> Sidecar {
         tls: None,
         admitted: Default::default(),
     };
-    let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
+    let task = serve_inbound(listener, cfg, Default::default(), shutdown.clone());
     Sidecar {
         addr,
         shutdown,

@@ -52,6 +52,20 @@ pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// `MESH_TEST_LOCAL_PATH=tls` runs a suite with `[mesh] local_path = "tls"` in every
+/// mesh.toml a test writes with [`Project::new`] (unless the test sets `local_path`
+/// itself): `.ci/run` runs the data-path suites once with the default (`in-process`) and
+/// once so (SPEC §1 "The local path").
+fn with_local_path(text: String) -> String {
+    let Ok(path) = std::env::var("MESH_TEST_LOCAL_PATH") else {
+        return text;
+    };
+    if text.contains("local_path") {
+        return text;
+    }
+    text.replacen("[mesh]\n", &format!("[mesh]\nlocal_path = \"{path}\"\n"), 1)
+}
+
 /// A temporary project directory holding a mesh.toml and whatever scripts a test needs.
 pub struct Project {
     pub dir: tempfile::TempDir,
@@ -73,6 +87,7 @@ impl Project {
             text.push_str("[mesh]\nname = \"t\"\nshutdown_timeout = \"10s\"\n");
         }
         text.push_str(toml);
+        let text = with_local_path(text);
         std::fs::write(dir.path().join("mesh.toml"), text).expect("write mesh.toml");
         Project { dir }
     }

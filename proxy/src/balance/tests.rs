@@ -11,10 +11,10 @@ use super::*;
 use crate::discovery::{Endpoint, Registry};
 
 fn ep(replica: usize) -> Endpoint {
-    Endpoint {
-        id: format!("api.{replica}").into(),
-        addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + replica as u16)),
-    }
+    Endpoint::new(
+        format!("api.{replica}"),
+        SocketAddr::from(([127, 0, 0, 1], 10_000 + replica as u16)),
+    )
 }
 
 fn setup(n: usize, algorithm: Algorithm) -> (Registry, Balancer) {

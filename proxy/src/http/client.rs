@@ -137,7 +137,16 @@ impl H1Pool {
                             source: error.into_error().into(),
                         });
                     }
-                    None => return Err(ForwardError::from_send(addr, error.into_error())),
+                    None => {
+                        // A reused connection broke under the request: the app most likely
+                        // went away (died, restarted) and its other idle connections with
+                        // it. Drop them, so that the next request (a retry) connects
+                        // afresh and learns at once whether the app is there.
+                        if !fresh {
+                            self.idle.lock().conns.clear();
+                        }
+                        return Err(ForwardError::from_send(addr, error.into_error()));
+                    }
                 },
             }
         }

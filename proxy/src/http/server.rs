@@ -287,6 +287,7 @@ pub(crate) async fn serve_tls<H, F>(
                 }
             },
         };
+        errors.accepted();
         // Small HTTP/2 frames (headers, window updates) must not wait for Nagle.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "set TCP_NODELAY failed");

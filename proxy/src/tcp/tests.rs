@@ -104,10 +104,7 @@ async fn outbound(
 }
 
 fn endpoint(replica: usize, addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        id: format!("api.{replica}").into(),
-        addr,
-    }
+    Endpoint::new(format!("api.{replica}"), addr)
 }
 
 /// Send `request`, shut down the write half, read the whole reply.

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mesh_proxy::balance::{Algorithm, Balancer};
-use mesh_proxy::discovery::{Endpoint, Registry};
+use mesh_proxy::discovery::{Endpoint, Local, Registry};
 use mesh_proxy::http::{Body, Limits};
 use mesh_proxy::inbound::{self, InboundConfig};
 use mesh_proxy::metrics::Metrics;
@@ -97,6 +97,46 @@ impl Drop for Sidecar {
 
 pub const MESH: &str = "m";
 
+/// The in-process entry points of the inbounds the tests started, by listener address:
+/// [`endpoint`] attaches them, so that outbounds take the local path (SPEC §1), unless
+/// `MESH_TEST_LOCAL_PATH=tls` (`.ci/run` runs the suites both ways).
+static LOCALS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<SocketAddr, Local>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Whether outbounds take the local path in this run.
+pub fn local_path() -> bool {
+    std::env::var("MESH_TEST_LOCAL_PATH").map_or(true, |v| v != "tls")
+}
+
+/// Serve an HTTP inbound on `listener`, its local entry point registered for [`endpoint`].
+pub fn serve_inbound(
+    listener: TcpListener,
+    cfg: InboundConfig,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let server = inbound::InboundServer::new(cfg, limits, shutdown);
+    LOCALS
+        .lock()
+        .unwrap()
+        .insert(listener.local_addr().unwrap(), Local::Http(server.local()));
+    tokio::spawn(server.serve(listener))
+}
+
+/// Serve a tcp inbound on `listener`, its local entry point registered for [`endpoint`].
+pub fn serve_tcp_inbound(
+    listener: TcpListener,
+    cfg: mesh_proxy::tcp::TcpInboundConfig,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let server = mesh_proxy::tcp::TcpInboundServer::new(cfg, shutdown);
+    LOCALS
+        .lock()
+        .unwrap()
+        .insert(listener.local_addr().unwrap(), Local::Tcp(server.local()));
+    tokio::spawn(server.serve(listener))
+}
+
 pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: SocketAddr) -> Sidecar {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -112,7 +152,7 @@ pub async fn inbound(service: &str, replica: u32, protocol: Protocol, app: Socke
         tls: None,
         admitted: Default::default(),
     };
-    let task = tokio::spawn(inbound::serve(listener, cfg, shutdown.clone()));
+    let task = serve_inbound(listener, cfg, Limits::default(), shutdown.clone());
     Sidecar {
         addr,
         shutdown,
@@ -186,10 +226,14 @@ pub async fn outbound(registry: &Registry, service: &str, opts: OutboundOpts) ->
     }
 }
 
+/// The endpoint `service.replica` at `addr`, reached in process when its inbound was
+/// started by [`serve_inbound`] or [`serve_tcp_inbound`] and [`local_path`] holds.
 pub fn endpoint(service: &str, replica: u32, addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        id: format!("{service}.{replica}").into(),
-        addr,
+    let endpoint = Endpoint::new(format!("{service}.{replica}"), addr);
+    let local = LOCALS.lock().unwrap().get(&addr).cloned();
+    match local {
+        Some(local) if local_path() => endpoint.with_local(local),
+        _ => endpoint,
     }
 }
 

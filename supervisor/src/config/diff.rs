@@ -18,7 +18,7 @@ use super::{Config, MeshSettings, Service};
 /// Compares the running configuration `old` with `new`.
 ///
 /// A change that only a restart of `mesh` can apply refuses the whole reload, listing
-/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls` and `ca`, and a service's
+/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls`, `ca` and `local_path`, and a service's
 /// `protocol`. Otherwise the plan says, per service, what to replace, what to apply live
 /// and what to scale; an empty plan means there is nothing to do.
 pub fn diff(old: &Config, new: &Config) -> Result<Plan, Refusal> {
@@ -215,6 +215,8 @@ const MESH_RULES: &[Rule<MeshSettings, MeshEffect>] = &[
     rule!(MeshEffect::Restart, admin),
     rule!(MeshEffect::Restart, tls),
     rule!(MeshEffect::Restart, ca),
+    // Which path every outbound takes to the inbounds of this process.
+    rule!(MeshEffect::Restart, local_path),
     rule!(MeshEffect::Live, shutdown_timeout),
     rule!(MeshEffect::Live, seed),
 ];
@@ -272,6 +274,7 @@ const _EVERY_FIELD_HAS_A_RULE: fn(&Config) = |config| {
         seed: _,
         tls: _,
         ca: _,
+        local_path: _,
     } = mesh;
     for service in services.values() {
         let Service {

@@ -45,6 +45,31 @@ pub struct MeshSettings {
     /// `ca = { cert, key }`: the mesh CA's files (absolute paths); `None` keeps the CA in
     /// `state_dir`, created at the first start.
     pub ca: Option<CaFiles>,
+    /// `local_path`: how a call between two sidecars of this process travels (SPEC §1
+    /// "The local path").
+    pub local_path: LocalPath,
+}
+
+/// `[mesh] local_path`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalPath {
+    /// The outbound hands the request (or the tcp stream) to the inbound inside the
+    /// process: no socket, no TLS (the default).
+    #[default]
+    InProcess,
+    /// Every local call goes through the inbound's TLS listener, as a call from another
+    /// host would.
+    Tls,
+}
+
+impl LocalPath {
+    /// The value as `mesh.toml` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalPath::InProcess => "in-process",
+            LocalPath::Tls => "tls",
+        }
+    }
 }
 
 /// `[mesh] tls`.

@@ -283,7 +283,7 @@ pub(crate) const MESH: &[Field] = &[
     table("ca", CA),
     not_yet(key("listen")),
     not_yet(table("etcd", ETCD)),
-    not_yet(key("local_path")),
+    key("local_path"),
     not_yet(key("access_log")),
     key("seed"),
 ];

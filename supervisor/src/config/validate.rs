@@ -32,9 +32,9 @@ use super::raw::{
     RawMesh, RawPort, RawRoute, RawService, RawTraffic, Shape,
 };
 use super::{
-    Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, MeshSettings, PortSpec,
-    Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, default_ready_timeout, envfile,
-    interpolate,
+    Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, LocalPath, MeshSettings,
+    PortSpec, Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, default_ready_timeout,
+    envfile, interpolate,
 };
 
 /// Validates `text`, the contents of the file at `path`, against mesh's environment `env`.
@@ -564,18 +564,21 @@ fn check_mesh(
             );
         }
     }
+    let local_path = match &raw.local_path {
+        None => LocalPath::default(),
+        Some(value) => match value.get_ref().as_str() {
+            "in-process" => LocalPath::InProcess,
+            "tls" => LocalPath::Tls,
+            other => {
+                ctx.error(
+                    value.span(),
+                    format!("invalid `local_path` \"{other}\": expected \"in-process\" or \"tls\""),
+                );
+                LocalPath::default()
+            }
+        },
+    };
     // Checked in full, then rejected as "not supported yet" (`raw::MESH`).
-    if let Some(local_path) = &raw.local_path {
-        if !matches!(local_path.get_ref().as_str(), "in-process" | "tls") {
-            ctx.error(
-                local_path.span(),
-                format!(
-                    "invalid `local_path` \"{}\": expected \"in-process\" or \"tls\"",
-                    local_path.get_ref()
-                ),
-            );
-        }
-    }
     if let Some(access_log) = &raw.access_log {
         if access_log.get_ref().is_empty() {
             ctx.error(
@@ -632,6 +635,7 @@ fn check_mesh(
         seed,
         tls,
         ca: ca_files,
+        local_path,
     })
 }
 

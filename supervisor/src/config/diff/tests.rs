@@ -55,6 +55,7 @@ const CASES: &[Case] = &[
     mesh("state_dir", r#"state_dir = ".mesh""#, r#"state_dir = "run""#, Want::RestartMesh("state_dir")),
     mesh("admin", r#"admin = "127.0.0.1:9901""#, r#"admin = "off""#, Want::RestartMesh("admin")),
     mesh("tls", "", r#"tls = "off""#, Want::RestartMesh("tls")),
+    mesh("local_path", "", r#"local_path = "tls""#, Want::RestartMesh("local_path")),
     mesh(
         "ca",
         r#"ca = { cert = "ca.crt", key = "ca.key" }"#,
