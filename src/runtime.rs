@@ -189,6 +189,22 @@ impl Runtime {
         let ports = supervisor::allocate_ports(&config, &services)
             .context("cannot allocate application ports")?;
         let metrics = Metrics::new();
+        match &config.mesh.access_log {
+            config::AccessLog::Off => {}
+            config::AccessLog::Stdout => {
+                metrics.stats().set_access_log(Box::new(std::io::stdout()))
+            }
+            config::AccessLog::File(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open the access log {}", path.display()))?;
+                metrics
+                    .stats()
+                    .set_access_log(Box::new(std::io::BufWriter::new(file)));
+            }
+        }
         let certs = match config.mesh.tls {
             TlsMode::Mutual => Some(Arc::new(certs::Certs::load(&config, &base_env, &metrics)?)),
             TlsMode::Off => {

@@ -118,6 +118,32 @@ pub struct Balancer {
     shared: Arc<Shared>,
 }
 
+/// A [`Balancer`] that may be gone (its outbound was removed or rebuilt).
+#[derive(Clone, Debug)]
+pub(crate) struct WeakBalancer(std::sync::Weak<Shared>);
+
+impl WeakBalancer {
+    pub(crate) fn upgrade(&self) -> Option<Balancer> {
+        self.0.upgrade().map(|shared| Balancer { shared })
+    }
+
+    pub(crate) fn is(&self, balancer: &Balancer) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&balancer.shared))
+    }
+}
+
+/// One endpoint as a caller's balancer sees it ([`Balancer::view`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointView {
+    /// `service.replica`.
+    pub id: String,
+    /// `ready`, `ejected` (connect failures), `breaker-open`, or `probing` (the circuit
+    /// breaker's probe is in flight).
+    pub state: &'static str,
+    /// Tries in flight to it from this caller.
+    pub in_flight: usize,
+}
+
 /// An endpoint chosen for one try. Holds an in-flight slot until dropped or recorded.
 #[derive(Debug)]
 pub struct Pick {
@@ -255,6 +281,40 @@ impl Balancer {
     /// Whether this balancer has a circuit breaker (`traffic.circuit_breaker`).
     pub fn has_breaker(&self) -> bool {
         self.shared.breaker.is_some()
+    }
+
+    /// The endpoints as this balancer sees them now, for the dashboard.
+    pub fn view(&self) -> Vec<EndpointView> {
+        let list = self.shared.endpoints.borrow().clone();
+        let now = Instant::now();
+        let mut state = self.shared.state.lock();
+        state.sync(list);
+        state
+            .order
+            .iter()
+            .map(|ep| {
+                let health = ep.health.lock();
+                let state = if health.breaker.probing {
+                    "probing"
+                } else if health.breaker.ejected_until.is_some() {
+                    "breaker-open"
+                } else if health.ejected_until.is_some_and(|until| until > now) {
+                    "ejected"
+                } else {
+                    "ready"
+                };
+                EndpointView {
+                    id: ep.endpoint.id.to_string(),
+                    state,
+                    in_flight: ep.in_flight.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// A handle that does not keep the balancer alive.
+    pub(crate) fn downgrade(&self) -> WeakBalancer {
+        WeakBalancer(Arc::downgrade(&self.shared))
     }
 
     /// Whether any endpoint is currently available (ready and not ejected).

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod ratelimit;
 pub mod routes;
+pub mod stats;
 pub mod tcp;
 pub mod tls;
 

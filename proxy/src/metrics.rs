@@ -156,6 +156,8 @@ struct Inner {
     restarts: Family<ReplicaLabels, Counter>,
     cert_expiry: Family<ReplicaLabels, Gauge>,
     connections: Family<ListenerLabels, Counter>,
+    /// What the dashboard reads (per-second rings, recent calls, the access log).
+    stats: crate::stats::Stats,
 }
 
 /// The metrics of one mesh. Clones share the same families.
@@ -253,8 +255,14 @@ impl Metrics {
                 restarts,
                 cert_expiry,
                 connections,
+                stats: crate::stats::Stats::new(),
             }),
         }
+    }
+
+    /// The dashboard's recorder of this mesh.
+    pub fn stats(&self) -> &crate::stats::Stats {
+        &self.inner.stats
     }
 
     /// The request counters of one outbound (or ingress): `caller` calling `service`.

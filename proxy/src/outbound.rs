@@ -47,6 +47,7 @@ use crate::http::{Body, boxed, full};
 use crate::inbound::LocalInbound;
 use crate::live::Live;
 use crate::routes::{Decision, Routes};
+use crate::stats::{self, Call, ERROR_KINDS, Edge, Via};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
 use retry::{Budget, ReqBody, TRIES};
@@ -176,13 +177,23 @@ pub async fn serve_live_with(
         };
         async move {
             let arrival = Instant::now();
+            let mut req = req;
+            // The trace context is created here when absent (SPEC §5), so that the call
+            // is recorded with the trace id the next hops see.
+            if !req.headers().contains_key(TRACEPARENT) {
+                req.headers_mut()
+                    .insert(TRACEPARENT, headers::new_traceparent());
+            }
             let cfg = &outbound.cfg;
             let decision = cfg.routes.decide(req.uri().path(), req.headers());
             let route = decision.label;
+            let seen = Seen::of(&req);
             let response = outbound.handle(peer, req, decision).await;
+            let took = arrival.elapsed();
             outbound
                 .requests
-                .record(route, response.status().as_u16(), arrival.elapsed());
+                .record(route, response.status().as_u16(), took);
+            outbound.record_call(route, seen, &response, took);
             response
         }
     };
@@ -192,6 +203,98 @@ pub async fn serve_live_with(
     }
     .instrument(span)
     .await;
+}
+
+/// What the dashboard and the access log keep of a request, taken before it is sent.
+struct Seen {
+    method: Method,
+    path: String,
+    trace_id: String,
+}
+
+impl Seen {
+    fn of<B>(req: &Request<B>) -> Self {
+        // `00-<32 hex trace id>-<16 hex span id>-<flags>`.
+        let trace_id = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(3..35))
+            .unwrap_or_default()
+            .to_string();
+        Seen {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            trace_id,
+        }
+    }
+}
+
+/// How a request was served, in its response's extensions for the recording: the
+/// endpoint of the last try, the number of tries, and how the last one travelled.
+#[derive(Clone, Debug)]
+struct Served {
+    endpoint: Option<Arc<str>>,
+    attempts: u32,
+    via: Option<Via>,
+}
+
+impl Outbound {
+    /// Record the call for the dashboard and the access log (SPEC §5).
+    fn record_call(&self, route: &str, seen: Seen, response: &Response<Body>, took: Duration) {
+        let edge = self.edge(route);
+        let served = response.extensions().get::<Served>();
+        let error = response
+            .headers()
+            .get(HDR_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|kind| ERROR_KINDS.iter().find(|k| **k == kind).copied());
+        let call = Call {
+            seq: 0,
+            ts_ms: stats::unix_ms(),
+            trace_id: seen.trace_id,
+            caller: Arc::clone(&self.caller),
+            service: Arc::clone(&self.service_name),
+            replica: served.and_then(|s| s.endpoint.clone()),
+            route: Arc::clone(&edge.0),
+            method: seen.method.as_str().to_string(),
+            path: seen.path,
+            status: response.status().as_u16(),
+            error,
+            attempts: served.map_or(0, |s| s.attempts),
+            duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            via: served.and_then(|s| s.via),
+        };
+        self.cfg.metrics.stats().record(&edge.1, call);
+    }
+
+    /// The dashboard's edge of `route` ("" for none), resolved once.
+    fn edge(&self, route: &str) -> (Arc<str>, Arc<Edge>) {
+        if let Some((label, edge)) = self.edges.read().iter().find(|(l, _)| **l == *route) {
+            return (Arc::clone(label), Arc::clone(edge));
+        }
+        let edge = self
+            .cfg
+            .metrics
+            .stats()
+            .edge(&self.cfg.caller, &self.cfg.service, route);
+        let label: Arc<str> = Arc::from(route);
+        self.edges
+            .write()
+            .push((Arc::clone(&label), Arc::clone(&edge)));
+        (label, edge)
+    }
+
+    /// How a try to `endpoint` travels.
+    fn via(&self, endpoint: &crate::discovery::Endpoint) -> Via {
+        if endpoint.local.is_some() {
+            Via::InProcess
+        } else if self.cfg.tls.is_some() {
+            Via::Mtls
+        } else {
+            Via::Plain
+        }
+    }
 }
 
 impl Outbound {
@@ -248,8 +351,15 @@ impl Outbound {
             (r, budget)
         });
         let requests = cfg.metrics.requests(&cfg.caller, &cfg.service);
+        let stats = cfg.metrics.stats();
+        stats.watch_balancer(&cfg.caller, &setup.balancer);
+        for backend in cfg.routes.backends() {
+            stats.watch_balancer(&cfg.caller, &backend.balancer);
+        }
         Some(Arc::new(Outbound {
             requests,
+            edges: parking_lot::RwLock::default(),
+            service_name: Arc::from(cfg.service.as_str()),
             caller: Arc::from(cfg.caller.as_str()),
             retries,
             cfg,
@@ -267,6 +377,10 @@ struct Outbound {
     cfg: OutboundConfig,
     /// `mesh_requests_total` and the duration histogram of this (caller, service).
     requests: crate::metrics::RequestMetrics,
+    /// The dashboard's edges of this (caller, service), one per route label.
+    edges: parking_lot::RwLock<Vec<(Arc<str>, Arc<Edge>)>>,
+    /// `cfg.service`, shared with every recorded call.
+    service_name: Arc<str>,
     /// `cfg.caller`, shared with the response bodies that record a deferred ejection.
     caller: Arc<str>,
     /// The service's `retries` table and the budget its retries share (also for
@@ -451,7 +565,8 @@ impl Outbound {
             let pick = match balancer.pick_or(&progress.tried, deadline).await {
                 Ok(pick) => pick,
                 Err(why) => {
-                    if let Some((response, verdict)) = pending {
+                    if let Some((mut response, verdict)) = pending {
+                        set_attempts(&mut response, progress.attempts);
                         return guarded(response, admission, verdict);
                     }
                     let (kind, detail) = match (last, why) {
@@ -516,6 +631,7 @@ impl Outbound {
             } else {
                 per_try_deadline
             };
+            let via = self.via(&pick.endpoint);
             let send = self.send(balancer, &pick, request);
             let sent = match try_deadline {
                 None => Some(send.await),
@@ -540,8 +656,13 @@ impl Outbound {
                     ));
                     rule.on_timeout() && body.replayable() && rule.within(attempts)
                 }
-                Some(Ok(response)) => {
+                Some(Ok(mut response)) => {
                     let took = started.elapsed();
+                    response.extensions_mut().insert(Served {
+                        endpoint: Some(Arc::clone(&id)),
+                        attempts,
+                        via: Some(via),
+                    });
                     match hop_error(&response) {
                         // The inbound could not connect to its app: the request never
                         // reached an app, and the replica is as good as down.
@@ -639,7 +760,8 @@ impl Outbound {
                 self.cfg.metrics.retry(&self.cfg.caller, &self.cfg.service);
                 continue;
             }
-            if let Some((response, verdict)) = pending {
+            if let Some((mut response, verdict)) = pending {
+                set_attempts(&mut response, progress.attempts);
                 return guarded(response, admission, verdict);
             }
             let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
@@ -747,8 +869,14 @@ impl Outbound {
                 .map(|(response, tunnel)| (response, tunnel.map(Upstream::Tunnel))),
         };
         match sent {
-            Ok((response, upstream)) => {
+            Ok((mut response, upstream)) => {
+                let via = self.via(&pick.endpoint);
                 self.record(balancer, pick, Outcome::Response(started.elapsed()));
+                response.extensions_mut().insert(Served {
+                    endpoint: Some(Arc::clone(&id)),
+                    attempts: 1,
+                    via: Some(via),
+                });
                 match upstream {
                     Some(Upstream::Upgraded(upstream)) => {
                         client::splice(&self.tracker, self.shutdown.clone(), downstream, upstream);
@@ -786,8 +914,13 @@ impl Outbound {
         let addr = pick.endpoint.addr;
         let started = Instant::now();
         match inbound.call(&self.local_peer, request).await {
-            Ok(response) => {
+            Ok(mut response) => {
                 self.record(balancer, pick, Outcome::Response(started.elapsed()));
+                response.extensions_mut().insert(Served {
+                    endpoint: Some(id),
+                    attempts: 1,
+                    via: Some(Via::InProcess),
+                });
                 response
             }
             Err(_unsent) => {
@@ -858,6 +991,11 @@ impl Outbound {
         attempts: u32,
         detail: String,
     ) -> Response<Body> {
+        let served = Served {
+            endpoint: tried.last().cloned(),
+            attempts,
+            via: None,
+        };
         let error = MeshError {
             kind,
             service: self.cfg.service.clone(),
@@ -869,7 +1007,9 @@ impl Outbound {
         self.cfg
             .metrics
             .mesh_error(&self.cfg.caller, &self.cfg.service, kind.as_str());
-        error.to_response(self.cfg.protocol).map(boxed)
+        let mut response = error.to_response(self.cfg.protocol).map(boxed);
+        response.extensions_mut().insert(served);
+        response
     }
 }
 
@@ -1152,6 +1292,14 @@ fn draining(addr: SocketAddr) -> ForwardError {
             std::io::ErrorKind::ConnectionRefused,
             "the inbound is draining",
         ),
+    }
+}
+
+/// Set the number of tries in a response's [`Served`] (a response kept while later tries
+/// failed is answered with the count of them all).
+fn set_attempts<B>(response: &mut Response<B>, attempts: u32) {
+    if let Some(served) = response.extensions_mut().get_mut::<Served>() {
+        served.attempts = attempts;
     }
 }
 

@@ -113,6 +113,14 @@ pub async fn serve_outbound_live(
     shutdown: CancellationToken,
 ) {
     let service: Arc<str> = setup.get().0.service.as_str().into();
+    {
+        let first = setup.get();
+        first
+            .0
+            .metrics
+            .stats()
+            .watch_balancer(&first.0.caller, &first.1);
+    }
     let local = listener.local_addr().ok();
     let (tracker, force) = (TaskTracker::new(), CancellationToken::new());
     serve(

@@ -18,7 +18,7 @@ use super::{Config, MeshSettings, Service};
 /// Compares the running configuration `old` with `new`.
 ///
 /// A change that only a restart of `mesh` can apply refuses the whole reload, listing
-/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls`, `ca` and `local_path`, and a service's
+/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls`, `ca`, `local_path` and `access_log`, and a service's
 /// `protocol`. Otherwise the plan says, per service, what to replace, what to apply live
 /// and what to scale; an empty plan means there is nothing to do.
 pub fn diff(old: &Config, new: &Config) -> Result<Plan, Refusal> {
@@ -217,6 +217,7 @@ const MESH_RULES: &[Rule<MeshSettings, MeshEffect>] = &[
     rule!(MeshEffect::Restart, ca),
     // Which path every outbound takes to the inbounds of this process.
     rule!(MeshEffect::Restart, local_path),
+    rule!(MeshEffect::Restart, access_log),
     rule!(MeshEffect::Live, shutdown_timeout),
     rule!(MeshEffect::Live, seed),
 ];
@@ -275,6 +276,7 @@ const _EVERY_FIELD_HAS_A_RULE: fn(&Config) = |config| {
         tls: _,
         ca: _,
         local_path: _,
+        access_log: _,
     } = mesh;
     for service in services.values() {
         let Service {

@@ -48,6 +48,20 @@ pub struct MeshSettings {
     /// `local_path`: how a call between two sidecars of this process travels (SPEC §1
     /// "The local path").
     pub local_path: LocalPath,
+    /// `access_log`: where one JSON line per request goes (SPEC §5).
+    pub access_log: AccessLog,
+}
+
+/// `[mesh] access_log`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// No access log (the default).
+    #[default]
+    Off,
+    /// mesh's standard output, beside the apps' lines.
+    Stdout,
+    /// A file (absolute, resolved against mesh.toml's directory), appended to.
+    File(PathBuf),
 }
 
 /// `[mesh] local_path`.

@@ -284,7 +284,7 @@ pub(crate) const MESH: &[Field] = &[
     not_yet(key("listen")),
     not_yet(table("etcd", ETCD)),
     key("local_path"),
-    not_yet(key("access_log")),
+    key("access_log"),
     key("seed"),
 ];
 

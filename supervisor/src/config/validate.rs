@@ -32,9 +32,9 @@ use super::raw::{
     RawMesh, RawPort, RawRoute, RawService, RawTraffic, Shape,
 };
 use super::{
-    Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, LocalPath, MeshSettings,
-    PortSpec, Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode, default_ready_timeout,
-    envfile, interpolate,
+    AccessLog, Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, LocalPath,
+    MeshSettings, PortSpec, Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode,
+    default_ready_timeout, envfile, interpolate,
 };
 
 /// Validates `text`, the contents of the file at `path`, against mesh's environment `env`.
@@ -578,15 +578,21 @@ fn check_mesh(
             }
         },
     };
-    // Checked in full, then rejected as "not supported yet" (`raw::MESH`).
-    if let Some(access_log) = &raw.access_log {
-        if access_log.get_ref().is_empty() {
-            ctx.error(
-                access_log.span(),
-                "`access_log` is empty: \"off\", \"stdout\" or a file path",
-            );
-        }
-    }
+    let access_log = match &raw.access_log {
+        None => AccessLog::Off,
+        Some(value) => match value.get_ref().as_str() {
+            "" => {
+                ctx.error(
+                    value.span(),
+                    "`access_log` is empty: \"off\", \"stdout\" or a file path",
+                );
+                AccessLog::Off
+            }
+            "off" => AccessLog::Off,
+            "stdout" => AccessLog::Stdout,
+            path => AccessLog::File(dir.join(path)),
+        },
+    };
     if let Some(etcd) = &raw.etcd {
         let etcd_ref = etcd.get_ref();
         match &etcd_ref.endpoints {
@@ -636,6 +642,7 @@ fn check_mesh(
         tls,
         ca: ca_files,
         local_path,
+        access_log,
     })
 }
 

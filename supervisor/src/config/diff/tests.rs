@@ -56,6 +56,7 @@ const CASES: &[Case] = &[
     mesh("admin", r#"admin = "127.0.0.1:9901""#, r#"admin = "off""#, Want::RestartMesh("admin")),
     mesh("tls", "", r#"tls = "off""#, Want::RestartMesh("tls")),
     mesh("local_path", "", r#"local_path = "tls""#, Want::RestartMesh("local_path")),
+    mesh("access_log", "", r#"access_log = "stdout""#, Want::RestartMesh("access_log")),
     mesh(
         "ca",
         r#"ca = { cert = "ca.crt", key = "ca.key" }"#,
