@@ -118,3 +118,50 @@ fn access_log_on_stdout() {
     let pids = app_pids(&mesh, "api", 1);
     stop_mesh(mesh, &pids);
 }
+
+#[test]
+fn a_tcp_connection_is_one_line() {
+    let p = Project::new(&format!(
+        r#"
+[mesh]
+name = "t"
+shutdown_timeout = "10s"
+access_log = "access.log"
+
+[services.echo]
+command = [{app:?}, "tcp"]
+protocol = "tcp"
+
+[services.caller]
+command = ["sh", "-c", "echo addr=$ECHO_ADDR; exec sleep 1000"]
+port = "none"
+upstreams = ["echo"]
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up(&[]);
+    let line = mesh.wait_line("caller.0 | addr=", T);
+    let addr = field_of(&line, "addr");
+    let answer = eventually("an answer through the tcp outbound", T, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).ok()?;
+        s.write_all(b"hi").ok()?;
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        (!out.is_empty()).then_some(out)
+    });
+    assert_eq!(answer, "echo.0:hi");
+    let line = eventually("the access-log line of the connection", T, || {
+        p.read("access.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["method"] == "TCP" && v["status"] == 200)
+    });
+    assert_eq!(line["caller"], "caller");
+    assert_eq!(line["service"], "echo");
+    assert_eq!(line["replica"], "echo.0");
+    assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
+    let pids = app_pids(&mesh, "echo", 1);
+    stop_mesh(mesh, &pids);
+}

@@ -32,7 +32,7 @@ use crate::http::server::{ACCEPT_WARN_INTERVAL, WarnLimiter};
 use crate::metrics::{Metrics, Side};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::routes::Routes;
-use crate::tls;
+use crate::{stats, tls};
 
 /// How many endpoints one outbound connection tries before giving up with
 /// `connect-failed`.
@@ -472,8 +472,33 @@ async fn proxy_outbound(
         () = force.cancelled() => return,
     };
     let mut client = client;
+    // What the dashboard and the access log keep of the connection (SPEC §5): one call
+    // per connection, recorded when it ends (or fails to be set up).
+    let mut call = stats::Call {
+        seq: 0,
+        ts_ms: 0,
+        trace_id: trace_id(),
+        caller: Arc::from(cfg.caller.as_str()),
+        service: Arc::from(cfg.service.as_str()),
+        replica: None,
+        route: Arc::from(""),
+        method: "TCP".to_string(),
+        path: String::new(),
+        status: 200,
+        error: None,
+        attempts: u32::try_from(tried.len()).unwrap_or(u32::MAX),
+        duration_us: 0,
+        via: None,
+    };
     match result {
         Ok((admission, pick, upstream)) => {
+            call.replica = Some(Arc::clone(&pick.endpoint.id));
+            call.attempts += 1;
+            call.via = Some(match (&upstream, cfg.tls.is_some()) {
+                (Upstream::Local(_), _) => stats::Via::InProcess,
+                (Upstream::Stream(_), true) => stats::Via::Mtls,
+                (Upstream::Stream(_), false) => stats::Via::Plain,
+            });
             let endpoint = pick.endpoint.id.clone();
             let span = tracing::debug_span!("upstream", %endpoint, addr = %pick.endpoint.addr);
             let _ = client.set_nodelay(true);
@@ -495,6 +520,13 @@ async fn proxy_outbound(
             drop(admission);
         }
         Err((kind, detail)) => {
+            call.error = stats::ERROR_KINDS.iter().find(|k| **k == kind).copied();
+            call.status = match kind {
+                "no-endpoints" | "circuit-open" | "overloaded" => 503,
+                "timeout" => 504,
+                _ => 502,
+            };
+            call.replica = tried.last().cloned();
             // Dropping `client` closes it without data.
             let service = cfg.service.as_str();
             let tried_list = if tried.is_empty() {
@@ -513,6 +545,19 @@ async fn proxy_outbound(
             );
         }
     }
+    call.ts_ms = stats::unix_ms();
+    call.duration_us = u64::try_from(arrival.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let stats = cfg.metrics.stats();
+    stats.record(&stats.edge(&cfg.caller, &cfg.service, ""), call);
+}
+
+/// A fresh random W3C trace id (32 hex digits) for a connection, which carries none.
+fn trace_id() -> String {
+    format!(
+        "{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..).max(1)
+    )
 }
 
 /// A failure to set up a connection: the mesh error kind and its detail.
