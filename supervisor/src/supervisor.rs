@@ -167,6 +167,10 @@ struct Shared {
     /// Every application port handed out so far (never handed out twice).
     taken: Mutex<std::collections::BTreeSet<u16>>,
     on_switch: PortSwitch,
+    /// The services with a ready endpoint on another host (SPEC §9), as the owner of the
+    /// sidecars learns them from etcd: what `depends_on` waits for on a service this
+    /// supervisor runs no replica of.
+    remote_ready: watch::Sender<std::collections::BTreeSet<String>>,
 }
 
 // === impl Supervisor ===
@@ -198,6 +202,7 @@ impl Supervisor {
             upstream_addrs: RwLock::new(opts.upstream_addrs),
             taken: Mutex::new(taken),
             on_switch: opts.on_switch,
+            remote_ready: watch::Sender::new(std::collections::BTreeSet::new()),
         });
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
@@ -273,6 +278,16 @@ impl Supervisor {
         };
         let span = info_span!("replica", service = %service, replica);
         self.inner.tasks.lock().spawn(task.run().instrument(span));
+    }
+
+    /// Tell which services have a ready endpoint on another host (SPEC §9): a replica
+    /// waiting on `depends_on` a service of other hosts starts once it has one.
+    pub fn set_remote_ready(&self, services: std::collections::BTreeSet<String>) {
+        self.inner.shared.remote_ready.send_if_modified(|current| {
+            let changed = *current != services;
+            *current = services;
+            changed
+        });
     }
 
     /// A receiver of every status change.
@@ -725,10 +740,20 @@ enum Gate {
     Blocked,
 }
 
-fn gate(service: &Service, all: &Statuses) -> Gate {
+/// `remote_ready` holds the services with a ready endpoint on another host: a target this
+/// supervisor runs no replica of (a service of other hosts, SPEC §9) holds any condition
+/// validation lets through (`started`, `healthy`) once it has one.
+fn gate(
+    service: &Service,
+    all: &Statuses,
+    remote_ready: &std::collections::BTreeSet<String>,
+) -> Gate {
     let mut open = true;
     for (target, cond) in &service.depends_on {
         let replicas: Vec<_> = all.values().filter(|r| &r.service == target).collect();
+        if replicas.is_empty() && remote_ready.contains(target) {
+            continue;
+        }
         if replicas
             .iter()
             .any(|r| matches!(r.state, State::Failed | State::Exited))
@@ -812,6 +837,7 @@ struct Retiring {
 impl ReplicaTask {
     async fn run(mut self) {
         let mut status = self.shared.status.subscribe();
+        let mut remote_ready = self.shared.remote_ready.subscribe();
         self.publish(None);
         let mut closed = false;
         loop {
@@ -821,7 +847,11 @@ impl ReplicaTask {
             }
             let gating = matches!(self.lifecycle.state(), State::Waiting | State::Blocked);
             if gating {
-                let verdict = gate(&self.service, &status.borrow_and_update());
+                let verdict = gate(
+                    &self.service,
+                    &status.borrow_and_update(),
+                    &remote_ready.borrow_and_update(),
+                );
                 let event = match (verdict, self.lifecycle.state()) {
                     (Gate::Open, _) => Some(Event::Start),
                     (Gate::Blocked, State::Waiting) => Some(Event::Block),
@@ -956,6 +986,7 @@ impl ReplicaTask {
                     }
                 }
                 _ = status.changed(), if gating => {}
+                _ = remote_ready.changed(), if gating => {}
             }
         }
         self.publish(None);
@@ -1635,6 +1666,32 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dependency_on_a_service_of_other_hosts_opens_once_it_has_a_ready_endpoint() {
+        let dir = std::env::temp_dir();
+        let config = crate::config::parse(
+            r#"
+version = 1
+[mesh]
+name = "shop"
+etcd = { endpoints = ["http://10.0.0.9:2379"] }
+listen = "10.0.0.1"
+[services.web]
+command = "web"
+depends_on = { api = "healthy" }
+[services.api]
+"#,
+            &dir.join("mesh.toml"),
+            &BTreeMap::new(),
+        )
+        .expect("valid");
+        let web = &config.services["web"];
+        let none = std::collections::BTreeSet::new();
+        assert_eq!(gate(web, &Statuses::new(), &none), Gate::Wait);
+        let api: std::collections::BTreeSet<String> = ["api".to_string()].into();
+        assert_eq!(gate(web, &Statuses::new(), &api), Gate::Open);
+    }
 
     #[test]
     fn assigned_ports_are_distinct_free_and_below_the_ephemeral_range() {

@@ -18,7 +18,8 @@ use super::{Config, MeshSettings, Service};
 /// Compares the running configuration `old` with `new`.
 ///
 /// A change that only a restart of `mesh` can apply refuses the whole reload, listing
-/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls`, `ca`, `local_path` and `access_log`, and a service's
+/// every such key: `[mesh]` `name`, `state_dir`, `admin`, `tls`, `ca`, `local_path`,
+/// `access_log`, `listen` and `etcd`, and a service's
 /// `protocol`. Otherwise the plan says, per service, what to replace, what to apply live
 /// and what to scale; an empty plan means there is nothing to do.
 pub fn diff(old: &Config, new: &Config) -> Result<Plan, Refusal> {
@@ -159,7 +160,8 @@ pub enum Refusal {
 pub enum RestartKey {
     /// A `[mesh]` key: `name` (every identity and `MESH_NAME`), `state_dir` (held locked,
     /// with the CA and the control socket), `admin` (its listener), `tls` or `ca` (every
-    /// sidecar's identity and trust).
+    /// sidecar's identity and trust), `listen` (every inbound's address, this host's name
+    /// in etcd) or `etcd` (the registration and the watch).
     Mesh(&'static str),
     /// A service's key; only `protocol`, which decides the kind of the service's inbound
     /// and of every caller's outbound to it, and which callers get `<UP>_URL`.
@@ -206,9 +208,7 @@ macro_rules! rule {
     };
 }
 
-/// `[mesh]`. `listen` and `etcd` are not in the model yet (not supported); when they are,
-/// they take `MeshEffect::Restart` like the other keys that shape the mesh's identity and
-/// listeners.
+/// `[mesh]`.
 const MESH_RULES: &[Rule<MeshSettings, MeshEffect>] = &[
     rule!(MeshEffect::Restart, name),
     rule!(MeshEffect::Restart, state_dir),
@@ -218,6 +218,10 @@ const MESH_RULES: &[Rule<MeshSettings, MeshEffect>] = &[
     // Which path every outbound takes to the inbounds of this process.
     rule!(MeshEffect::Restart, local_path),
     rule!(MeshEffect::Restart, access_log),
+    // Where every inbound is bound, and this host's name in etcd.
+    rule!(MeshEffect::Restart, listen),
+    // The lease and the watch this host's registration and discovery hold.
+    rule!(MeshEffect::Restart, etcd),
     rule!(MeshEffect::Live, shutdown_timeout),
     rule!(MeshEffect::Live, seed),
 ];
@@ -277,6 +281,8 @@ const _EVERY_FIELD_HAS_A_RULE: fn(&Config) = |config| {
         ca: _,
         local_path: _,
         access_log: _,
+        listen: _,
+        etcd: _,
     } = mesh;
     for service in services.values() {
         let Service {

@@ -50,6 +50,37 @@ pub struct MeshSettings {
     pub local_path: LocalPath,
     /// `access_log`: where one JSON line per request goes (SPEC §5).
     pub access_log: AccessLog,
+    /// `listen`: where inbound listeners bind, and the address advertised to other hosts
+    /// (SPEC §9); default 127.0.0.1.
+    pub listen: std::net::IpAddr,
+    /// `etcd`: the etcd this host registers its endpoints in and takes other hosts'
+    /// from (SPEC §9); `None`: this host is alone.
+    pub etcd: Option<Etcd>,
+}
+
+/// `[mesh] etcd = { endpoints, prefix, lease_ttl }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Etcd {
+    /// The members' client URLs (`http://HOST[:PORT]`, port 2379 if left out), tried in
+    /// turn.
+    pub endpoints: Vec<String>,
+    /// Where this mesh's keys live; default `/mesh/<name>`. Starts with `/`.
+    pub prefix: String,
+    /// The time to live of the lease this host's endpoints are held under: how long they
+    /// outlive the host when it stops without a shutdown. Whole seconds, at least 1 s;
+    /// default 10 s.
+    pub lease_ttl: Duration,
+}
+
+impl MeshSettings {
+    /// This host's name among the hosts of the mesh: the key segment its endpoints are
+    /// registered under, and what other hosts' `mesh ps` shows. It is the `listen`
+    /// address, the one address other hosts reach this host at and so the one name no
+    /// two hosts of a working mesh can share (a machine's hostname can be: cloned images,
+    /// containers); validation refuses an unspecified `listen` with `etcd`.
+    pub fn host_id(&self) -> String {
+        self.listen.to_string()
+    }
 }
 
 /// `[mesh] access_log`.
@@ -106,10 +137,16 @@ pub struct CaFiles {
 }
 
 /// One `[services.NAME]` table.
+///
+/// A service declared without `command` runs on other hosts (SPEC §9, see
+/// [`Service::is_remote`]): its `command` is empty and its `replicas` 0, so nothing is
+/// started, bound or allocated for it here; only the keys that describe calls
+/// (`protocol`, `expose`, `upstreams`, `allow`, `traffic`, `routes`) are set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
-    /// Program and arguments, split like a shell but not yet `${}`-expanded.
+    /// Program and arguments, split like a shell but not yet `${}`-expanded. Empty for a
+    /// service that runs on other hosts.
     pub command: Vec<String>,
     /// Absolute working directory.
     pub working_dir: PathBuf,
@@ -125,13 +162,15 @@ pub struct Service {
     pub env_file_digest: Option<u64>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// At least 1; 0 for a service that runs on other hosts.
     pub replicas: u32,
     pub protocol: Protocol,
     pub port: PortSpec,
     /// Upstream service names, in file order.
     pub upstreams: Vec<String>,
     /// `allow`: services admitted as callers besides those listing this one in their
-    /// `upstreams`.
+    /// `upstreams`; with `[mesh] etcd` it may also hold `ingress`, which admits the
+    /// ingresses of other hosts that expose the service (SPEC §9, docs/multi-host.md).
     pub allow: Vec<String>,
     pub depends_on: BTreeMap<String, Condition>,
     pub restart: RestartPolicy,
@@ -480,6 +519,13 @@ impl Route {
 // === impl Service ===
 
 impl Service {
+    /// Whether the service runs on other hosts only (declared without `command`, which
+    /// needs `[mesh] etcd`): this host starts nothing for it, has no inbound for it, and
+    /// takes its endpoints from etcd.
+    pub fn is_remote(&self) -> bool {
+        self.command.is_empty()
+    }
+
     /// The environment variable names an upstream maps to: `API_URL`, `API_ADDR`.
     pub fn upstream_var_stem(upstream: &str) -> String {
         upstream.to_ascii_uppercase().replace('-', "_")

@@ -483,3 +483,99 @@ fn ready_timeout_defaults_to_a_minute() {
         Duration::from_secs(90)
     );
 }
+
+#[test]
+fn multi_host_keys_reach_the_model_with_their_defaults() {
+    let alone = parse_ok("version = 1\n[services.web]\ncommand = \"web\"\n");
+    assert_eq!(alone.mesh.listen.to_string(), "127.0.0.1");
+    assert_eq!(alone.mesh.etcd, None);
+
+    let config = parse_ok(
+        r#"
+version = 1
+[mesh]
+name = "shop"
+listen = "10.0.0.5"
+etcd = { endpoints = ["http://10.0.0.9:2379", "http://[fd00::9]", "http://etcd-2:2379/"] }
+
+[services.web]
+command = "web"
+upstreams = ["api"]
+depends_on = { api = "healthy", search = "started" }
+
+[services.api]
+protocol = "grpc"
+expose = 8443
+upstreams = ["search"]
+allow = ["web", "ingress"]
+traffic = { timeout = "2s" }
+routes = [{ path_prefix = "/v2", backends = { search = 1 } }]
+
+[services.search]
+protocol = "grpc"
+"#,
+    );
+    assert_eq!(config.mesh.listen.to_string(), "10.0.0.5");
+    assert_eq!(config.mesh.host_id(), "10.0.0.5");
+    let etcd = config.mesh.etcd.as_ref().unwrap();
+    assert_eq!(etcd.endpoints.len(), 3);
+    assert_eq!(etcd.prefix, "/mesh/shop");
+    assert_eq!(etcd.lease_ttl, Duration::from_secs(10));
+    let api = &config.services["api"];
+    assert!(api.is_remote());
+    assert_eq!(api.replicas, 0);
+    assert!(api.command.is_empty());
+    assert_eq!(api.protocol, Protocol::Grpc);
+    assert_eq!(api.allow, ["web", "ingress"]);
+    assert!(config.admitted_callers("api").contains("ingress"));
+    assert!(!config.services["web"].is_remote());
+    assert_eq!(config.services["web"].replicas, 1);
+
+    let tuned = parse_ok(
+        "version = 1\n[mesh]\nlisten = \"::1\"\netcd = { endpoints = [\"http://127.0.0.1:2379\"], prefix = \"/edge/eu\", lease_ttl = \"2s\" }\n",
+    );
+    let etcd = tuned.mesh.etcd.unwrap();
+    assert_eq!(etcd.prefix, "/edge/eu");
+    assert_eq!(etcd.lease_ttl, Duration::from_secs(2));
+}
+
+#[test]
+fn multi_host_mistakes_are_reported() {
+    let errors = parse_err(
+        r#"
+version = 1
+[mesh]
+listen = "0.0.0.0"
+etcd = { endpoints = ["https://e:2379", "e:2379", "http://e:99999", "http://e/v3"], prefix = "mesh", lease_ttl = "1500ms" }
+
+[services.api]
+replicas = 2
+health = { tcp = true }
+"#,
+    );
+    for expected in [
+        "`listen = \"0.0.0.0\"` cannot be advertised to other hosts with `etcd`",
+        "invalid etcd endpoint \"https://e:2379\": TLS to etcd is not supported yet",
+        "invalid etcd endpoint \"e:2379\": expected http://HOST:PORT",
+        "invalid etcd endpoint \"http://e:99999\": the port must be",
+        "invalid etcd endpoint \"http://e/v3\": a path or query is not supported",
+        "`etcd.prefix` must start with `/`",
+        "`etcd.lease_ttl` must be a whole number of seconds",
+        "`replicas` describes a process, but service `api` has no `command`",
+        "`health` describes a process, but service `api` has no `command`",
+    ] {
+        assert!(errors.contains(expected), "{expected:?} not in:\n{errors}");
+    }
+    let alone = parse_err("version = 1\n[services.api]\nexpose = 8080\n");
+    assert!(
+        alone.contains("service `api` has no `command`\nhelp: a service without `command` runs on other hosts, which needs `[mesh] etcd`"),
+        "{alone}"
+    );
+    let completed = parse_err(
+        "version = 1\n[mesh]\netcd = { endpoints = [\"http://e\"] }\n[services.web]\ncommand = \"web\"\ndepends_on = { api = \"completed\" }\n[services.api]\n",
+    );
+    assert!(
+        completed.contains("service `api` runs on other hosts: this host cannot see it complete"),
+        "{completed}"
+    );
+}

@@ -32,9 +32,9 @@ use super::raw::{
     RawMesh, RawPort, RawRoute, RawService, RawTraffic, Shape,
 };
 use super::{
-    AccessLog, Backoff, CaFiles, Condition, Config, Diagnostic, Health, HealthCheck, LocalPath,
-    MeshSettings, PortSpec, Protocol, RestartPolicy, Service, Signal, StartLimit, TlsMode,
-    default_ready_timeout, envfile, interpolate,
+    AccessLog, Backoff, CaFiles, Condition, Config, Diagnostic, Etcd, Health, HealthCheck,
+    LocalPath, MeshSettings, PortSpec, Protocol, RestartPolicy, Service, Signal, StartLimit,
+    TlsMode, default_ready_timeout, envfile, interpolate,
 };
 
 /// Validates `text`, the contents of the file at `path`, against mesh's environment `env`.
@@ -95,6 +95,8 @@ struct Facts {
     port: Option<PortSpec>,
     protocol: Option<Protocol>,
     restart: Option<RestartPolicy>,
+    /// Declared without `command`: it runs on other hosts.
+    remote: bool,
 }
 
 /// One service after serde: its name, where the name is, and which entries were dropped
@@ -111,6 +113,8 @@ struct Scope<'a> {
     env: &'a BTreeMap<String, String>,
     dir: &'a Path,
     facts: &'a BTreeMap<String, Facts>,
+    /// Whether `[mesh] etcd` is set: services may then run on other hosts.
+    federated: bool,
 }
 
 /// A port that something binds, for the clash check.
@@ -152,6 +156,8 @@ fn check_file(ctx: &mut Ctx<'_>, env: &BTreeMap<String, String>) -> Option<Confi
     };
     let parsed = parse_services(ctx, &root);
 
+    // Services without `command` run on other hosts, which takes `[mesh] etcd`.
+    let federated = raw_mesh.as_ref().is_some_and(|m| m.etcd.is_some());
     let mesh = raw_mesh.and_then(|m| check_mesh(ctx, m, &mesh_removed, &dir, env));
 
     let facts: BTreeMap<String, Facts> = parsed
@@ -162,6 +168,7 @@ fn check_file(ctx: &mut Ctx<'_>, env: &BTreeMap<String, String>) -> Option<Confi
         env,
         dir: &dir,
         facts: &facts,
+        federated,
     };
     let mut services = BTreeMap::new();
     let mut bindings = Vec::new();
@@ -553,17 +560,36 @@ fn check_mesh(
             ca_files = Some(CaFiles { cert, key });
         }
     }
-    if let Some(listen) = &raw.listen {
-        if listen.get_ref().parse::<IpAddr>().is_err() {
-            ctx.error(
-                listen.span(),
-                format!(
-                    "invalid `listen` address \"{}\": expected an IP address",
-                    listen.get_ref()
-                ),
-            );
+    let listen = match &raw.listen {
+        None => IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        Some(listen) => {
+            match listen.get_ref().parse::<IpAddr>() {
+                Ok(ip) => {
+                    // The address is advertised to other hosts: "any address" names none.
+                    if ip.is_unspecified() && raw.etcd.is_some() {
+                        ctx.report(
+                        listen.span(),
+                        format!(
+                            "`listen = \"{ip}\"` cannot be advertised to other hosts with `etcd`"
+                        ),
+                        Some("set `listen` to this host's address on the network the hosts share".to_owned()),
+                    );
+                    }
+                    ip
+                }
+                Err(_) => {
+                    ctx.error(
+                        listen.span(),
+                        format!(
+                            "invalid `listen` address \"{}\": expected an IP address",
+                            listen.get_ref()
+                        ),
+                    );
+                    IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+                }
+            }
         }
-    }
+    };
     let local_path = match &raw.local_path {
         None => LocalPath::default(),
         Some(value) => match value.get_ref().as_str() {
@@ -593,25 +619,10 @@ fn check_mesh(
             path => AccessLog::File(dir.join(path)),
         },
     };
-    if let Some(etcd) = &raw.etcd {
-        let etcd_ref = etcd.get_ref();
-        match &etcd_ref.endpoints {
-            Some(endpoints) if endpoints.get_ref().is_empty() => {
-                ctx.error(endpoints.span(), "`etcd.endpoints` is empty");
-            }
-            Some(_) => {}
-            None => ctx.error(etcd.span(), "`etcd` needs `endpoints`"),
-        }
-        if let Some(prefix) = &etcd_ref.prefix {
-            if !prefix.get_ref().starts_with('/') {
-                ctx.error(prefix.span(), "`etcd.prefix` must start with `/`");
-            }
-        }
-        duration_or(ctx, etcd_ref.lease_ttl.as_ref(), "etcd.lease_ttl", secs(10));
-        if tls_off {
-            ctx.error(etcd.span(), "`etcd` cannot be used with `tls = \"off\"`");
-        }
-    }
+    let etcd = raw
+        .etcd
+        .as_ref()
+        .map(|etcd| check_etcd(ctx, etcd, &name, tls_off));
     let mut seed = raw.seed.as_ref().and_then(|seed| {
         let n = u64::try_from(*seed.get_ref()).ok();
         if n.is_none() {
@@ -643,7 +654,114 @@ fn check_mesh(
         ca: ca_files,
         local_path,
         access_log,
+        listen,
+        etcd,
     })
+}
+
+/// `[mesh] etcd`: every endpoint a URL the etcd client takes, the prefix a key path, the
+/// time to live a whole number of seconds etcd can grant.
+fn check_etcd(
+    ctx: &mut Ctx<'_>,
+    etcd: &Spanned<raw::RawEtcd>,
+    mesh_name: &str,
+    tls_off: bool,
+) -> Etcd {
+    let raw = etcd.get_ref();
+    let mut endpoints = Vec::new();
+    match &raw.endpoints {
+        Some(list) if list.get_ref().is_empty() => {
+            ctx.error(list.span(), "`etcd.endpoints` is empty");
+        }
+        Some(list) => {
+            for endpoint in list.get_ref() {
+                match check_etcd_endpoint(endpoint.get_ref()) {
+                    Ok(()) => endpoints.push(endpoint.get_ref().clone()),
+                    Err(why) => ctx.error(
+                        endpoint.span(),
+                        format!("invalid etcd endpoint \"{}\": {why}", endpoint.get_ref()),
+                    ),
+                }
+            }
+        }
+        None => ctx.error(etcd.span(), "`etcd` needs `endpoints`"),
+    }
+    let prefix = match &raw.prefix {
+        Some(prefix) => {
+            let text = prefix.get_ref();
+            if !text.starts_with('/') {
+                ctx.error(prefix.span(), "`etcd.prefix` must start with `/`");
+            } else if text.chars().any(char::is_control) {
+                ctx.error(prefix.span(), "`etcd.prefix` contains a control character");
+            }
+            text.clone()
+        }
+        None => format!("/mesh/{mesh_name}"),
+    };
+    let default_ttl = secs(10);
+    let lease_ttl = match &raw.lease_ttl {
+        None => default_ttl,
+        Some(value) => match duration(ctx, value, "etcd.lease_ttl") {
+            // etcd grants leases in whole seconds.
+            Some(ttl) if ttl < secs(1) || ttl.subsec_nanos() != 0 => {
+                ctx.error(
+                    value.span(),
+                    "`etcd.lease_ttl` must be a whole number of seconds, at least 1s (etcd grants leases in seconds)",
+                );
+                default_ttl
+            }
+            Some(ttl) => ttl,
+            None => default_ttl,
+        },
+    };
+    if tls_off {
+        ctx.error(etcd.span(), "`etcd` cannot be used with `tls = \"off\"`");
+    }
+    Etcd {
+        endpoints,
+        prefix,
+        lease_ttl,
+    }
+}
+
+/// What the etcd client accepts: `http://HOST[:PORT][/]` (its JSON gateway over plain
+/// HTTP; TLS to etcd is not built).
+fn check_etcd_endpoint(url: &str) -> Result<(), &'static str> {
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if url.starts_with("https://") {
+        return Err("TLS to etcd is not supported yet: use http://");
+    } else {
+        return Err("expected http://HOST:PORT");
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err("a path or query is not supported: expected http://HOST:PORT");
+    }
+    if authority.contains('@') {
+        return Err("user information is not supported");
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        // An IPv6 address: `[::1]` or `[::1]:2379`.
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return Err("an IPv6 address must be closed with `]`");
+        };
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("no valid host: expected http://HOST:PORT");
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return Err("the port must be a number from 0 to 65535");
+        }
+    }
+    Ok(())
 }
 
 // === values ===

@@ -63,6 +63,15 @@ const CASES: &[Case] = &[
         r#"ca = { cert = "other.crt", key = "ca.key" }"#,
         Want::RestartMesh("ca"),
     ),
+    mesh("listen", "", r#"listen = "10.0.0.5""#, Want::RestartMesh("listen")),
+    mesh("etcd", "", r#"etcd = { endpoints = ["http://10.0.0.9:2379"] }"#, Want::RestartMesh("etcd")),
+    mesh(
+        "etcd",
+        r#"etcd = { endpoints = ["http://10.0.0.9:2379"] }"#,
+        r#"etcd = { endpoints = ["http://10.0.0.9:2379"], lease_ttl = "5s" }"#,
+        Want::RestartMesh("etcd"),
+    ),
+    mesh("etcd", r#"etcd = { endpoints = ["http://e"] }"#, r#"etcd = { endpoints = ["http://e"], lease_ttl = "10s" }"#, Want::Nothing),
     // `[mesh]`: applied live.
     mesh("shutdown_timeout", "", r#"shutdown_timeout = "1m""#, Want::Mesh(&["shutdown_timeout"])),
     mesh("seed", "seed = 1", "seed = 2", Want::Mesh(&["seed"])),

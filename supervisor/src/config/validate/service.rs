@@ -31,6 +31,7 @@ pub(super) fn facts_of(raw: &RawService) -> Facts {
         port,
         protocol,
         restart,
+        remote: raw.command.is_none(),
     }
 }
 
@@ -133,13 +134,27 @@ pub(super) fn check_service(
         }
     };
 
+    let mut remote = false;
     let command = match &raw.command {
         Some(command) => check_command(ctx, command, "command", &lookup),
         None => {
-            if !p.removed.contains("command")
-                && !ctx.suggested.contains(&format!("services.{name}.command"))
+            if p.removed.contains("command")
+                || ctx.suggested.contains(&format!("services.{name}.command"))
             {
-                ctx.error(p.span.clone(), format!("service `{name}` has no `command`"));
+                // A `command` of the wrong type or misspelt: reported already.
+            } else if scope.federated {
+                // SPEC §9: it runs on other hosts.
+                remote = true;
+                check_remote(ctx, p);
+            } else {
+                ctx.report(
+                    p.span.clone(),
+                    format!("service `{name}` has no `command`"),
+                    Some(
+                        "a service without `command` runs on other hosts, which needs `[mesh] etcd` (docs/multi-host.md)"
+                            .to_owned(),
+                    ),
+                );
             }
             Vec::new()
         }
@@ -261,6 +276,8 @@ pub(super) fn check_service(
     if ctx.diags.len() > errors_before {
         return (None, dep_edges);
     }
+    // Nothing of a service that runs on other hosts is started here.
+    let replicas = if remote { 0 } else { replicas };
     let service = Service {
         name: name.to_owned(),
         command,
@@ -291,6 +308,88 @@ pub(super) fn check_service(
     (Some(service), dep_edges)
 }
 
+/// A service without `command` (SPEC §9) keeps the keys that describe calls to it and by
+/// it (`protocol`, `expose`, `upstreams`, `allow`, `traffic`, `routes`); each key that
+/// describes a process here is an error.
+fn check_remote(ctx: &mut Ctx<'_>, p: &Parsed) {
+    let raw = &p.raw;
+    let first = |spans: &mut dyn Iterator<Item = Range<usize>>| spans.next();
+    let spanned: [(&str, Option<Range<usize>>); 16] = [
+        ("working_dir", raw.working_dir.as_ref().map(Spanned::span)),
+        (
+            "env",
+            raw.env.as_ref().map(|env| {
+                first(&mut env.0.iter().map(|(k, _)| k.span())).unwrap_or(p.span.clone())
+            }),
+        ),
+        ("env_file", raw.env_file.as_ref().map(Spanned::span)),
+        ("user", raw.user.as_ref().map(Spanned::span)),
+        ("group", raw.group.as_ref().map(Spanned::span)),
+        ("replicas", raw.replicas.as_ref().map(Spanned::span)),
+        ("port", raw.port.as_ref().map(Spanned::span)),
+        (
+            "depends_on",
+            raw.depends_on.as_ref().map(|deps| {
+                let mut spans: Box<dyn Iterator<Item = Range<usize>>> = match deps {
+                    RawDependsOn::Table(entries) => Box::new(entries.iter().map(|(n, _)| n.span())),
+                    RawDependsOn::List(names) => Box::new(names.iter().map(Spanned::span)),
+                };
+                first(&mut spans).unwrap_or(p.span.clone())
+            }),
+        ),
+        ("restart", raw.restart.as_ref().map(Spanned::span)),
+        (
+            "backoff",
+            raw.backoff.as_ref().map(|b| {
+                first(&mut b.initial.iter().chain(&b.max).map(Spanned::span))
+                    .unwrap_or(p.span.clone())
+            }),
+        ),
+        (
+            "start_limit",
+            raw.start_limit.as_ref().map(|l| {
+                let spans = l.burst.iter().map(Spanned::span);
+                first(&mut spans.chain(l.interval.iter().map(Spanned::span)))
+                    .unwrap_or(p.span.clone())
+            }),
+        ),
+        ("stop_signal", raw.stop_signal.as_ref().map(Spanned::span)),
+        ("stop_timeout", raw.stop_timeout.as_ref().map(Spanned::span)),
+        (
+            "watch",
+            raw.watch
+                .as_ref()
+                .map(|w| first(&mut w.iter().map(Spanned::span)).unwrap_or(p.span.clone())),
+        ),
+        (
+            "ready_timeout",
+            raw.ready_timeout.as_ref().map(Spanned::span),
+        ),
+        ("health", raw.health.as_ref().map(Spanned::span)),
+    ];
+    let mut present: Vec<(&str, Range<usize>)> = spanned
+        .into_iter()
+        .filter_map(|(key, span)| Some((key, span?)))
+        .collect();
+    present.sort_by_key(|(_, span)| span.start);
+    let mut helped = false;
+    for (key, span) in present {
+        // The way out once per service, not once per key.
+        let help = (!std::mem::replace(&mut helped, true)).then(|| {
+            "give it a `command` to run it here too, or remove the key (a service of other hosts keeps only `protocol`, `expose`, `upstreams`, `allow`, `traffic` and `routes`)"
+                .to_owned()
+        });
+        ctx.report(
+            span,
+            format!(
+                "`{key}` describes a process, but service `{}` has no `command`: it runs on other hosts",
+                p.name
+            ),
+            help,
+        );
+    }
+}
+
 /// `allow`: services of this file. The reserved identities are refused with a reason:
 /// the ingress of a service is admitted by that service alone (and its route backends),
 /// and `test` by every inbound already.
@@ -298,7 +397,13 @@ fn check_allow(ctx: &mut Ctx<'_>, raw: &RawService, name: &str, scope: &Scope<'_
     let mut allow = Vec::new();
     for caller in raw.allow.iter().flatten() {
         let caller_name = caller.get_ref();
-        if caller_name == "ingress" {
+        if caller_name == "ingress" && scope.federated {
+            // The ingresses of other hosts that expose this service (or route to it):
+            // nothing else says so in this host's file (docs/multi-host.md).
+            if !allow.contains(caller_name) {
+                allow.push(caller_name.clone());
+            }
+        } else if caller_name == "ingress" {
             ctx.report(
                 caller.span(),
                 "`allow` cannot name `ingress`: a service's ingress is admitted by that service alone",
@@ -504,6 +609,26 @@ fn check_depends_on(
             continue;
         }
         let Some(condition) = condition else { continue };
+        let remote = scope.federated && scope.facts.get(target_name).is_some_and(|f| f.remote);
+        if condition == Condition::Completed && remote {
+            let span = match &raw.depends_on {
+                Some(RawDependsOn::Table(entries)) => entries
+                    .iter()
+                    .find(|(n, _)| n.get_ref() == target_name)
+                    .map_or(target.span(), |(_, c)| c.span()),
+                _ => target.span(),
+            };
+            ctx.report(
+                span,
+                format!(
+                    "service `{target_name}` runs on other hosts: this host cannot see it complete"
+                ),
+                Some(format!(
+                    "use `{target_name} = \"healthy\"`: wait until it has a ready endpoint somewhere"
+                )),
+            );
+            continue;
+        }
         if condition == Condition::Completed
             && scope.facts.get(target_name).and_then(|f| f.restart) == Some(RestartPolicy::Always)
         {
