@@ -445,11 +445,21 @@ fn state_dir_of_invalid(path: &std::path::Path, env: &BTreeMap<String, String>) 
     dir.join(chosen)
 }
 
+/// With endpoints of other hosts among the rows (SPEC §9), a HOST column says where
+/// each is (`local` for this host's replicas), and a stale one's health is `stale`.
 fn ps_table(data: &serde_json::Value) -> String {
-    let header = [
+    let hosts = data
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|row| row.get("host").is_some_and(|h| !h.is_null()));
+    let mut header = vec![
         "SERVICE", "REPLICA", "STATE", "HEALTH", "PID", "EXIT", "RESTARTS", "PORT", "UPTIME",
         "RPS", "SUCCESS", "P99",
     ];
+    if hosts {
+        header.insert(2, "HOST");
+    }
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let field = |row: &serde_json::Value, key: &str| match row.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -461,11 +471,16 @@ fn ps_table(data: &serde_json::Value) -> String {
             Some(s) => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
             None => "-".to_string(),
         };
-        rows.push(vec![
+        let stale = row.get("stale").and_then(|v| v.as_bool()) == Some(true);
+        let mut cells = vec![
             field(row, "service"),
             field(row, "replica"),
             field(row, "state"),
-            field(row, "health"),
+            if stale {
+                "stale".to_string()
+            } else {
+                field(row, "health")
+            },
             field(row, "pid"),
             field(row, "exit_code"),
             field(row, "restarts"),
@@ -480,7 +495,15 @@ fn ps_table(data: &serde_json::Value) -> String {
                 Some(ms) => format!("{ms}ms"),
                 None => "-".to_string(),
             },
-        ]);
+        ];
+        if hosts {
+            let host = match row.get("host") {
+                Some(serde_json::Value::String(h)) => h.clone(),
+                _ => "local".to_string(),
+            };
+            cells.insert(2, host);
+        }
+        rows.push(cells);
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
@@ -800,8 +823,16 @@ impl control::Answer for Answers {
                     .collect();
                 Ok(serde_json::json!({ "env": env, "cwd": cwd }))
             }
-            "ps" => serde_json::from_str(&admin::status_json(&self.status.borrow(), &self.metrics))
-                .map_err(|e| e.to_string()),
+            "ps" => {
+                let local = admin::status_json(&self.status.borrow(), &self.metrics);
+                let mut rows: Vec<serde_json::Value> =
+                    serde_json::from_str(&local).map_err(|e| e.to_string())?;
+                // The endpoints of other hosts (SPEC §9), each after the replicas here of
+                // its service.
+                rows.extend(self.runtime.remote_status().json_rows());
+                rows.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+                Ok(serde_json::Value::Array(rows))
+            }
             "certs" => match (self.certs)() {
                 Some(report) => Ok(serde_json::Value::String(report.to_string())),
                 None => {

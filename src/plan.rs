@@ -44,9 +44,44 @@ pub(crate) fn render(config: &Config) -> String {
         }
     };
     let _ = writeln!(out, "  local_path        {local_path}");
+    let _ = writeln!(
+        out,
+        "  listen            {} (inbounds bind here{})",
+        config.mesh.listen,
+        if config.mesh.etcd.is_some() {
+            "; advertised to other hosts"
+        } else {
+            ""
+        }
+    );
+    match &config.mesh.etcd {
+        None => {
+            let _ = writeln!(out, "  etcd              off (this host alone)");
+        }
+        Some(etcd) => {
+            let _ = writeln!(
+                out,
+                "  etcd              {} (host `{}`, keys under {}/endpoints/, lease {})",
+                etcd.endpoints.join(", "),
+                config.mesh.host_id(),
+                etcd.prefix.trim_end_matches('/'),
+                humantime::format_duration(etcd.lease_ttl)
+            );
+        }
+    }
     let _ = writeln!(out, "start order:");
     for (i, name) in config.start_order.iter().enumerate() {
         let svc = &config.services[name];
+        if svc.is_remote() {
+            let _ = writeln!(
+                out,
+                "  {}. {name}  on other hosts (nothing started here; endpoints from etcd) identity=spiffe://{}/{name}",
+                i + 1,
+                config.mesh.name
+            );
+            render_calls(&mut out, config, svc);
+            continue;
+        }
         let port = match svc.port {
             PortSpec::Assigned => "port assigned at start".to_string(),
             PortSpec::Fixed(p) => format!("port {p}"),
@@ -66,6 +101,7 @@ pub(crate) fn render(config: &Config) -> String {
         );
         let _ = writeln!(out, "       command: {}", shell_words::join(&svc.command));
         if !svc.depends_on.is_empty() {
+            let remote = |t: &String| config.services.get(t).is_some_and(Service::is_remote);
             let deps: Vec<String> = svc
                 .depends_on
                 .iter()
@@ -75,39 +111,16 @@ pub(crate) fn render(config: &Config) -> String {
                         Condition::Healthy => "healthy",
                         Condition::Completed => "completed",
                     };
-                    format!("{t} ({c})")
+                    if remote(t) {
+                        format!("{t} ({c}: a ready endpoint on another host)")
+                    } else {
+                        format!("{t} ({c})")
+                    }
                 })
                 .collect();
             let _ = writeln!(out, "       depends_on: {}", deps.join(", "));
         }
-        if !svc.upstreams.is_empty() {
-            let _ = writeln!(
-                out,
-                "       upstreams: {} (each through an outbound sidecar on an assigned port)",
-                svc.upstreams.join(", ")
-            );
-        }
-        if !svc.allow.is_empty() {
-            let _ = writeln!(out, "       allow: {}", svc.allow.join(", "));
-        }
-        if let Some(addr) = svc.expose {
-            let _ = writeln!(
-                out,
-                "       expose: ingress on {addr} (identity spiffe://{}/ingress)",
-                config.mesh.name
-            );
-        }
-        if let Some(rl) = &svc.traffic.rate_limit {
-            let _ = writeln!(
-                out,
-                "       rate_limit: {} rps, burst {} (per replica)",
-                rl.rps, rl.burst
-            );
-        }
-        if let Some(line) = traffic_line(&svc.traffic) {
-            let _ = writeln!(out, "       traffic (applied by callers): {line}");
-        }
-        render_routes(&mut out, svc);
+        render_calls(&mut out, config, svc);
         if let Some(h) = &svc.health {
             let check = match &h.check {
                 HealthCheck::Http(p) => format!("http {p}"),
@@ -129,6 +142,49 @@ pub(crate) fn render(config: &Config) -> String {
         }
     }
     out
+}
+
+/// What a service calls and who calls it: the lines of the keys that describe calls,
+/// which a service of other hosts keeps too.
+fn render_calls(out: &mut String, config: &Config, svc: &Service) {
+    if !svc.upstreams.is_empty() {
+        let how = if svc.is_remote() {
+            "authorizes its calls from other hosts"
+        } else {
+            "each through an outbound sidecar on an assigned port"
+        };
+        let _ = writeln!(
+            out,
+            "       upstreams: {} ({how})",
+            svc.upstreams.join(", ")
+        );
+    }
+    if !svc.allow.is_empty() {
+        let _ = writeln!(out, "       allow: {}", svc.allow.join(", "));
+    }
+    if let Some(addr) = svc.expose {
+        let _ = writeln!(
+            out,
+            "       expose: ingress on {addr} (identity spiffe://{}/ingress)",
+            config.mesh.name
+        );
+    }
+    if let Some(rl) = &svc.traffic.rate_limit {
+        let where_ = if svc.is_remote() {
+            "per replica, applied by the hosts that run it, as their files say"
+        } else {
+            "per replica"
+        };
+        let _ = writeln!(
+            out,
+            "       rate_limit: {} rps, burst {} ({where_})",
+            rl.rps, rl.burst
+        );
+    }
+    if let Some(line) = traffic_line(&svc.traffic) {
+        let _ = writeln!(out, "       traffic (applied by callers): {line}");
+    }
+    render_routes(out, svc);
 }
 
 /// The policies callers apply to a service, when any differs from the defaults.
@@ -238,6 +294,12 @@ pub(crate) fn warnings(config: &Config, env: &BTreeMap<String, String>) -> Vec<S
                 out.push(format!("`ca`: cannot read {}: {e}", path.display()));
             }
         }
+    }
+    if config.mesh.etcd.is_some() && config.mesh.listen.is_loopback() {
+        out.push(format!(
+            "`listen` is {}: other hosts cannot reach this host's inbounds there; set it to this host's address on the network the hosts share",
+            config.mesh.listen
+        ));
     }
     for name in &config.start_order {
         let svc = &config.services[name];

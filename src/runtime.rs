@@ -15,8 +15,15 @@
 //! forwards to) are [`Live`] values the sidecars read per request or connection; a
 //! reload (`reload.rs`) replaces them, binds and stops listeners for what was added or
 //! removed, and asks the supervisor for rolling replacements.
+//!
+//! With `[mesh] etcd` (SPEC §9, `federation.rs`) inbounds listen on the `listen` address,
+//! this host's ready endpoints are registered in etcd, and the other hosts' endpoints of
+//! a service join its endpoint set while no endpoint of it is ready here. A service of
+//! other hosts only (declared without `command`) gets nothing bound or started: callers'
+//! outbounds and ingresses reach it through the endpoints etcd gives.
 
 mod certs;
+mod federation;
 mod reload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,18 +46,24 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub(crate) use federation::RemoteStatus;
 pub(crate) use reload::ReloadOutcome;
 
 /// The identity name of ingress listeners (SPEC §1).
 const INGRESS: &str = "ingress";
 
-/// Isolate `config` for `mesh run` and the fixture (SPEC §7): every `expose` and the
+/// Isolate `config` for `mesh run` and the fixture (SPEC §7): never joined to other
+/// hosts (no etcd, inbounds on loopback), every `expose` and the
 /// admin server on ephemeral loopback ports, fixed app ports assigned instead, and
 /// `state_dir` the private directory given; so that several meshes of one file run side
 /// by side.
 pub(crate) fn isolate(config: &mut Config, state_dir: std::path::PathBuf) {
     let ephemeral = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     config.mesh.state_dir = state_dir;
+    // A test run never joins the hosts of the file: it would register its replicas
+    // where real callers would reach them. Services of other hosts have no endpoints.
+    config.mesh.etcd = None;
+    config.mesh.listen = std::net::IpAddr::from(Ipv4Addr::LOCALHOST);
     if config.mesh.admin.is_some() {
         config.mesh.admin = Some(ephemeral);
     }
@@ -87,6 +100,8 @@ struct Inner {
     sidecars: Arc<Sidecars>,
     /// The mesh CA and the identities issued; `None` with `tls = "off"`.
     certs: Option<Arc<certs::Certs>>,
+    /// Registration in etcd and the other hosts' endpoints; `None` without `[mesh] etcd`.
+    federation: Option<Arc<federation::Federation>>,
     /// `mesh`'s own environment: what a reload loads the file with.
     base_env: BTreeMap<String, String>,
     logs: LogSink,
@@ -110,6 +125,9 @@ struct Sidecars {
     draining: Mutex<BTreeSet<String>>,
     /// Tells `feed_discovery` that the set of inbounds changed.
     rewired: watch::Sender<()>,
+    /// The other hosts' endpoints (SPEC §9), for what a draining service's callers are
+    /// handed; `None` without `[mesh] etcd`.
+    federation: Option<Arc<federation::Federation>>,
 }
 
 /// What is bound and running.
@@ -212,6 +230,8 @@ impl Runtime {
                 None
             }
         };
+        let federation =
+            federation::Federation::start(&config.mesh, &metrics, &logs)?.map(Arc::new);
         let (rewired, _) = watch::channel(());
         let sidecars = Arc::new(Sidecars {
             registry: Registry::new(),
@@ -219,6 +239,7 @@ impl Runtime {
             wiring: Mutex::new(Wiring::default()),
             draining: Mutex::new(BTreeSet::new()),
             rewired,
+            federation: federation.clone(),
         });
         let wire = Wire {
             config: &config,
@@ -235,6 +256,10 @@ impl Runtime {
         }
         let mut upstream_addrs = BTreeMap::new();
         for caller in &services {
+            // A service of other hosts calls from there: no outbound here.
+            if config.services[caller].is_remote() {
+                continue;
+            }
             for upstream in &config.services[caller].upstreams {
                 let addr = wire.outbound(caller, upstream).await?;
                 upstream_addrs.insert((caller.clone(), upstream.clone()), addr);
@@ -262,12 +287,13 @@ impl Runtime {
                 switch.switch(service, replica, port);
             }),
         });
-        tokio::spawn(feed_discovery(sidecars.clone(), supervisor.status()));
+        tokio::spawn(feed_discovery(sidecars.clone(), supervisor.clone()));
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 supervisor,
                 sidecars,
                 certs,
+                federation,
                 base_env,
                 logs: logs.clone(),
                 changing: tokio::sync::Mutex::new(()),
@@ -331,9 +357,26 @@ impl Runtime {
             .join(", ")
     }
 
-    /// Wait until no replica is active any more.
+    /// Wait until no replica is active any more. A host of a mesh of hosts that serves
+    /// ingresses keeps serving them (to the endpoints of other hosts) whatever its own
+    /// replicas do: it finishes only on a signal.
     pub(crate) async fn finished(&self) -> Outcome {
-        self.inner.supervisor.finished().await
+        let outcome = self.inner.supervisor.finished().await;
+        let serves = !self.inner.sidecars.wiring.lock().ingresses.is_empty();
+        if self.inner.federation.is_some() && serves {
+            std::future::pending::<()>().await;
+        }
+        outcome
+    }
+
+    /// The endpoints of other hosts, for `mesh ps` and `/api/status` (none without
+    /// `[mesh] etcd`).
+    pub(crate) fn remote_status(&self) -> RemoteStatus {
+        self.inner
+            .federation
+            .as_ref()
+            .map(|f| f.status())
+            .unwrap_or_default()
     }
 
     /// Every replica's status, as the supervisor publishes it.
@@ -386,6 +429,16 @@ impl Runtime {
         &self,
         service: &str,
     ) -> Result<(Vec<(String, String)>, std::path::PathBuf), String> {
+        if self
+            .config()
+            .services
+            .get(service)
+            .is_some_and(|s| s.is_remote())
+        {
+            return Err(format!(
+                "service `{service}` runs on other hosts: it has no environment here"
+            ));
+        }
         self.inner.supervisor.app_env(service, 0)
     }
 
@@ -393,11 +446,16 @@ impl Runtime {
     pub(crate) async fn service_command(&self, cmd: &str, service: &str) -> Result<String, String> {
         let supervisor = &self.inner.supervisor;
         if !supervisor.runs(service) {
-            return Err(if self.config().services.contains_key(service) {
-                format!("service `{service}` is not running in this mesh (not started with it)")
-            } else {
-                format!("no service `{service}` in the configuration")
-            });
+            let config = self.config();
+            return Err(
+                if config.services.get(service).is_some_and(|s| s.is_remote()) {
+                    format!("service `{service}` runs on other hosts: nothing of it runs here")
+                } else if config.services.contains_key(service) {
+                    format!("service `{service}` is not running in this mesh (not started with it)")
+                } else {
+                    format!("no service `{service}` in the configuration")
+                },
+            );
         }
         let _changing = self.inner.changing.lock().await;
         let logs = &self.inner.logs;
@@ -429,9 +487,10 @@ impl Runtime {
         reload::reload(self).await
     }
 
-    /// Stop in the order of SPEC §4 Signals: ingresses stop accepting; then, service by
-    /// service in reverse start order, replicas leave discovery, inbounds drain, processes
-    /// stop, outbounds close.
+    /// Stop in the order of SPEC §4 Signals: ingresses stop accepting; with `[mesh]
+    /// etcd` this host leaves etcd (its lease is revoked); then, service by service in
+    /// reverse start order, replicas leave discovery, inbounds drain, processes stop,
+    /// outbounds close.
     pub(crate) async fn shutdown(self, force: impl Future<Output = ()>) {
         let sidecars = &self.inner.sidecars;
         let ingresses: Vec<Outbound> = {
@@ -444,6 +503,10 @@ impl Runtime {
         };
         for ingress in &ingresses {
             ingress.server.stop.cancel();
+        }
+        // Other hosts stop calling this one before anything here stops (SPEC §9).
+        if let Some(federation) = &self.inner.federation {
+            federation.leave(&self.inner.logs).await;
         }
         self.inner
             .supervisor
@@ -469,6 +532,9 @@ impl Runtime {
         if let Some(certs) = &self.inner.certs {
             certs.stop();
         }
+        if let Some(federation) = &self.inner.federation {
+            federation.stop().await;
+        }
     }
 }
 
@@ -491,6 +557,11 @@ impl ShutdownHooks for Sidecars {
     async fn before_stop(&self, service: &str) {
         self.draining.lock().insert(service.to_string());
         self.registry.set(service, Vec::new());
+        // Its callers here may go on with its endpoints on other hosts, if any
+        // (`feed_discovery` hands them over; requests meanwhile wait in the queue).
+        if self.federation.is_some() {
+            self.rewired.send_replace(());
+        }
         let servers: Vec<Server> = {
             let mut wiring = self.wiring.lock();
             let keys: Vec<_> = wiring
@@ -555,7 +626,10 @@ impl Wire<'_> {
         };
         let mut wanted: Vec<&str> = services
             .iter()
-            .filter(|s| !self.config.services[*s].upstreams.is_empty())
+            .filter(|s| {
+                let svc = &self.config.services[*s];
+                !svc.upstreams.is_empty() && !svc.is_remote()
+            })
             .map(String::as_str)
             .collect();
         if services
@@ -613,9 +687,11 @@ impl Wire<'_> {
     /// Bind and start the inbound of `service.replica`, forwarding to `port`.
     async fn inbound(&self, service: &str, replica: u32, port: u16) -> anyhow::Result<()> {
         let svc = &self.config.services[service];
-        let listener = bind_loopback()
-            .await
-            .with_context(|| format!("cannot bind the inbound of {service}.{replica}"))?;
+        // On the `listen` address: other hosts call it there (SPEC §9).
+        let listen = self.config.mesh.listen;
+        let listener = TcpListener::bind((listen, 0)).await.with_context(|| {
+            format!("cannot bind the inbound of {service}.{replica} on {listen}")
+        })?;
         let addr = listener.local_addr()?;
         let app = Live::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         let stop = CancellationToken::new();
@@ -950,12 +1026,19 @@ fn proxy_traffic(t: &config::Traffic, algorithm: Algorithm) -> proxy::Traffic {
 }
 
 /// Keep the registry equal to the set of running, ready replicas (minus draining
-/// services). Driven by the status watch channel and by changes of the wiring: no
-/// polling.
-async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Statuses>) {
+/// services), or, for a service with none here, its endpoints on other hosts (SPEC §9);
+/// register this host's ready endpoints in etcd and tell the supervisor which services
+/// of other hosts have one. Driven by the status watch channel, by changes of the wiring
+/// and by the other hosts' table: no polling.
+async fn feed_discovery(sidecars: Arc<Sidecars>, supervisor: Supervisor) {
+    let mut status = supervisor.status();
     let mut rewired = sidecars.rewired.subscribe();
+    let mut remote = sidecars.federation.as_ref().map(|f| f.subscribe());
+    // Endpoints of other hosts already reported as unusable.
+    let mut warned = BTreeSet::new();
     loop {
-        let inbounds: BTreeMap<(String, u32), Endpoint> = sidecars
+        let config = supervisor.config();
+        let inbounds: BTreeMap<(String, u32), (Endpoint, SocketAddr)> = sidecars
             .wiring
             .lock()
             .inbounds
@@ -966,13 +1049,11 @@ async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Sta
                     Some(local) => endpoint.with_local(local.clone()),
                     None => endpoint,
                 };
-                ((service.clone(), *replica), endpoint)
+                ((service.clone(), *replica), (endpoint, inbound.addr))
             })
             .collect();
-        let mut ready: BTreeMap<String, Vec<Endpoint>> = inbounds
-            .keys()
-            .map(|(s, _)| (s.clone(), Vec::new()))
-            .collect();
+        let mut ready: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+        let mut register = federation::Ready::new();
         {
             let all = status.borrow_and_update();
             let draining = sidecars.draining.lock();
@@ -981,23 +1062,65 @@ async fn feed_discovery(sidecars: Arc<Sidecars>, mut status: watch::Receiver<Sta
                     continue;
                 }
                 let key = (r.service.clone(), r.replica);
-                if let Some(endpoint) = inbounds.get(&key) {
+                if let Some((endpoint, addr)) = inbounds.get(&key) {
                     ready
                         .entry(r.service.clone())
                         .or_default()
                         .push(endpoint.clone());
+                    if let Some(value) = federation::endpoint(&config, &r.service, r.replica, *addr)
+                    {
+                        register.insert(key, value);
+                    }
                 }
             }
         }
-        for (service, endpoints) in ready {
-            if !sidecars.draining.lock().contains(&service) {
-                sidecars.registry.set(&service, endpoints);
+        let table = remote.as_mut().map(|rx| rx.borrow_and_update().clone());
+        let draining = sidecars.draining.lock().clone();
+        let mut remote_ready = BTreeSet::new();
+        // Every service a balancer may watch: those of the configuration, and any that
+        // still has an inbound here (a reload removing it is under way).
+        let services: BTreeSet<&String> = config
+            .services
+            .keys()
+            .chain(inbounds.keys().map(|(s, _)| s))
+            .collect();
+        for service in services {
+            let elsewhere = match &table {
+                Some(table) => federation::remote_endpoints(&config, table, service, &mut warned),
+                None => Vec::new(),
+            };
+            if config.services.get(service).is_some_and(|s| s.is_remote()) && !elsewhere.is_empty()
+            {
+                remote_ready.insert(service.clone());
             }
+            let here = ready.remove(service).unwrap_or_default();
+            if draining.contains(service) && table.is_none() {
+                // Stopping: `before_stop` emptied it; nothing else may refill it.
+                continue;
+            }
+            // SPEC §9: the endpoints of other hosts only while none is ready here.
+            let endpoints = if here.is_empty() { elsewhere } else { here };
+            sidecars.registry.set(service, endpoints);
         }
+        if let Some(federation) = &sidecars.federation {
+            federation.register(register);
+        }
+        supervisor.set_remote_ready(remote_ready);
         tokio::select! {
             changed = status.changed() => if changed.is_err() { return },
             changed = rewired.changed() => if changed.is_err() { return },
+            changed = remote_changed(&mut remote) => if changed.is_err() { return },
         }
+    }
+}
+
+/// The next change of the other hosts' table; never without one.
+async fn remote_changed(
+    remote: &mut Option<watch::Receiver<Arc<mesh_federation::RemoteEndpoints>>>,
+) -> Result<(), watch::error::RecvError> {
+    match remote {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,5 +1,12 @@
 //! The in-process endpoint registry, fed by the supervisor (a replica is an endpoint only
 //! while it runs and is ready). Changes reach balancers at once through watch channels.
+//!
+//! An endpoint is either a replica's inbound in this process, reached through
+//! [`Endpoint::local`] on the local path (SPEC §1), or an inbound listener reached over a
+//! socket: the same process's with `local_path = "tls"`, or another host's (SPEC §9,
+//! [`Endpoint::remote`]), always with mutual TLS when it is on. Balancing, retries, the
+//! breaker and routes see no difference: the root crate decides which endpoints a
+//! service has (another host's only while none of this host is ready).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +36,19 @@ impl Endpoint {
             addr,
             local: None,
         }
+    }
+
+    /// A replica of `service` on another host (`host`, its name in etcd), whose inbound
+    /// listens at `addr`: reached over the socket path, with mutual TLS, like any inbound
+    /// listener. Its id, `service.replica@host`, tells it apart from this host's replica
+    /// of the same index in `tried=` and in logs.
+    pub fn remote(service: &str, replica: u32, host: &str, addr: SocketAddr) -> Self {
+        Endpoint::new(format!("{service}.{replica}@{host}"), addr)
+    }
+
+    /// Whether calls to it stay in this process (the local path).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 
     /// This endpoint, reached in the process through `local`.

@@ -129,6 +129,11 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReplicaLabels {
     service: String,
     replica: String,
@@ -156,6 +161,10 @@ struct Inner {
     restarts: Family<ReplicaLabels, Counter>,
     cert_expiry: Family<ReplicaLabels, Gauge>,
     connections: Family<ListenerLabels, Counter>,
+    /// Endpoints of other hosts known from etcd, per service (SPEC §9).
+    remote_endpoints: Family<ServiceLabels, Gauge>,
+    /// 1 while the table of other hosts' endpoints may be out of date.
+    remote_stale: Gauge,
     /// What the dashboard reads (per-second rings, recent calls, the access log).
     stats: crate::stats::Stats,
 }
@@ -193,6 +202,8 @@ impl Metrics {
         let restarts = Family::<ReplicaLabels, Counter>::default();
         let cert_expiry = Family::<ReplicaLabels, Gauge>::default();
         let connections = Family::<ListenerLabels, Counter>::default();
+        let remote_endpoints = Family::<ServiceLabels, Gauge>::default();
+        let remote_stale = Gauge::default();
         registry.register(
             "requests",
             "Requests answered by callers' outbounds and ingresses",
@@ -241,6 +252,18 @@ impl Metrics {
             "Not-after of each replica's leaf certificate, as a Unix timestamp",
             cert_expiry.clone(),
         );
+        registry.register(
+            "remote_endpoints",
+            "Endpoints of other hosts known from etcd, by service (used while the service has \
+             no ready endpoint here)",
+            remote_endpoints.clone(),
+        );
+        registry.register(
+            "remote_endpoints_stale",
+            "1 while etcd cannot be read and the endpoints of other hosts are the last known \
+             ones, else 0",
+            remote_stale.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -255,6 +278,8 @@ impl Metrics {
                 restarts,
                 cert_expiry,
                 connections,
+                remote_endpoints,
+                remote_stale,
                 stats: crate::stats::Stats::new(),
             }),
         }
@@ -372,6 +397,21 @@ impl Metrics {
                 replica: replica.to_string(),
             })
             .set(unix_secs);
+    }
+
+    /// How many endpoints of `service` other hosts registered in etcd.
+    pub fn set_remote_endpoints(&self, service: &str, count: usize) {
+        self.inner
+            .remote_endpoints
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Whether the endpoints of other hosts are the last known ones (etcd cannot be read).
+    pub fn set_remote_stale(&self, stale: bool) {
+        self.inner.remote_stale.set(i64::from(stale));
     }
 
     /// The recent-traffic recorder of one replica's inbound (created on first use).

@@ -158,7 +158,9 @@ async fn apply(
                 .any(|(b, _)| changed_policy.contains(b.as_str()))
     };
     for caller in &selected {
-        for upstream in &new.services[caller].upstreams {
+        // A service of other hosts calls from there (SPEC §9): no outbound here.
+        let calls_here = !new.services[caller].is_remote();
+        for upstream in new.services[caller].upstreams.iter().filter(|_| calls_here) {
             let key = (caller.clone(), upstream.clone());
             let exists = sidecars.wiring.lock().outbounds.contains_key(&key);
             if !exists {
@@ -252,7 +254,12 @@ async fn apply(
     let mut kept_old: BTreeSet<String> = BTreeSet::new();
     for replacement in &plan.replace {
         let service = &replacement.service;
-        if !running.contains(service) || !selected.contains(service) {
+        // A service that now runs on other hosts only has had its replicas stopped by
+        // the scale-down above: nothing is left to replace.
+        if !running.contains(service)
+            || !selected.contains(service)
+            || new.services[service].is_remote()
+        {
             continue;
         }
         match sup.replace_service(&new.services[service]).await {
@@ -296,6 +303,7 @@ async fn apply(
             .filter(|(caller, upstream)| {
                 !kept_old.contains(caller)
                     && (!selected.contains(caller)
+                        || in_force.services[caller].is_remote()
                         || !in_force.services[caller].upstreams.contains(upstream))
                     && !to_remove.contains(caller)
             })
