@@ -1,28 +1,60 @@
-//! The admin server (SPEC §5): `/metrics`, `/live`, `/ready`, `/api/status` and a
-//! dashboard page, on `[mesh] admin` (default `127.0.0.1:0`).
+//! The admin server (SPEC §5): `/metrics`, `/live`, `/ready`, `/api/status`, the
+//! dashboard's JSON (`/api/graph`, `/api/services`, `/api/service`, `/api/calls`,
+//! `/api/logs`, `/api/snapshot`), its live stream (`/api/events`) and its page (`/`,
+//! `/app.js`, `/style.css`), on `[mesh] admin` (default `127.0.0.1:0`).
 //!
 //! It is bound before any process starts (like every listener) and serves until `mesh`
 //! exits, so that `/ready` can say 503 while the mesh stops.
+//!
+//! # Theory of operation
+//!
+//! The dashboard reads what the sidecars record in memory
+//! ([`mesh_proxy::stats::Stats`]: per-second rings per edge, the last calls), the
+//! supervisor's status channel and the configuration in force; it keeps nothing of its
+//! own between two answers but the open event streams ([`events`]). One task produces
+//! the events of every stream: the status at once when a replica's status changes, the
+//! windowed figures every second (computed once per period that some page shows, not
+//! once per page), new calls, keep-alives.
+//!
+//! The page is data, not code: `admin/page.html`, `app.js` and `style.css` are compiled
+//! in with `include_str!` (no build step, nothing fetched from elsewhere). The page
+//! carries its first snapshot inline, so it shows the mesh before its stream opens (and
+//! its text can be searched by a test without a browser).
+//!
+//! Every request must name this server in its `Host` (a loopback name or address, or the
+//! address it listens on): a web page elsewhere that points a DNS name of its own at
+//! 127.0.0.1 (DNS rebinding) gets 403, so it cannot read the mesh's state.
 
-use std::collections::BTreeMap;
+mod api;
+mod events;
+
 use std::convert::Infallible;
-use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mesh_proxy::http::server::{ACCEPT_WARN_INTERVAL, WarnLimiter};
 use mesh_proxy::metrics::Metrics;
+use mesh_proxy::stats::{CALLS_KEPT, Stats};
 use mesh_supervisor::supervisor::Statuses;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::api::Period;
+use self::events::{Hub, To};
+use crate::runtime::Runtime;
 
 /// What the admin server reads.
 #[derive(Clone)]
@@ -34,11 +66,55 @@ pub(crate) struct AdminState {
     pub(crate) stopping: Arc<AtomicBool>,
     /// A warning that `/ready` carries while it lasts (e.g. the CA expires soon).
     pub(crate) warning: Arc<parking_lot::Mutex<Option<String>>>,
+    /// The running mesh: the configuration in force (a reload changes it) and the
+    /// addresses of its ingresses.
+    pub(crate) runtime: Runtime,
+    /// Where the replicas' output is kept (`state_dir/logs`, as `mesh logs` reads it).
+    pub(crate) logs_dir: PathBuf,
 }
 
 /// Serve `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
-    let state = Arc::new(state);
+    let server = Arc::new(Server {
+        own: listener.local_addr().ok(),
+        state,
+        hub: Hub::default(),
+    });
+    tokio::select! {
+        () = accept(listener, Arc::clone(&server)) => {}
+        () = produce_events(Arc::clone(&server)) => {}
+    }
+}
+
+/// One JSON object per replica, as `mesh ps --json` prints them (SPEC §4).
+/// Besides SPEC's fields, each carries the replica's recent traffic through its inbound
+/// (`rps`, `success_rate`, `p99_ms`, over the last 10 s; null without an inbound or
+/// without requests), `reason` (why it is not ready, once `ready_timeout` passed; else
+/// null) and `last_rollout` (`failed: <line>` when its last rolling replacement failed,
+/// until one succeeds; else null).
+pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
+    serde_json::to_string(&api::status_rows(statuses, metrics)).unwrap_or_else(|_| "[]".into())
+}
+
+/// The server's state and its open event streams.
+struct Server {
+    state: AdminState,
+    /// The address the admin listens on, which `Host` may name.
+    own: Option<SocketAddr>,
+    hub: Hub,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// The page and its two files, compiled in.
+const PAGE: &str = include_str!("admin/page.html");
+const APP_JS: &str = include_str!("admin/app.js");
+const STYLE_CSS: &str = include_str!("admin/style.css");
+
+/// Calls the first event and `/api/calls` carry by default.
+const CALLS_DEFAULT: usize = 100;
+
+async fn accept(listener: TcpListener, server: Arc<Server>) {
     let mut accept_warnings = WarnLimiter::new(ACCEPT_WARN_INTERVAL);
     loop {
         let (stream, _) = match listener.accept().await {
@@ -54,27 +130,60 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
                 continue;
             }
         };
-        let state = Arc::clone(&state);
+        let server = Arc::clone(&server);
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
-            });
+            // Cancelled to close this connection: an event stream on it fell behind.
+            let cut = CancellationToken::new();
+            let service = {
+                let cut = cut.clone();
+                service_fn(move |req| {
+                    let server = Arc::clone(&server);
+                    let cut = cut.clone();
+                    async move { Ok::<_, Infallible>(handle(&server, req, cut).await) }
+                })
+            };
             let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "admin connection ended");
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "admin connection ended");
+                    }
+                }
+                () = cut.cancelled() => {}
             }
         });
     }
 }
 
-fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(server: &Server, req: Request<Incoming>, cut: CancellationToken) -> Response<Body> {
+    if let Some(host) = foreign_host(&req, server.own) {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "mesh: Host `{host}` is not this admin server: use http://{}/ or localhost \
+                 (foreign names are refused against DNS rebinding)\n",
+                server
+                    .own
+                    .map_or_else(|| "127.0.0.1:PORT".to_string(), |a| a.to_string())
+            ),
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_string());
     }
+    let state = &server.state;
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    let period = match query.get("window").map(Period::parse) {
+        None => Period::default(),
+        Some(Some(period)) => period,
+        Some(None) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "window must be 10s, 1m or 5m\n".to_string(),
+            );
+        }
+    };
     match req.uri().path() {
         "/metrics" => {
             mirror_restarts(state);
@@ -87,30 +196,352 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         "/live" => text(StatusCode::OK, "live\n".to_string()),
         "/ready" => ready(state),
-        "/api/status" => {
-            let mut response = text(
-                StatusCode::OK,
-                status_json(&state.status.borrow(), &state.metrics),
-            );
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        "/api/status" => json_text(status_json(&state.status.borrow(), &state.metrics)),
+        "/api/graph" => json(&server.frame(period).graph),
+        "/api/services" => json(&server.frame(period).services),
+        "/api/snapshot" => json(&server.snapshot(period)),
+        "/api/calls" => {
+            let (Some(since), Some(n)) = (
+                query.number("since", 0),
+                query.number("n", CALLS_DEFAULT as u64),
+            ) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "since and n are numbers\n".to_string(),
+                );
+            };
+            let n = usize::try_from(n).unwrap_or(CALLS_KEPT).min(CALLS_KEPT);
+            json(&calls(stats(state), since, n))
+        }
+        "/api/logs" => {
+            let Some(service) = query.get("service").map(str::to_string) else {
+                return text(StatusCode::BAD_REQUEST, "service= is missing\n".to_string());
+            };
+            let Some(n) = query.number("n", api::DETAIL_LOG_LINES as u64) else {
+                return text(StatusCode::BAD_REQUEST, "n is a number\n".to_string());
+            };
+            let n = usize::try_from(n)
+                .unwrap_or(api::LOG_LINES_MAX)
+                .min(api::LOG_LINES_MAX);
+            if !state.runtime.config().services.contains_key(&service) {
+                return text(StatusCode::NOT_FOUND, format!("no service `{service}`\n"));
+            }
+            match server.logs(&service, n).await {
+                Ok(lines) => json(&LogsAnswer { service, lines }),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot read the logs of `{service}`: {e}\n"),
+                ),
+            }
+        }
+        "/api/service" => {
+            let Some(service) = query.get("name").map(str::to_string) else {
+                return text(StatusCode::BAD_REQUEST, "name= is missing\n".to_string());
+            };
+            if !state.runtime.config().services.contains_key(&service) {
+                return text(StatusCode::NOT_FOUND, format!("no service `{service}`\n"));
+            }
+            // Log lines that cannot be read leave the list empty: the rest still helps.
+            let logs = server
+                .logs(&service, api::DETAIL_LOG_LINES)
+                .await
+                .unwrap_or_default();
+            match server.detail(period, &service, logs) {
+                Some(detail) => json(&detail),
+                None => text(StatusCode::NOT_FOUND, format!("no service `{service}`\n")),
+            }
+        }
+        "/api/events" => {
+            let mut response = Response::new(Full::new(Bytes::new()).boxed());
+            if req.method() == Method::GET {
+                let first = || events::event("snapshot", &server.snapshot(period));
+                match server.hub.open(period, cut, first) {
+                    Some(body) => *response.body_mut() = body.boxed(),
+                    None => {
+                        return text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "too many dashboard streams open (at most {})\n",
+                                events::MAX_CLIENTS
+                            ),
+                        );
+                    }
+                }
+            }
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
         "/" => {
-            let mut response = text(StatusCode::OK, dashboard(state));
-            response.headers_mut().insert(
+            let mut response = text(StatusCode::OK, server.page());
+            let headers = response.headers_mut();
+            headers.insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
             );
+            headers.insert(
+                HeaderName::from_static("content-security-policy"),
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'self'; style-src 'self'; \
+                     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                ),
+            );
             response
         }
+        "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
+        "/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_string()),
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+// === impl Server ===
+
+impl Server {
+    /// Everything but the calls, over `period`.
+    fn frame(&self, period: Period) -> api::Frame {
+        let state = &self.state;
+        let config = state.runtime.config();
+        // A copy: the watch's lock is not held while the figures are computed.
+        let statuses = state.status.borrow().clone();
+        let stats = stats(state);
+        let observed = api::observe(stats, period);
+        let ingresses = state.runtime.ingress_addrs();
+        let inputs = api::Inputs {
+            config: &config,
+            statuses: &statuses,
+            observed: &observed,
+            ingresses: &ingresses,
+            test_ingresses: !state.runtime.test_addrs().is_empty(),
+        };
+        api::Frame {
+            window: period.as_str(),
+            mesh: api::mesh_info(&config, stats, state.warning.lock().clone()),
+            summary: api::summary(&statuses),
+            status: api::status_rows(&statuses, &state.metrics),
+            services: api::services(&inputs),
+            graph: api::graph(&inputs),
+        }
+    }
+
+    /// A frame and the recent calls: a stream's first event.
+    fn snapshot(&self, period: Period) -> api::Snapshot {
+        api::Snapshot {
+            frame: self.frame(period),
+            calls: calls(stats(&self.state), 0, CALLS_DEFAULT),
+        }
+    }
+
+    fn detail(
+        &self,
+        period: Period,
+        service: &str,
+        logs: Vec<api::LogLine>,
+    ) -> Option<api::ServiceDetail> {
+        let state = &self.state;
+        let config = state.runtime.config();
+        let statuses = state.status.borrow().clone();
+        let stats = stats(state);
+        let observed = api::observe(stats, period);
+        let ingresses = state.runtime.ingress_addrs();
+        let inputs = api::Inputs {
+            config: &config,
+            statuses: &statuses,
+            observed: &observed,
+            ingresses: &ingresses,
+            test_ingresses: !state.runtime.test_addrs().is_empty(),
+        };
+        let rows = api::status_rows(&statuses, &state.metrics);
+        let recent = stats.calls_since(0, CALLS_KEPT);
+        let endpoints = balancers(stats, service);
+        api::detail(&inputs, &rows, &recent, endpoints, logs, service)
+    }
+
+    /// The last `n` log lines of `service`, read off the runtime's thread.
+    async fn logs(&self, service: &str, n: usize) -> std::io::Result<Vec<api::LogLine>> {
+        let dir = self.state.logs_dir.clone();
+        let service = service.to_string();
+        tokio::task::spawn_blocking(move || api::log_lines(&dir, &service, n))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// The page, with the mesh's name and a first snapshot in it.
+    fn page(&self) -> String {
+        let snapshot = serde_json::to_string(&self.snapshot(Period::default()))
+            .unwrap_or_else(|_| "null".into());
+        PAGE.replace("{{name}}", &escape_html(&self.state.mesh_name))
+            .replace("{{snapshot}}", &escape_script_json(&snapshot))
+    }
+}
+
+/// The one task that feeds every open stream (see [`events`]).
+async fn produce_events(server: Arc<Server>) {
+    let hub = &server.hub;
+    let stats = stats(&server.state).clone();
+    let mut status = server.state.status.clone();
+    status.borrow_and_update();
+    let mut status_open = true;
+    let mut tick = tokio::time::interval(events::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = tokio::time::Instant::now() + events::KEEP_ALIVE;
+    let mut keep_alive = tokio::time::interval_at(start, events::KEEP_ALIVE);
+    let mut last_seq = stats.last_seq();
+    loop {
+        tokio::select! {
+            changed = status.changed(), if status_open => {
+                if changed.is_err() {
+                    status_open = false;
+                    continue;
+                }
+                for period in hub.periods() {
+                    hub.send(To::Period(period), &events::event("status", &server.frame(period)));
+                }
+            }
+            _ = tick.tick() => {
+                if hub.is_empty() {
+                    last_seq = stats.last_seq();
+                    continue;
+                }
+                let calls = calls(&stats, last_seq, CALLS_KEPT);
+                if !calls.calls.is_empty() {
+                    last_seq = calls.last_seq;
+                    hub.send(To::All, &events::event("calls", &calls));
+                }
+                for period in hub.periods() {
+                    hub.send(To::Period(period), &events::event("tick", &server.frame(period)));
+                }
+            }
+            _ = keep_alive.tick() => hub.send(To::All, &events::keep_alive()),
+        }
+    }
+}
+
+/// `/api/logs`.
+#[derive(Serialize)]
+struct LogsAnswer {
+    service: String,
+    lines: Vec<api::LogLine>,
+}
+
+fn stats(state: &AdminState) -> &Stats {
+    state.metrics.stats()
+}
+
+/// The calls after `since`, at most `n` (the newest), and the last sequence number.
+fn calls(stats: &Stats, since: u64, n: usize) -> api::Calls {
+    let last_seq = stats.last_seq();
+    let calls = stats.calls_since(since, n);
+    api::Calls {
+        last_seq: calls.last().map_or(last_seq, |c| c.seq.max(since)),
+        calls,
+    }
+}
+
+/// The endpoints of every caller's balancer towards `service` (their state: ready,
+/// ejected, breaker-open, probing).
+fn balancers(stats: &Stats, service: &str) -> Vec<mesh_proxy::stats::BalancerView> {
+    let mut all = stats.balancers();
+    all.retain(|b| b.service == service);
+    all
+}
+
+/// The `Host` of `req` when it names neither a loopback name or address nor the admin's
+/// own address (any IP address when it listens on all of them); `None` when it is fine
+/// or absent (no browser sends a request without one).
+fn foreign_host(req: &Request<Incoming>, own: Option<SocketAddr>) -> Option<String> {
+    let host = match req.headers().get(HOST) {
+        Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        None => req.uri().authority()?.as_str().to_string(),
+    };
+    (!host_allowed(&host, own)).then_some(host)
+}
+
+fn host_allowed(host: &str, own: Option<SocketAddr>) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        match rest.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    match name.parse::<IpAddr>() {
+        Ok(ip) => {
+            ip.is_loopback() || own.is_some_and(|own| own.ip() == ip || own.ip().is_unspecified())
+        }
+        Err(_) => false,
+    }
+}
+
+/// A query string's pairs, percent-decoded.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: &str) -> Query {
+        Query(
+            query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The number under `key`, `default` when absent; `None` when it is not a number.
+    fn number(&self, key: &str, default: u64) -> Option<u64> {
+        match self.get(key) {
+            None => Some(default),
+            Some(v) => v.parse().ok(),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -118,12 +549,40 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+fn json(value: &impl Serialize) -> Response<Body> {
+    json_text(serde_json::to_string(value).unwrap_or_else(|_| "null".into()))
+}
+
+fn json_text(body: String) -> Response<Body> {
+    let mut response = text(StatusCode::OK, body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
 /// 200 when every service is ready (each replica ready or completed) and the mesh is not
 /// stopping; 503 naming what is not, otherwise.
-fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+fn ready(state: &AdminState) -> Response<Body> {
     if state.stopping.load(Ordering::SeqCst) {
         return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_string());
     }
@@ -157,133 +616,19 @@ fn mirror_restarts(state: &AdminState) {
     }
 }
 
-/// One JSON object per replica, as `mesh ps --json` prints them (SPEC §4).
-/// Besides SPEC's fields, each carries the replica's recent traffic through its inbound
-/// (`rps`, `success_rate`, `p99_ms`, over the last 10 s; null without an inbound or
-/// without requests), `reason` (why it is not ready, once `ready_timeout` passed; else
-/// null) and `last_rollout` (`failed: <line>` when its last rolling replacement failed,
-/// until one succeeds; else null).
-pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
-    let rows: Vec<serde_json::Value> = statuses
-        .values()
-        .map(|r| {
-            let traffic = metrics.replica_summary(&r.service, r.replica);
-            let round = |x: f64, places: i32| {
-                let scale = 10f64.powi(places);
-                (x * scale).round() / scale
-            };
-            serde_json::json!({
-                "service": r.service,
-                "replica": r.replica,
-                "state": r.state.as_str(),
-                "health": r.health,
-                "pid": r.pid,
-                "exit_code": r.exit_code,
-                "restarts": r.restarts,
-                "port": r.port,
-                "uptime_s": r.since.map(|since| since.elapsed().as_secs()),
-                "rps": traffic.map(|t| round(t.rps, 1)),
-                "success_rate": traffic.and_then(|t| t.success_rate).map(|s| round(s, 4)),
-                "p99_ms": traffic.and_then(|t| t.p99).map(|p| round(p.as_secs_f64() * 1000.0, 2)),
-                "reason": r.reason,
-                "last_rollout": r.rollout_failed.as_ref().map(|line| format!("failed: {line}")),
-            })
-        })
-        .collect();
-    serde_json::Value::Array(rows).to_string()
-}
-
-/// Requests observed between services: (caller, service) → (total, errors 5xx).
-fn traffic(metrics_text: &str) -> BTreeMap<(String, String), (u64, u64)> {
-    let mut edges: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    for line in metrics_text.lines() {
-        let Some(rest) = line.strip_prefix("mesh_requests_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(count) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|v| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let entry = edges
-            .entry((label("caller"), label("service")))
-            .or_default();
-        entry.0 += count as u64;
-        if label("status_class") == "5xx" {
-            entry.1 += count as u64;
-        }
-    }
-    edges
-}
-
-fn escape(s: &str) -> String {
+fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
 
-/// A small page that refreshes itself: replicas with their state and health, and the
-/// traffic observed between services.
-fn dashboard(state: &AdminState) -> String {
-    let mut page = String::new();
-    let name = escape(&state.mesh_name);
-    let _ = write!(
-        page,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>mesh {name}</title><style>body{{font-family:sans-serif;margin:2em}}\
-         table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
-         .ready{{color:#080}}.unready{{color:#b00}}</style></head><body><h1>mesh {name}</h1>\
-         <h2>Replicas</h2><table><tr><th>service</th><th>replica</th><th>state</th><th>health</th>\
-         <th>pid</th><th>restarts</th><th>port</th><th>uptime</th><th>why not ready</th><th>last rollout</th></tr>"
-    );
-    for r in state.status.borrow().values() {
-        let uptime = r
-            .since
-            .map(|s| format!("{}s", s.elapsed().as_secs()))
-            .unwrap_or_default();
-        let _ = write!(
-            page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"unready\">{}</td><td class=\"unready\">{}</td></tr>",
-            escape(&r.service),
-            r.replica,
-            r.state,
-            r.health,
-            r.health,
-            r.pid.map(|p| p.to_string()).unwrap_or_default(),
-            r.restarts,
-            r.port.map(|p| p.to_string()).unwrap_or_default(),
-            uptime,
-            escape(r.reason.as_deref().unwrap_or_default()),
-            escape(
-                &r.rollout_failed
-                    .as_deref()
-                    .map(|line| format!("failed: {line}"))
-                    .unwrap_or_default()
-            ),
-        );
-    }
-    page.push_str(
-        "</table><h2>Traffic</h2><table><tr><th>caller</th><th>service</th><th>requests</th><th>5xx</th></tr>",
-    );
-    for ((caller, service), (total, errors)) in traffic(&state.metrics.encode()) {
-        let _ = write!(
-            page,
-            "<tr><td>{}</td><td>{}</td><td>{total}</td><td>{errors}</td></tr>",
-            escape(&caller),
-            escape(&service),
-        );
-    }
-    page.push_str("</table></body></html>\n");
-    page
+/// JSON that may stand inside a `<script type="application/json">`: `<`, `>` and `&`
+/// only occur inside strings there, where their `\u` forms mean the same.
+fn escape_script_json(json: &str) -> String {
+    json.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
 }
 
 #[cfg(test)]
@@ -291,14 +636,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traffic_sums_requests_per_edge() {
-        let text = "\
-mesh_requests_total{caller=\"web\",service=\"api\",route=\"\",status_class=\"2xx\"} 5
-mesh_requests_total{caller=\"web\",service=\"api\",route=\"\",status_class=\"5xx\"} 2
-mesh_requests_total{caller=\"ingress\",service=\"web\",route=\"\",status_class=\"2xx\"} 1
-";
-        let edges = traffic(text);
-        assert_eq!(edges[&("web".into(), "api".into())], (7, 2));
-        assert_eq!(edges[&("ingress".into(), "web".into())], (1, 0));
+    fn hosts_that_name_this_server_pass_and_others_are_refused() {
+        let own: Option<SocketAddr> = "127.0.0.1:9000".parse().ok();
+        for host in [
+            "127.0.0.1:9000",
+            "127.0.0.1",
+            "localhost:9000",
+            "LOCALHOST",
+            "localhost.",
+            "app.localhost:9000",
+            "[::1]:9000",
+            "127.0.0.2:9000",
+        ] {
+            assert!(host_allowed(host, own), "{host}");
+        }
+        for host in [
+            "evil.example:9000",
+            "localhost.evil.example",
+            "10.0.0.1:9000",
+            "[::1",
+            "127.0.0.1:x",
+            "",
+        ] {
+            assert!(!host_allowed(host, own), "{host}");
+        }
+        // Listening on every address: any address names it, still no name.
+        let any: Option<SocketAddr> = "0.0.0.0:9000".parse().ok();
+        assert!(host_allowed("10.0.0.1:9000", any));
+        assert!(!host_allowed("rebind.example:9000", any));
+        let mine: Option<SocketAddr> = "192.168.1.5:9000".parse().ok();
+        assert!(host_allowed("192.168.1.5:9000", mine));
+    }
+
+    #[test]
+    fn queries_are_decoded() {
+        let q = Query::parse("service=my%2Dapi&n=5&window=1m&x&flag=a+b&bad=%zz%4");
+        assert_eq!(q.get("service"), Some("my-api"));
+        assert_eq!(q.number("n", 20), Some(5));
+        assert_eq!(q.number("missing", 20), Some(20));
+        assert_eq!(q.number("window", 20), None);
+        assert_eq!(q.get("x"), Some(""));
+        assert_eq!(q.get("flag"), Some("a b"));
+        assert_eq!(q.get("bad"), Some("%zz%4"));
+    }
+
+    #[test]
+    fn json_in_the_page_cannot_close_its_script() {
+        let json =
+            serde_json::to_string(&serde_json::json!({"line": "</script><b>&"})).expect("json");
+        let escaped = escape_script_json(&json);
+        assert!(!escaped.contains('<'), "{escaped}");
+        let back: serde_json::Value = serde_json::from_str(&escaped).expect("still json");
+        assert_eq!(back["line"], "</script><b>&");
     }
 }

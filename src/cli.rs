@@ -656,6 +656,8 @@ async fn run_up(
                 status: mesh.status(),
                 stopping: Arc::clone(&stopping),
                 warning: Arc::new(parking_lot::Mutex::new(mesh.ca_warning())),
+                runtime: mesh.clone(),
+                logs_dir: state.logs_dir(),
             },
         ));
     }

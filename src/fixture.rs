@@ -627,6 +627,8 @@ fn serve(
                     status: mesh.status(),
                     stopping: Arc::new(AtomicBool::new(false)),
                     warning: Arc::new(parking_lot::Mutex::new(None)),
+                    runtime: mesh.clone(),
+                    logs_dir: state.logs_dir(),
                 },
             ))
         });
