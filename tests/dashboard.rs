@@ -356,7 +356,7 @@ impl ChromeDriver {
                 "binary": chromium,
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu",
-                    "--disable-dev-shm-usage", "--window-size=1400,1100",
+                    "--disable-dev-shm-usage", "--window-size=1400,1500",
                     "--force-prefers-reduced-motion", "--hide-scrollbars",
                 ],
             }),
@@ -457,12 +457,21 @@ impl Browser<'_> {
         }
     }
 
+    /// Click the element `css` finds; found again if the page replaced it in between.
     fn click(&self, css: &str) {
-        let element = self
-            .block(self.client.find(Locator::Css(css)))
-            .unwrap_or_else(|e| panic!("no {css}: {e}"));
-        self.block(element.click())
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let mut last = String::new();
+        let clicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(&format!("a click on {css}"), T, || {
+                let result = self.block(async {
+                    let element = self.client.find(Locator::Css(css)).await?;
+                    element.click().await
+                });
+                result.map_err(|e| last = e.to_string()).ok()
+            })
+        }));
+        if clicked.is_err() {
+            panic!("cannot click {css}: {last}");
+        }
     }
 
     fn type_into(&self, css: &str, text: &str) {

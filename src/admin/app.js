@@ -55,6 +55,27 @@
     }
   }
 
+  // Set or remove attributes of an element that is kept across updates.
+  function update(node, attrs) {
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === null || v === undefined || v === false) node.removeAttribute(k);
+      else node.setAttribute(k, v === true ? 'true' : String(v));
+    }
+  }
+
+  // Put `content` (text or an element) in `node`, keeping `node` itself.
+  function fill(node, content) {
+    if (content instanceof Node) node.replaceChildren(content);
+    else if (node.textContent !== String(content)) node.textContent = String(content);
+  }
+
+  // Put `children` in `parent` in this order, moving only when the order changed.
+  function arrange(parent, children) {
+    const same = parent.children.length === children.length
+      && children.every((c, i) => parent.children[i] === c);
+    if (!same) parent.replaceChildren(...children);
+  }
+
   // === formatting ===
 
   function fmtDuration(s) {
@@ -144,6 +165,10 @@
     }
   }
 
+  const SERVICE_COLS = ['service', 'ready', 'restarts', 'uptime', 'exit_code', 'ports', 'ingress',
+    'rps', 'success_rate', 'p50_ms', 'p99_ms', 'series'];
+  const serviceRows = new Map();
+
   function renderServices(rows) {
     const { key, dir } = state.sort;
     const sorted = rows.slice().sort((a, b) => {
@@ -157,38 +182,51 @@
       if (th.dataset.sort === key) th.setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
       else th.removeAttribute('aria-sort');
     }
-    const body = $('services-body');
+    // Rows are kept from one update to the next (keyed by service), so that a click
+    // never lands on a row that a tick has just replaced.
     const trs = sorted.map((r) => {
-      const ingress = r.ingress
-        ? (r.ingress.startsWith('http') ? el('a', { href: r.ingress, target: '_blank', rel: 'noopener' }, r.ingress) : el('span', { class: 'mono' }, r.ingress))
-        : '–';
-      const cell = (col, content, cls) => el('td', { 'data-col': col, class: cls }, content);
-      const tr = el('tr', {
-        'data-service': r.service,
+      let tr = serviceRows.get(r.service);
+      if (!tr) {
+        tr = el('tr', { 'data-service': r.service }, ...SERVICE_COLS.map((col) => el('td', { 'data-col': col })));
+        tr.addEventListener('click', (e) => {
+          if (e.target.closest('a')) return;
+          select(r.service);
+        });
+        serviceRows.set(r.service, tr);
+      }
+      update(tr, {
         'data-state': r.state,
         'data-restarts': r.restarts,
         'data-rps': r.rps,
         class: state.selected === r.service ? 'selected' : null,
-      },
-      cell('service', el('span', {}, el('span', { class: `state-dot ${r.state}`, title: r.state }), r.service)),
-      cell('ready', `${r.ready}/${r.replicas}`),
-      cell('restarts', r.restarts, r.restarts > 0 ? 'warnc' : null),
-      cell('uptime', fmtDuration(r.uptime_s)),
-      cell('exit_code', r.exit_code === null ? '–' : r.exit_code, r.exit_code ? 'bad' : null),
-      cell('ports', r.ports.length ? r.ports.join(', ') : '–'),
-      cell('ingress', ingress),
-      cell('rps', fmtRps(r.rps), 'num'),
-      cell('success_rate', fmtPct(r.success_rate), `num ${textClass(r.success_rate)}`),
-      cell('p50_ms', fmtMs(r.p50_ms), 'num'),
-      cell('p99_ms', fmtMs(r.p99_ms), 'num'),
-      cell('series', sparkline(r.series)));
-      tr.addEventListener('click', (e) => {
-        if (e.target.closest('a')) return;
-        select(r.service);
       });
+      const ingress = r.ingress
+        ? (r.ingress.startsWith('http') ? el('a', { href: r.ingress, target: '_blank', rel: 'noopener' }, r.ingress) : el('span', { class: 'mono' }, r.ingress))
+        : '–';
+      const cell = (col, content, cls) => {
+        const td = tr.cells[SERVICE_COLS.indexOf(col)];
+        fill(td, content);
+        update(td, { class: cls || null });
+      };
+      cell('service', el('span', {}, el('span', { class: `state-dot ${r.state}`, title: r.state }), r.service));
+      cell('ready', `${r.ready}/${r.replicas}`);
+      cell('restarts', r.restarts, r.restarts > 0 ? 'warnc' : null);
+      cell('uptime', fmtDuration(r.uptime_s));
+      cell('exit_code', r.exit_code === null ? '–' : r.exit_code, r.exit_code ? 'bad' : null);
+      cell('ports', r.ports.length ? r.ports.join(', ') : '–');
+      cell('ingress', ingress);
+      cell('rps', fmtRps(r.rps), 'num');
+      cell('success_rate', fmtPct(r.success_rate), `num ${textClass(r.success_rate)}`);
+      cell('p50_ms', fmtMs(r.p50_ms), 'num');
+      cell('p99_ms', fmtMs(r.p99_ms), 'num');
+      cell('series', sparkline(r.series));
       return tr;
     });
-    body.replaceChildren(...trs);
+    const shown = new Set(rows.map((r) => r.service));
+    for (const name of [...serviceRows.keys()]) {
+      if (!shown.has(name)) serviceRows.delete(name);
+    }
+    arrange($('services-body'), trs);
   }
 
   function sparkline(series) {
@@ -211,6 +249,10 @@
   const NODE_W = 150;
   const NODE_H = 46;
   const PAD = 36;
+
+  let graphLayers = null;
+  const edgeEls = new Map();
+  const nodeEls = new Map();
 
   function renderGraph(graph) {
     const root = $('graph');
@@ -237,15 +279,19 @@
     root.setAttribute('width', width);
     root.setAttribute('height', height);
 
-    const defs = svg('defs', {});
-    for (const cls of ['ok', 'warn', 'bad', 'idle']) {
-      defs.append(svg('marker', {
-        id: `arrow-${cls}`, viewBox: '0 0 10 10', refX: 9, refY: 5,
-        markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse',
-      }, svg('path', { d: 'M0,0 L10,5 L0,10 z', class: `arrow-${cls}` })));
+    if (!graphLayers) {
+      const defs = svg('defs', {});
+      for (const cls of ['ok', 'warn', 'bad', 'idle']) {
+        defs.append(svg('marker', {
+          id: `arrow-${cls}`, viewBox: '0 0 10 10', refX: 9, refY: 5,
+          markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse',
+        }, svg('path', { d: 'M0,0 L10,5 L0,10 z', class: `arrow-${cls}` })));
+      }
+      graphLayers = { edges: svg('g', { id: 'graph-edges' }), nodes: svg('g', { id: 'graph-nodes' }) };
+      root.replaceChildren(defs, graphLayers.edges, graphLayers.nodes);
     }
-    const edgeLayer = svg('g', { id: 'graph-edges' });
-    const nodeLayer = svg('g', { id: 'graph-nodes' });
+    const edgeGs = [];
+    const nodeGs = [];
 
     for (const e of graph.edges) {
       const a = pos.get(e.caller);
@@ -272,7 +318,13 @@
       const label = e.idle ? 'idle' : `${fmtRps(e.rps)} rps · ${fmtPct(e.success_rate)}`;
       // How the calls travel, under the figures: mutual TLS has its padlock on the edge.
       const via = { 'in-process': '⇄ in-process', plain: 'plain (tls off)' }[e.via] || null;
-      const g = svg('g', {
+      const key = `${e.caller}\u0000${e.service}`;
+      let g = edgeEls.get(key);
+      if (!g) {
+        g = svg('g', {});
+        edgeEls.set(key, g);
+      }
+      update(g, {
         class: `edge ${cls}`,
         'data-caller': e.caller,
         'data-service': e.service,
@@ -284,6 +336,8 @@
         'data-refused': e.refused,
         'data-refused-count': e.refused_count,
       });
+      // An edge is not clicked: its drawing is simply made anew.
+      g.replaceChildren();
       g.append(svg('title', { text: edgeTitle(e) }));
       g.append(svg('path', { d, 'marker-end': `url(#arrow-${cls})` }));
       g.append(svg('text', { x: mid[0], y: mid[1] - 6, 'text-anchor': 'middle', class: 'label' }, label));
@@ -302,28 +356,45 @@
           x: mid[0], y: below, 'text-anchor': 'middle', class: 'refused', 'data-refused-mark': true,
         }, `✕ ${e.refused_count} refused`));
       }
-      edgeLayer.append(g);
+      edgeGs.push(g);
     }
 
+    // Nodes are kept from one update to the next (keyed by id), so that a click never
+    // lands on a node that a tick has just replaced.
     for (const { x, y, node } of pos.values()) {
       const entry = node.kind !== 'service';
-      const g = svg('g', {
+      let g = nodeEls.get(node.id);
+      if (!g) {
+        g = svg('g', { 'data-node': node.id },
+          svg('rect', { width: NODE_W, height: NODE_H, rx: 8, ry: 8 }),
+          svg('text', { x: 12, y: 19 }, node.id),
+          svg('text', { x: 12, y: 36, class: 'sub' }));
+        if (!entry) g.addEventListener('click', () => select(node.id));
+        nodeEls.set(node.id, g);
+      }
+      update(g, {
         class: `node ${entry ? 'entry' : node.state}${state.selected === node.id ? ' selected' : ''}`,
-        'data-node': node.id,
         'data-kind': node.kind,
         'data-state': node.state,
         transform: `translate(${x},${y})`,
       });
-      g.append(svg('rect', { width: NODE_W, height: NODE_H, rx: 8, ry: 8 }));
-      g.append(svg('text', { x: 12, y: 19 }, node.id));
       const sub = entry
         ? (node.kind === 'ingress' ? 'exposed traffic' : 'test ingresses')
         : `${node.ready}/${node.replicas} ready · ${node.protocol}`;
-      g.append(svg('text', { x: 12, y: 36, class: 'sub' }, sub));
-      if (!entry) g.addEventListener('click', () => select(node.id));
-      nodeLayer.append(g);
+      fill(g.querySelector('text.sub'), sub);
+      nodeGs.push(g);
     }
-    root.replaceChildren(defs, edgeLayer, nodeLayer);
+    forget(edgeEls, new Set(edgeGs));
+    forget(nodeEls, new Set(nodeGs));
+    arrange(graphLayers.edges, edgeGs);
+    arrange(graphLayers.nodes, nodeGs);
+  }
+
+  // Drop the kept elements that are not shown any more.
+  function forget(kept, shown) {
+    for (const [key, node] of [...kept]) {
+      if (!shown.has(node)) kept.delete(key);
+    }
   }
 
   function bezier(a, b, c, d, t) {
