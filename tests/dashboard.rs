@@ -324,24 +324,36 @@ fn trace_id() -> String {
 }
 
 /// chromedriver on a free port in a process group of its own (the browsers it starts
-/// join it): stopped with the whole group, and proven gone, when dropped.
+/// join it): stopped with the whole group, and proven gone, when dropped. Its `TMPDIR`
+/// (the browser's profile and sockets) is a temporary directory removed after it.
 struct ChromeDriver {
     child: Child,
     port: u16,
+    /// Dropped after `drop` has stopped every process.
+    _tmp: tempfile::TempDir,
 }
 
 impl ChromeDriver {
     fn start(path: &Path) -> ChromeDriver {
         let port = free_port();
+        let tmp = tempfile::Builder::new()
+            .prefix("mesh-test-chromium")
+            .tempdir()
+            .expect("tempdir");
         let child = Command::new(path)
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
             .expect("spawn chromedriver");
-        let driver = ChromeDriver { child, port };
+        let driver = ChromeDriver {
+            child,
+            port,
+            _tmp: tmp,
+        };
         eventually("chromedriver to listen", T, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
