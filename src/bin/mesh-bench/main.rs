@@ -5,8 +5,11 @@
 //! one plain haproxy hop (`peers.rs`). It reports latency, the proxies' CPU time per
 //! request and peak RSS, and checks the targets of issue 12 (the mesh against haproxy in
 //! the same run). The mesh paths: `mesh` (default settings), `mesh-tls-path` (`[mesh]
-//! local_path = "tls"`: mutual TLS over loopback between the sidecars) and, with `--tls
-//! both|off`, `plain` (the socket path with `tls = "off"`).
+//! local_path = "tls"`: mutual TLS over loopback between the sidecars), with `--tls
+//! both|off`, `plain` (the socket path with `tls = "off"`), and with `--dashboard`,
+//! `mesh-dashboard`: `mesh` with a client reading its admin's live dashboard stream
+//! (`/api/events`, `dashboard.rs`) for the whole run, to check what an open dashboard
+//! costs the data path (issue 13).
 //!
 //! It runs the `mesh` and `mesh-test-app` executables found next to its own, so build
 //! them first: `cargo build --release --bins && target/release/mesh-bench`; the peers'
@@ -17,6 +20,7 @@
 //! to start and to drop (`fixture.rs`, docs/fixture.md).
 
 mod apps;
+mod dashboard;
 mod fixture;
 mod load;
 mod peers;
@@ -55,6 +59,12 @@ const TARGET_CPU_VS_HAPROXY_MTLS: f64 = 0.7;
 const TARGET_RSS_MIB: f64 = 20.0;
 /// Full-speed throughput, at least this many times haproxy-plain's.
 const TARGET_THROUGHPUT_VS_HAPROXY_PLAIN: f64 = 0.9;
+/// What an open dashboard (an SSE client on `/api/events`) may add to the CPU per
+/// request of the mesh process at full speed, µs: `mesh-dashboard` against `mesh`
+/// (issue 13, "Cost").
+const TARGET_DASHBOARD_EXTRA_CPU_US: f64 = 1.0;
+/// How long the bench waits for `/api/events`'s first answer before it goes on.
+const DASHBOARD_FIRST_ANSWER: Duration = Duration::from_secs(5);
 
 /// Benchmark the mesh path beside the direct path and real peers.
 ///
@@ -100,6 +110,11 @@ struct Args {
     /// same app.
     #[arg(long)]
     floor: bool,
+    /// Also measure `mesh-dashboard`: a mesh like `mesh` (default settings) with a
+    /// client reading its admin's live dashboard stream (`GET /api/events`) for the
+    /// whole run, and compare its CPU per request with `mesh`'s.
+    #[arg(long)]
+    dashboard: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,9 +272,24 @@ impl Running {
         }
     }
 
+    /// Events read so far from the path's dashboard stream (`mesh-dashboard` only).
+    fn events_read(&self, route: Route) -> Option<u64> {
+        match route {
+            Route::Mesh(i) => Some(self.meshes[i].events.as_ref()?.progress().events),
+            _ => None,
+        }
+    }
+
     /// Stops every process, mesh first; returns what did not stop cleanly.
     fn stop(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        // The dashboard's reader first: it would take a mesh stopping for a stream to
+        // open again.
+        for m in &mut self.meshes {
+            if let Some(mut events) = m.events.take() {
+                events.stop();
+            }
+        }
         for m in &mut self.meshes {
             match m.mesh.stop(STOP_TIMEOUT) {
                 Ok(status) if status.success() => {}
@@ -298,6 +328,8 @@ enum MeshKind {
     TlsPath,
     /// `tls = "off"` over the socket path (`local_path = "tls"`).
     Plain,
+    /// Default settings, with a client on its admin's `/api/events` (`--dashboard`).
+    Dashboard,
 }
 
 impl MeshKind {
@@ -306,13 +338,14 @@ impl MeshKind {
             Self::Default => "mesh",
             Self::TlsPath => "mesh-tls-path",
             Self::Plain => "plain",
+            Self::Dashboard => "mesh-dashboard",
         }
     }
 
     /// Its `[mesh]` settings besides the name.
     fn settings(self) -> &'static str {
         match self {
-            Self::Default => "",
+            Self::Default | Self::Dashboard => "",
             Self::TlsPath => "local_path = \"tls\"\n",
             Self::Plain => "tls = \"off\"\nlocal_path = \"tls\"\n",
         }
@@ -326,6 +359,9 @@ impl MeshKind {
             Self::Plain => {
                 "tls = \"off\", local_path = \"tls\" (plain HTTP/2 over loopback between the sidecars)"
             }
+            Self::Dashboard => {
+                "the settings of `mesh`, with a client reading its admin's live dashboard stream"
+            }
         }
     }
 
@@ -338,6 +374,9 @@ impl MeshKind {
 /// One running mesh, the pids to watch, and its mesh path.
 struct MeshRun {
     kind: MeshKind,
+    /// `mesh-dashboard`'s reader of `/api/events` (before `mesh`: dropped first, so it
+    /// stops before the mesh does).
+    events: Option<dashboard::EventsClient>,
     mesh: ChildProcess,
     mesh_pid: i32,
     app_pid: i32,
@@ -354,6 +393,12 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if args.rates.contains(&0) {
         bail!("--rates must be above zero");
     }
+    if args.dashboard && args.tls == TlsArg::Off {
+        bail!(
+            "--dashboard compares mesh-dashboard with the `mesh` path, which --tls off does not \
+             measure: use --tls mutual or --tls both"
+        );
+    }
     let (mesh_bin, app_bin) = executables()?;
     let machine = procs::machine();
     let scratch = ScratchDir::new()?;
@@ -368,19 +413,23 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut skipped: Vec<String> = Vec::new();
     let mut failed = false;
 
-    let kinds: &[MeshKind] = match args.tls {
-        TlsArg::Mutual => &[MeshKind::Default, MeshKind::TlsPath],
-        TlsArg::Both => &[MeshKind::Default, MeshKind::TlsPath, MeshKind::Plain],
-        TlsArg::Off => &[MeshKind::Plain],
+    let mut kinds: Vec<MeshKind> = match args.tls {
+        TlsArg::Mutual => vec![MeshKind::Default, MeshKind::TlsPath],
+        TlsArg::Both => vec![MeshKind::Default, MeshKind::TlsPath, MeshKind::Plain],
+        TlsArg::Off => vec![MeshKind::Plain],
     };
+    if args.dashboard {
+        // Right after `mesh`, so that in each phase the two are measured back to back.
+        kinds.insert(1, MeshKind::Dashboard);
+    }
     let mut meshes = Vec::new();
     let mut direct = None;
-    for &kind in kinds {
+    for &kind in &kinds {
         // Each mesh has its own directory: its own state_dir, CA and lock.
         let dir = scratch.path().join(kind.label());
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = write_config(&dir, &app_bin, kind)?;
-        if kind != MeshKind::Default {
+        if !matches!(kind, MeshKind::Default | MeshKind::Dashboard) {
             // A mesh without the `local_path` key yet refuses the file: say so and go on.
             if let Some(refusal) = refused_local_path(&mesh_bin, &config, &dir)? {
                 skipped.push(format!(
@@ -475,7 +524,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     }
 
     println!(
-        "{:<16} {:<13} {:>9} {:>8} {:>8} {:>8} {:>7}  {:>16}  {:>14}  {:>17}  {:>11}",
+        "{:<16} {:<14} {:>9} {:>8} {:>8} {:>8} {:>7}  {:>16}  {:>14}  {:>17}  {:>11}",
         "phase",
         "path",
         "req/s",
@@ -493,13 +542,26 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         phases.push(Phase::Full);
     }
     let mut rows = Vec::new();
+    // Events the dashboard's reader read during mesh-dashboard's own phases.
+    let mut during = Vec::new();
     for &phase in &phases {
         for &route in &routes {
+            let events_before = running.events_read(route);
             let row = measure(args, &rt, &running, phase, route, ticks, self_pid)?;
+            if let (Some(before), Some(after)) = (events_before, running.events_read(route)) {
+                during.push((phase, after.saturating_sub(before)));
+            }
             print_row(&row, &running);
             rows.push(row);
         }
     }
+
+    // The run is over for the dashboard's reader: what it read is final.
+    let dashboard = running
+        .meshes
+        .iter_mut()
+        .position(|m| m.kind == MeshKind::Dashboard)
+        .and_then(|i| Some((i, running.meshes[i].events.take()?.stop())));
 
     let errors: u64 = rows.iter().map(|r| r.outcome.errors).sum();
     let queued: u64 = rows.iter().map(|r| r.outcome.queued).sum();
@@ -524,6 +586,14 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             app_rss,
             [haproxy_mtls, haproxy_plain],
         );
+    }
+    if let Some((i, progress)) = &dashboard {
+        let mesh = running
+            .meshes
+            .iter()
+            .position(|m| m.kind == MeshKind::Default)
+            .map(Route::Mesh);
+        print_dashboard_summary(&rows, &phases, mesh, Route::Mesh(*i), progress, &during);
     }
     for (i, p) in running.peers.iter().enumerate() {
         print_peer_summary(&rows, Route::Peer(i), p.peer.name(), p.peak_rss_kib());
@@ -746,8 +816,22 @@ fn start(
     let [app_pid] = apps[..] else {
         bail!("expected one mesh-test-app process below mesh (pid {mesh_pid}), found {apps:?}");
     };
+    // The dashboard's reader, once the mesh is ready; its first answer is waited for, so
+    // that the header can say whether the stream is open.
+    let events = if kind == MeshKind::Dashboard {
+        let line = mesh.wait_line("admin on http://", deadline)?;
+        let admin = addr_after(&line, "admin on http://")
+            .with_context(|| format!("no address in {line:?}"))?;
+        let events = dashboard::EventsClient::start(admin)
+            .context("starting the thread that reads /api/events")?;
+        events.wait_first(DASHBOARD_FIRST_ANSWER);
+        Some(events)
+    } else {
+        None
+    };
     let run = MeshRun {
         kind,
+        events,
         mesh,
         mesh_pid,
         app_pid,
@@ -805,6 +889,15 @@ fn print_header(
     for s in skipped {
         println!("  skipped:  {s}");
     }
+    for m in &r.meshes {
+        if let Some(events) = &m.events {
+            println!(
+                "  dashboard: {}: {}",
+                events.url(),
+                stream_state(&events.progress())
+            );
+        }
+    }
     println!(
         "  load:     GET / over HTTP/1.1 keep-alive, {} connections, {} s per phase, rates {} rps (open loop), {}; warm-up {} s per path; generator: {} tokio threads in this process, on the same CPUs",
         args.connections,
@@ -837,7 +930,7 @@ fn print_header(
 fn print_row(row: &Row, running: &Running) {
     let o = &row.outcome;
     println!(
-        "{:<16} {:<13} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>16.1}  {:>14.1}  {:>17.1}  {:>11.0}",
+        "{:<16} {:<14} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7}  {:>16.1}  {:>14.1}  {:>17.1}  {:>11.0}",
         row.phase.label(),
         running.label(row.route),
         o.throughput(),
@@ -997,6 +1090,95 @@ fn print_mesh_summary(
         shims.join(", "),
         app_rss.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", mib(k))),
     );
+    flush();
+}
+
+/// How the dashboard's stream went, for the header and the summary.
+fn stream_state(p: &dashboard::Progress) -> String {
+    const IDLE: &str = "mesh-dashboard is measured all the same, with its admin idle: it \
+                        shows the cost of recording alone, as `mesh` does (the same \
+                        configuration, so their difference is the run's noise)";
+    match &p.first {
+        Some(dashboard::First::Streaming) => "open, read for the whole run".to_owned(),
+        Some(dashboard::First::NotFound) => {
+            format!("answers 404: this mesh has no live dashboard stream yet; {IDLE}")
+        }
+        Some(dashboard::First::Status(code, text)) => format!("answered {code} ({text}); {IDLE}"),
+        Some(dashboard::First::Failed(e)) => format!("could not be read ({e}); {IDLE}"),
+        None => format!(
+            "no answer within {} s yet; the reader goes on waiting",
+            DASHBOARD_FIRST_ANSWER.as_secs()
+        ),
+    }
+}
+
+/// The `dashboard:` lines: `mesh-dashboard`'s CPU per request minus `mesh`'s in each
+/// phase, its throughput against `mesh`'s at full speed, the events its reader read, and
+/// the target of issue 13 (at most [`TARGET_DASHBOARD_EXTRA_CPU_US`] more at full speed).
+fn print_dashboard_summary(
+    rows: &[Row],
+    phases: &[Phase],
+    mesh: Option<Route>,
+    dash: Route,
+    progress: &dashboard::Progress,
+    during: &[(Phase, u64)],
+) {
+    let target = format!("≤{TARGET_DASHBOARD_EXTRA_CPU_US:.0} µs/req more at full speed");
+    let streamed = progress.streams > 0;
+    if !streamed {
+        println!("dashboard: /api/events {}", stream_state(progress));
+    }
+    let Some(mesh) = mesh else {
+        println!("dashboard: not compared: no `mesh` path in this run; {target} [not measured]");
+        flush();
+        return;
+    };
+    let mut parts = Vec::new();
+    let mut cpu = Vec::new();
+    for &phase in phases {
+        if let (Some(d), Some(m)) = (find(rows, phase, dash), find(rows, phase, mesh)) {
+            cpu.push(format!(
+                "{:+.1} µs at {} ({:.1} vs {:.1})",
+                d.proxy_cpu - m.proxy_cpu,
+                phase.label(),
+                d.proxy_cpu,
+                m.proxy_cpu
+            ));
+        }
+    }
+    if !cpu.is_empty() {
+        parts.push(format!("CPU/req mesh-dashboard − mesh: {}", cpu.join(", ")));
+    }
+    let full = find(rows, Phase::Full, dash).zip(find(rows, Phase::Full, mesh));
+    if let Some((d, m)) = full {
+        let (a, b) = (d.outcome.throughput(), m.outcome.throughput());
+        parts.push(format!(
+            "throughput {:.2}× mesh at full speed ({a:.0} vs {b:.0} req/s)",
+            a / b
+        ));
+    }
+    let mut events = format!("events read: {}", progress.events_text());
+    if streamed && !during.is_empty() {
+        let each: Vec<String> = during
+            .iter()
+            .map(|(phase, n)| format!("{n} at {}", phase.label()))
+            .collect();
+        events.push_str(&format!(", during its own phases {}", each.join(", ")));
+    }
+    parts.push(events);
+    let judged = match full {
+        _ if !streamed => "[not measured: no stream was read]".to_owned(),
+        Some((d, m)) => format!(
+            "[{}]",
+            verdict(d.proxy_cpu - m.proxy_cpu <= TARGET_DASHBOARD_EXTRA_CPU_US)
+        ),
+        None => "[not measured: no full-speed phase]".to_owned(),
+    };
+    parts.push(format!("target: {target} {judged}"));
+    println!("dashboard: {}", parts.join("; "));
+    if !progress.notes.is_empty() {
+        println!("dashboard: notes: {}", progress.notes.join("; "));
+    }
     flush();
 }
 
