@@ -91,9 +91,20 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
 /// (`rps`, `success_rate`, `p99_ms`, over the last 10 s; null without an inbound or
 /// without requests), `reason` (why it is not ready, once `ready_timeout` passed; else
 /// null) and `last_rollout` (`failed: <line>` when its last rolling replacement failed,
-/// until one succeeds; else null).
-pub(crate) fn status_json(statuses: &Statuses, metrics: &Metrics) -> String {
-    serde_json::to_string(&api::status_rows(statuses, metrics)).unwrap_or_else(|_| "[]".into())
+/// until one succeeds; else null). With `[mesh] etcd`, each endpoint of another host
+/// follows its service's replicas here (SPEC §9, [`crate::runtime::RemoteRow`]).
+pub(crate) fn status_json(
+    statuses: &Statuses,
+    metrics: &Metrics,
+    remote: &crate::runtime::RemoteStatus,
+) -> String {
+    let mut rows: Vec<serde_json::Value> = api::status_rows(statuses, metrics)
+        .iter()
+        .filter_map(|row| serde_json::to_value(row).ok())
+        .collect();
+    rows.extend(remote.json_rows());
+    rows.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+    serde_json::Value::Array(rows).to_string()
 }
 
 /// The server's state and its open event streams.
@@ -196,7 +207,11 @@ async fn handle(server: &Server, req: Request<Incoming>, cut: CancellationToken)
         }
         "/live" => text(StatusCode::OK, "live\n".to_string()),
         "/ready" => ready(state),
-        "/api/status" => json_text(status_json(&state.status.borrow(), &state.metrics)),
+        "/api/status" => json_text(status_json(
+            &state.status.borrow(),
+            &state.metrics,
+            &state.runtime.remote_status(),
+        )),
         "/api/graph" => json(&server.frame(period).graph),
         "/api/services" => json(&server.frame(period).services),
         "/api/snapshot" => json(&server.snapshot(period)),

@@ -825,16 +825,12 @@ impl control::Answer for Answers {
                     .collect();
                 Ok(serde_json::json!({ "env": env, "cwd": cwd }))
             }
-            "ps" => {
-                let local = admin::status_json(&self.status.borrow(), &self.metrics);
-                let mut rows: Vec<serde_json::Value> =
-                    serde_json::from_str(&local).map_err(|e| e.to_string())?;
-                // The endpoints of other hosts (SPEC §9), each after the replicas here of
-                // its service.
-                rows.extend(self.runtime.remote_status().json_rows());
-                rows.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
-                Ok(serde_json::Value::Array(rows))
-            }
+            "ps" => serde_json::from_str(&admin::status_json(
+                &self.status.borrow(),
+                &self.metrics,
+                &self.runtime.remote_status(),
+            ))
+            .map_err(|e| e.to_string()),
             "certs" => match (self.certs)() {
                 Some(report) => Ok(serde_json::Value::String(report.to_string())),
                 None => {

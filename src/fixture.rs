@@ -657,8 +657,12 @@ fn serve(
                         });
                     }
                     Request::Ps { reply } => {
-                        let rows =
-                            crate::admin::status_json(&mesh.status().borrow(), mesh.metrics());
+                        // A fixture never joins other hosts: no remote rows.
+                        let rows = crate::admin::status_json(
+                            &mesh.status().borrow(),
+                            mesh.metrics(),
+                            &crate::runtime::RemoteStatus::default(),
+                        );
                         let rows: Vec<Replica> = serde_json::from_str(&rows).unwrap_or_default();
                         let _ = reply.send(rows);
                     }

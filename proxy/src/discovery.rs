@@ -46,11 +46,6 @@ impl Endpoint {
         Endpoint::new(format!("{service}.{replica}@{host}"), addr)
     }
 
-    /// Whether calls to it stay in this process (the local path).
-    pub fn is_local(&self) -> bool {
-        self.local.is_some()
-    }
-
     /// This endpoint, reached in the process through `local`.
     pub fn with_local(mut self, local: Local) -> Self {
         self.local = Some(local);
