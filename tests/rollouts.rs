@@ -322,3 +322,44 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
     all.extend(pids_of(&mesh, "ua.py", "ua", 0));
     stop_mesh(mesh, &all);
 }
+
+/// A reload that changes a live setting (`health`) and one that replaces (`env`) of the
+/// same service applies both with the new processes only: when the replacement fails,
+/// the old replica keeps its whole configuration and stays ready.
+#[test]
+fn a_failed_replacement_keeps_the_old_health_check_too() {
+    let p = Project::new(&format!(
+        r#"
+[services.api]
+command = [{app:?}]
+ready_timeout = "1s"
+env = {{ VERSION = "1" }}
+
+[services.api.health]
+http = "/whoami"
+interval = "200ms"
+"#,
+        app = test_app()
+    ));
+    let mesh = p.up_reloading_by_hand(&[]);
+    mesh.wait_line("ready in", T);
+    assert_eq!(row(&p, "api", 0)["health"], "ready");
+    let good = p.read("mesh.toml");
+    p.write(
+        "mesh.toml",
+        &good
+            .replace("VERSION = \"1\"", "VERSION = \"2\"")
+            .replace("http = \"/whoami\"", "http = \"/status/500\""),
+    );
+    let (code, out, err) = p.run(&["reload"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("kept the running replica"), "{err}");
+    // The old process is checked as before: still ready, a while after the refusal.
+    let deadline = std::time::Instant::now() + Duration::from_millis(800);
+    while std::time::Instant::now() < deadline {
+        assert_eq!(row(&p, "api", 0)["health"], "ready");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    let pids = app_pids(&mesh, "api", 1);
+    stop_mesh(mesh, &pids);
+}

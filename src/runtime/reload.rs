@@ -243,9 +243,12 @@ async fn apply(
         }
     }
 
-    // Settings that apply to running processes.
+    // Settings that apply to running processes. A service that is also replaced gets
+    // them with its new processes: its old ones keep their whole configuration, which
+    // stays in force if the replacement fails (SPEC §4).
     for change in &plan.live {
-        if running.contains(&change.service) && selected.contains(&change.service) {
+        let replaced = plan.replace.iter().any(|r| r.service == change.service);
+        if running.contains(&change.service) && selected.contains(&change.service) && !replaced {
             sup.update_service(&new.services[&change.service]);
         }
     }
