@@ -18,12 +18,13 @@
 //! One test walks through every case in order, on one lease TTL of 2 s: a service on
 //! host B called from host A (through an outbound and an ingress), `depends_on` a
 //! service of other hosts, the local replica preferred while ready and the remote taken
-//! while it is not, a caller the remote host's file does not admit (403), host B
-//! SIGKILLed (its endpoints leave A's table within the TTL; A's calls fail over with no
-//! error), etcd stopped and restarted empty (both hosts keep serving, then register
-//! again), a graceful stop (the lease revoked: the keys go at once), and a host with
-//! another CA (refused at the TLS handshake, both ways). It ends by proving that no
-//! process and no namespace is left.
+//! while it is not, a caller the remote host's file does not admit (403), host B cut off
+//! from the network (A's calls go on without an error; B's lease runs out; back, B
+//! registers again under a new lease), host B SIGKILLed (its endpoints leave A's table
+//! within the TTL; A's calls fail over with no error), etcd stopped and restarted empty
+//! (both hosts keep serving, then register again), a graceful stop (the lease revoked:
+//! the keys go at once), and a host with another CA (refused at the TLS handshake, both
+//! ways). It ends by proving that no process and no namespace is left.
 
 mod support;
 
@@ -525,8 +526,11 @@ upstreams = ["search"]
 command = ["env", "MESH_SERVICE=api-a", "{app}"]
 backoff = {{ initial = "1s", max = "1s" }}
 
+# Calls to other hosts may meet a host that answers nothing (cut off): bound each try,
+# and retry it on another endpoint.
 [services.search]
 expose = "127.0.0.1:0"
+traffic = {{ retries = {{ attempts = 3, per_try_timeout = "1s", on = ["gateway-error", "reset", "timeout"] }} }}
 "#,
             mesh = mesh_table(&a, &etcd, Some(&ca))
         ),
@@ -689,6 +693,57 @@ allow = ["ingress"]
         (hosts.len() == 2).then_some(())
     });
     host_a.get_until(&search_url, "search-c.0", "C's search");
+
+    // Host B cut off (its link down: packets to it vanish, nothing answers): A's calls
+    // keep succeeding (the tries that meet B time out and go to C), B's lease runs out
+    // in etcd and its endpoints leave A's table. Back on the network, B finds its lease
+    // gone, is granted a new one and registers everything again.
+    let traffic = Hammer::start(&a.ns, &search_url);
+    traffic.wait_answers(20);
+    ip(&["-n", &b.ns, "link", "set", "eth0", "down"]);
+    eventually(
+        "B's endpoints to leave A's table while B is cut off",
+        T,
+        || {
+            (!host_a
+                .endpoints_of("search")
+                .iter()
+                .any(|(h, _)| h == "10.213.0.2"))
+            .then_some(())
+        },
+    );
+    ip(&["-n", &b.ns, "link", "set", "eth0", "up"]);
+    let b_keys = eventually("B to register again under a new lease", T, || {
+        let keys: Vec<_> = etcd
+            .keys("/mesh/shop/endpoints/")
+            .into_iter()
+            .filter(|k| k.0.contains("/10.213.0.2/"))
+            .collect();
+        (keys.len() == 2 && keys.iter().all(|k| k.2 != 0 && k.2 != *lease)).then_some(keys)
+    });
+    assert!(
+        b_keys.iter().all(|k| k.2 == b_keys[0].2),
+        "B's keys are not under one lease: {b_keys:#?}"
+    );
+    assert!(
+        !etcd.lease_exists(*lease),
+        "B's first lease outlived the cut"
+    );
+    host_b.mesh.wait_line("lease lost", T);
+    eventually("A to know B's search again", T, || {
+        (host_a.endpoints_of("search").len() == 2).then_some(())
+    });
+    traffic.wait_answers(traffic.answers() + 20);
+    let (answers, failures) = traffic.stop();
+    eprintln!(
+        "{answers} calls to search while B was cut off, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {answers} calls failed while B was cut off: {failures:?}",
+        failures.len()
+    );
 
     // Host B SIGKILLed: A's calls keep succeeding (connect failures and resets of GETs
     // are retried on C), and B's endpoints leave A's table within the lease TTL.

@@ -45,6 +45,12 @@ use crate::tls::{self, ClientTls, TlsError};
 /// this only matters for a peer that accepts and then says nothing.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The bound on connecting to an inbound (as `tcp`'s). A refused connect fails at once;
+/// this is for an address that answers nothing: another host that is down or cut off
+/// (SPEC §9), whose SYNs the kernel would otherwise retry for about two minutes. A
+/// connect failure is retried on another endpoint and ejects this one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How an outbound proves itself to inbounds and checks them (mutual TLS).
 #[derive(Clone)]
 pub struct PeerTls {
@@ -296,9 +302,14 @@ fn splice_with<U, F>(
 }
 
 pub(super) async fn connect(addr: SocketAddr) -> Result<TcpStream, ForwardError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ForwardError::Connect { addr, source })?;
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(connected) => connected,
+        Err(_elapsed) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {CONNECT_TIMEOUT:?}"),
+        )),
+    }
+    .map_err(|source| ForwardError::Connect { addr, source })?;
     // Small frames and request heads must not wait for Nagle.
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "set TCP_NODELAY failed");
