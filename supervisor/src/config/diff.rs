@@ -45,11 +45,16 @@ pub fn diff(old: &Config, new: &Config) -> Result<Plan, Refusal> {
         };
         let mut replace = Vec::new();
         let mut live = Vec::new();
+        // A service that moves between this host and the others (SPEC §9: its `command`
+        // removed or added) keeps no process across the change: its replicas here are
+        // stopped, or started, by the `replicas` change alone.
+        let moved = old_svc.is_remote() != new_svc.is_remote();
         for rule in SERVICE_RULES {
             if !(rule.changed)(old_svc, new_svc) {
                 continue;
             }
             match rule.effect {
+                Effect::Replace if moved => {}
                 Effect::Replace => replace.push(rule.key),
                 Effect::Live => live.push(rule.key),
                 Effect::Scale => plan.scale.push(Scale {
@@ -411,11 +416,15 @@ impl Plan {
                 ("stopping", s.stopping())
             };
             let replicas: Vec<String> = indices.map(|i| format!("{}.{i}", s.service)).collect();
+            // Only a service of other hosts has 0 replicas (SPEC §9).
+            let change = match (s.from, s.to) {
+                (_, 0) => "now runs on other hosts only".to_owned(),
+                (0, _) => "now runs here too".to_owned(),
+                (from, to) => format!("replicas {from} -> {to}"),
+            };
             out.push(format!(
-                "{}: replicas {} -> {}: {verb} {}",
+                "{}: {change}: {verb} {}",
                 s.service,
-                s.from,
-                s.to,
                 replicas.join(", ")
             ));
         }

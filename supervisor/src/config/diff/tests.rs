@@ -478,3 +478,29 @@ command = "new"
             .contains(&"web: replicas 3 -> 1: stopping web.1, web.2".to_owned())
     );
 }
+
+#[test]
+fn a_service_moving_between_this_host_and_the_others_is_scaled_not_replaced() {
+    let mesh = "[mesh]\nlisten = \"10.0.0.1\"\netcd = { endpoints = [\"http://10.0.0.9:2379\"] }\n";
+    let here = parse_ok(&format!(
+        "version = 1\n{mesh}[services.api]\ncommand = \"api\"\nenv = {{ A = \"1\" }}\n"
+    ));
+    let elsewhere = parse_ok(&format!("version = 1\n{mesh}[services.api]\n"));
+    let away = diff(&here, &elsewhere).unwrap();
+    assert_eq!(away.replace, []);
+    assert_eq!(
+        away.scale,
+        [Scale {
+            service: "api".into(),
+            from: 1,
+            to: 0
+        }]
+    );
+    assert_eq!(
+        away.lines(),
+        ["api: now runs on other hosts only: stopping api.0"]
+    );
+    let back = diff(&elsewhere, &here).unwrap();
+    assert_eq!(back.replace, []);
+    assert_eq!(back.lines(), ["api: now runs here too: starting api.0"]);
+}
