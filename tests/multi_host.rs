@@ -16,7 +16,7 @@
 //! `.ci/run` installs.
 //!
 //! One test walks through every case in order, on one lease TTL of 2 s: a service on
-//! host B called from host A (through an outbound and an ingress), `depends_on` a
+//! host B called from host A (through an outbound, an ingress and a route), `depends_on` a
 //! service of other hosts, the local replica preferred while ready and the remote taken
 //! while it is not, a caller the remote host's file does not admit (403), host B cut off
 //! from the network (A's calls go on without an error; B's lease runs out; back, B
@@ -524,7 +524,8 @@ upstreams = ["search"]
 
 [services.api]
 command = ["env", "MESH_SERVICE=api-a", "{app}"]
-backoff = {{ initial = "1s", max = "1s" }}
+backoff = {{ initial = "2s", max = "2s" }}
+routes = [{{ path_prefix = "/v2", backends = {{ search = 1 }} }}]
 
 # Calls to other hosts may meet a host that answers nothing (cut off): bound each try,
 # and retry it on another endpoint.
@@ -601,9 +602,21 @@ allow = ["ingress"]
     );
 
     // A service on host B called from host A, through an outbound and an ingress, over
-    // mutual TLS to B's inbound.
+    // mutual TLS to B's inbound, and as the backend of a route.
     let r = host_a.get(&search_url, "/whoami").expect("GET search");
     assert_eq!((r.status, r.body.as_str()), (200, "search-b.0"));
+    let r = host_a.get(&api_url, "/v2/whoami").expect("GET api /v2");
+    assert_eq!(r.header("x-replica"), Some("search-b.0"), "{r:?}");
+    // One CA: both hosts show the same fingerprint in `mesh certs`.
+    let ca_line = |host: &MeshHost| {
+        let (code, out, err) = host.project.run(&["certs"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.contains("sha256"))
+            .map(str::to_string)
+            .expect("a fingerprint line")
+    };
+    assert_eq!(ca_line(&host_a), ca_line(&host_b));
     let ingress_addr = ingress(&host_a.mesh, "search");
     let r = host_a
         .get(&ingress_addr, "/whoami")
@@ -660,6 +673,14 @@ allow = ["ingress"]
     assert_eq!(local.len(), 1, "A's api process");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(local[0]), Signal::SIGKILL)
         .expect("kill A's api");
+    // Its key goes at once (it comes back when the replica is ready again, 2 s later).
+    eventually("A's api key to be deleted", T, || {
+        (!etcd
+            .keys("/mesh/shop/endpoints/api/")
+            .iter()
+            .any(|k| k.0.contains("/10.213.0.1/")))
+        .then_some(())
+    });
     host_a.get_until(
         &api_url,
         "api-b.0",
