@@ -92,7 +92,7 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
 /// without requests), `reason` (why it is not ready, once `ready_timeout` passed; else
 /// null) and `last_rollout` (`failed: <line>` when its last rolling replacement failed,
 /// until one succeeds; else null). With `[mesh] etcd`, each endpoint of another host
-/// follows its service's replicas here (SPEC §9, [`crate::runtime::RemoteRow`]).
+/// follows its service's replicas here (SPEC §9, `runtime::federation::RemoteRow`).
 pub(crate) fn status_json(
     statuses: &Statuses,
     metrics: &Metrics,
