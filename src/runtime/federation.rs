@@ -445,3 +445,139 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a failing test panics")]
+
+    use super::*;
+
+    fn config() -> Config {
+        mesh_supervisor::config::parse(
+            r#"
+version = 1
+[mesh]
+name = "shop"
+listen = "10.0.0.1"
+etcd = { endpoints = ["http://10.0.0.9:2379"] }
+[services.web]
+command = "web"
+upstreams = ["search"]
+[services.search]
+protocol = "grpc"
+"#,
+            std::path::Path::new("/srv/shop/mesh.toml"),
+            &BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    fn remote(
+        host: &str,
+        replica: u32,
+        identity: &str,
+        protocol: federation::Protocol,
+    ) -> federation::RemoteEndpoint {
+        federation::RemoteEndpoint {
+            host: host.into(),
+            replica,
+            address: format!("{host}:4100{replica}").parse().unwrap(),
+            identity: identity.into(),
+            protocol,
+        }
+    }
+
+    #[test]
+    fn only_endpoints_that_speak_the_service_as_this_file_says_are_used() {
+        let config = config();
+        let grpc = federation::Protocol::Grpc;
+        let table = federation::RemoteEndpoints {
+            services: [(
+                "search".to_string(),
+                vec![
+                    remote("10.0.0.2", 0, "spiffe://shop/search", grpc),
+                    remote("10.0.0.3", 0, "spiffe://other/search", grpc),
+                    remote(
+                        "10.0.0.3",
+                        1,
+                        "spiffe://shop/search",
+                        federation::Protocol::Http,
+                    ),
+                    remote("10.0.0.4", 2, "spiffe://shop/search", grpc),
+                ],
+            )]
+            .into(),
+            stale: false,
+            revision: 7,
+        };
+        let mut warned = BTreeSet::new();
+        let used = remote_endpoints(&config, &table, "search", &mut warned);
+        let ids: Vec<&str> = used.iter().map(|e| &*e.id).collect();
+        assert_eq!(ids, ["search.0@10.0.0.2", "search.2@10.0.0.4"]);
+        assert!(
+            used.iter().all(|e| e.local.is_none()),
+            "remote endpoints take the socket path"
+        );
+        assert_eq!(used[0].addr, "10.0.0.2:41000".parse().unwrap());
+        assert_eq!(warned.len(), 2, "each unusable endpoint said once");
+        remote_endpoints(&config, &table, "search", &mut warned);
+        assert_eq!(warned.len(), 2);
+        assert!(remote_endpoints(&config, &table, "web", &mut warned).is_empty());
+        assert!(remote_endpoints(&config, &table, "unknown", &mut warned).is_empty());
+    }
+
+    #[test]
+    fn status_rows_say_host_address_and_staleness() {
+        let (tx, rx) = watch::channel(Arc::new(federation::RemoteEndpoints {
+            services: [(
+                "search".to_string(),
+                vec![remote(
+                    "10.0.0.2",
+                    0,
+                    "spiffe://shop/search",
+                    federation::Protocol::Grpc,
+                )],
+            )]
+            .into(),
+            stale: true,
+            revision: 3,
+        }));
+        let status = RemoteStatus { table: Some(rx) };
+        let rows = status.json_rows();
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(row["service"], "search");
+        assert_eq!(row["host"], "10.0.0.2");
+        assert_eq!(row["state"], "remote");
+        assert_eq!(row["address"], "10.0.0.2:41000");
+        assert_eq!(row["stale"], true);
+        assert!(row["pid"].is_null() && row["restarts"].is_null());
+        tx.send_replace(Arc::new(federation::RemoteEndpoints::default()));
+        assert!(status.rows().is_empty());
+        assert!(RemoteStatus::default().rows().is_empty());
+    }
+
+    #[test]
+    fn this_hosts_endpoint_is_registered_with_its_identity_and_protocol() {
+        let config = config();
+        let addr: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let e = endpoint(&config, "search", 1, addr).unwrap();
+        assert_eq!(
+            (
+                e.service.as_str(),
+                e.replica,
+                e.address,
+                e.identity.as_str(),
+                e.protocol
+            ),
+            (
+                "search",
+                1,
+                addr,
+                "spiffe://shop/search",
+                federation::Protocol::Grpc
+            )
+        );
+        assert!(endpoint(&config, "nope", 0, addr).is_none());
+    }
+}
