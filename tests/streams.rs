@@ -24,7 +24,7 @@ const T: Duration = Duration::from_secs(30);
 const FRAMES: u64 = 400_000;
 
 /// The mesh's HTTP/2 stream window between sidecars (proxy/src/http/server.rs).
-const STREAM_WINDOW: u64 = 2 * 1024 * 1024;
+const STREAM_WINDOW: u64 = 1024 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -237,10 +237,13 @@ async fn a_paused_reader_gets_everything_with_bounded_memory_and_slows_no_other_
     println!(
         "mesh RSS {before} bytes before, {after_1s} after 1 s of the pause, {peak} at most \
          during it: +{growth} bytes in all, +{later} after the first second \
-         (bound: 2 x the {STREAM_WINDOW}-byte stream window)"
+         (bound: 3 x the {STREAM_WINDOW}-byte stream window)"
     );
+    // One window in the caller's receive buffer (the socket path; the local path holds
+    // only the app's 64 KiB), up to one more in h2's receive storage before frames are
+    // taken out (it keeps its high-water mark), and the path's other buffers.
     assert!(
-        growth < 2 * STREAM_WINDOW,
+        growth < 3 * STREAM_WINDOW,
         "mesh grew by {growth} bytes while a reader paused"
     );
     // Backpressure: once the stream stalled, the app is held and nothing more is taken.

@@ -153,9 +153,12 @@ impl Default for Limits {
 /// HTTP/2 flow-control windows, for servers and clients alike. hyper's server defaults
 /// (1 MiB per stream and 1 MiB for the whole connection) make every stream of a
 /// multiplexed sidecar connection share 1 MiB in flight, which throttles concurrent large
-/// bodies to a trickle of window updates; 2 MiB per stream and 16 MiB per connection keep
-/// a loopback hop at full speed while still bounding what a peer can make us buffer.
-pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// bodies to a trickle of window updates; 1 MiB per stream and 16 MiB per connection keep
+/// a hop at full speed (a loopback or LAN round trip needs far less than 1 MiB in flight)
+/// while bounding what a peer can make us buffer per stream. (At 2 MiB, a stalled
+/// stream over the socket path sometimes held 4 MiB: the window in the caller's buffer,
+/// and as much again in h2's receive storage before it was taken out.)
+pub(crate) const STREAM_WINDOW: u32 = 1024 * 1024;
 /// See [`STREAM_WINDOW`].
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
