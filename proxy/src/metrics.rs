@@ -559,22 +559,7 @@ impl RequestMetrics {
 /// The span of recent traffic `mesh ps` summarises.
 pub const WINDOW_SECS: u64 = 10;
 
-/// Upper bounds of the latency buckets of [`ReplicaStats`], in microseconds: 100 µs
-/// to about 100 s, each 25 % above the one before (so a p99 read from them is within
-/// 25 % of the truth).
-fn latency_bounds() -> &'static [u64] {
-    static BOUNDS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
-    BOUNDS.get_or_init(|| {
-        let mut bounds = Vec::new();
-        let mut b = 100.0_f64;
-        while b < 100e6 {
-            bounds.push(b as u64);
-            b *= 1.25;
-        }
-        bounds.push(u64::MAX);
-        bounds
-    })
-}
+use crate::stats::{latency_bounds, quantile_us};
 
 #[derive(Clone)]
 struct Second {
@@ -669,19 +654,7 @@ impl ReplicaStats {
         }
         // A young recorder has seen less than a whole window.
         let span = elapsed.as_secs_f64().clamp(1.0, WINDOW_SECS as f64);
-        let p99 = (total > 0).then(|| {
-            let rank = (total * 99).div_ceil(100);
-            let mut seen = 0;
-            let index = latency
-                .iter()
-                .position(|c| {
-                    seen += c;
-                    seen >= rank
-                })
-                .unwrap_or(latency.len() - 1);
-            let bound = latency_bounds()[index.min(latency_bounds().len() - 2)];
-            Duration::from_micros(bound)
-        });
+        let p99 = (total > 0).then(|| Duration::from_micros(quantile_us(&latency, total, 99)));
         Summary {
             rps: total as f64 / span,
             success_rate: (total > 0).then(|| ok as f64 / total as f64),

@@ -425,6 +425,13 @@ impl Edge {
 
 /// The upper bound, in milliseconds, of the bucket holding the `percent`th percentile.
 fn quantile(latency: &[u64], total: u64, percent: u64) -> f64 {
+    quantile_us(latency, total, percent) as f64 / 1000.0
+}
+
+/// The upper bound, in microseconds, of the bucket of [`latency_bounds`] holding the
+/// `percent`th percentile of `total` samples counted per bucket in `latency` (nearest
+/// rank; within 25 % of the truth).
+pub(crate) fn quantile_us(latency: &[u64], total: u64, percent: u64) -> u64 {
     let rank = (total * percent).div_ceil(100).max(1);
     let mut seen = 0;
     let index = latency
@@ -435,12 +442,12 @@ fn quantile(latency: &[u64], total: u64, percent: u64) -> f64 {
         })
         .unwrap_or(latency.len() - 1);
     let bounds = latency_bounds();
-    bounds[index.min(bounds.len() - 2)] as f64 / 1000.0
+    bounds[index.min(bounds.len() - 2)]
 }
 
 /// Latency bucket bounds in microseconds: 50 µs to about 100 s, each 25 % above the one
-/// before.
-fn latency_bounds() -> &'static [u64] {
+/// before (the dashboard's edges and `mesh ps`'s replica figures).
+pub(crate) fn latency_bounds() -> &'static [u64] {
     static BOUNDS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
     BOUNDS.get_or_init(|| {
         let mut bounds = Vec::new();
