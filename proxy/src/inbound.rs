@@ -571,6 +571,10 @@ impl Inbound {
     /// The token bucket of the rate limit in force, `None` without one (a new, full
     /// bucket when a reload changed the limit).
     fn bucket(&self) -> Option<Arc<Option<TokenBucket>>> {
+        // Most services have no limit: say so without taking references.
+        if self.cfg.rate_limit.read(Option::is_none) && self.bucket.read().is_none() {
+            return None;
+        }
         let limit = *self.cfg.rate_limit.get();
         let current = Arc::clone(&self.bucket.read());
         if current.as_ref().as_ref().map(TokenBucket::limit) == limit {

@@ -23,6 +23,12 @@ impl<T> Live<T> {
         Arc::clone(&self.0.read())
     }
 
+    /// `f` of the current value, without taking a reference to it (for a check on the
+    /// hot path).
+    pub fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.0.read())
+    }
+
     /// Replace the value; readers see `value` from their next read.
     pub fn set(&self, value: T) {
         *self.0.write() = Arc::new(value);

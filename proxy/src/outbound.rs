@@ -47,7 +47,7 @@ use crate::http::{Body, boxed, full};
 use crate::inbound::LocalInbound;
 use crate::live::Live;
 use crate::routes::{Decision, Routes};
-use crate::stats::{self, Call, ERROR_KINDS, Edge, Via};
+use crate::stats::{Call, ERROR_KINDS, Edge, Via};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
 use retry::{Budget, ReqBody, TRIES};
@@ -189,11 +189,12 @@ pub async fn serve_live_with(
             let route = decision.label;
             let seen = Seen::of(&req);
             let response = outbound.handle(peer, req, decision).await;
-            let took = arrival.elapsed();
+            let now = Instant::now();
+            let took = now.saturating_duration_since(arrival);
             outbound
                 .requests
                 .record(route, response.status().as_u16(), took);
-            outbound.record_call(route, seen, &response, took);
+            outbound.record_call(route, seen, &response, took, now);
             response
         }
     };
@@ -241,7 +242,14 @@ struct Served {
 
 impl Outbound {
     /// Record the call for the dashboard and the access log (SPEC §5).
-    fn record_call(&self, route: &str, seen: Seen, response: &Response<Body>, took: Duration) {
+    fn record_call(
+        &self,
+        route: &str,
+        seen: Seen,
+        response: &Response<Body>,
+        took: Duration,
+        now: Instant,
+    ) {
         let edge = self.edge(route);
         let served = response.extensions().get::<Served>();
         let error = response
@@ -251,7 +259,7 @@ impl Outbound {
             .and_then(|kind| ERROR_KINDS.iter().find(|k| **k == kind).copied());
         let call = Call {
             seq: 0,
-            ts_ms: stats::unix_ms(),
+            ts_ms: 0,
             trace_id: seen.trace_id,
             caller: Arc::clone(&self.caller),
             service: Arc::clone(&self.service_name),
@@ -265,7 +273,10 @@ impl Outbound {
             duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             via: served.and_then(|s| s.via),
         };
-        self.cfg.metrics.stats().record(&edge.1, call);
+        self.cfg
+            .metrics
+            .stats()
+            .record_at(&edge.1, call, now.into_std());
     }
 
     /// The dashboard's edge of `route` ("" for none), resolved once.
@@ -780,7 +791,10 @@ impl Outbound {
     ) -> Result<TryResponse, client::SendError> {
         let addr = pick.endpoint.addr;
         match pick.endpoint.local_http().cloned() {
-            Some(inbound) => match inbound.call(&self.local_peer, request).await {
+            // Boxed: the inbound's future is large, and moving it with every future of
+            // the outbound's (hyper moves the request's future into place) costs more
+            // than one allocation.
+            Some(inbound) => match Box::pin(inbound.call(&self.local_peer, request)).await {
                 Ok(response) => Ok(response.map(Either::Right)),
                 Err(unsent) => Err((draining(addr), Some(unsent))),
             },

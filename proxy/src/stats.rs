@@ -127,6 +127,8 @@ impl Default for Stats {
 
 struct Inner {
     started: Instant,
+    /// `started` as Unix milliseconds: calls' timestamps without a second clock read.
+    started_unix_ms: u64,
     edges: RwLock<BTreeMap<EdgeKey, Arc<Edge>>>,
     calls: Mutex<VecDeque<Arc<Call>>>,
     seq: AtomicU64,
@@ -148,6 +150,7 @@ impl Stats {
         Stats {
             inner: Arc::new(Inner {
                 started: Instant::now(),
+                started_unix_ms: unix_ms(),
                 edges: RwLock::default(),
                 calls: Mutex::new(VecDeque::with_capacity(CALLS_KEPT)),
                 seq: AtomicU64::new(0),
@@ -180,8 +183,16 @@ impl Stats {
     }
 
     /// Record one call of `edge`: its bucket, the call ring, the access log.
-    pub fn record(&self, edge: &Edge, mut call: Call) {
-        edge.record(&call);
+    pub fn record(&self, edge: &Edge, call: Call) {
+        self.record_at(edge, call, Instant::now());
+    }
+
+    /// [`Stats::record`] for a call that ended at `now` (read once by the caller); its
+    /// `ts_ms` is set from it.
+    pub fn record_at(&self, edge: &Edge, mut call: Call, now: Instant) {
+        let since = now.saturating_duration_since(self.inner.started);
+        call.ts_ms = self.inner.started_unix_ms + u64::try_from(since.as_millis()).unwrap_or(0);
+        edge.record(&call, since.as_secs());
         call.seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let call = Arc::new(call);
         if let Some(access) = &*self.inner.access.read() {
@@ -314,9 +325,9 @@ impl Second {
 }
 
 impl Edge {
-    /// The bucket of the current second, cleared if it holds an older second.
-    fn with_now(&self, f: impl FnOnce(&mut Second)) {
-        let now = self.started.elapsed().as_secs();
+    /// The bucket of second `now` (since the recorder started), cleared if it holds an
+    /// older second.
+    fn with_second(&self, now: u64, f: impl FnOnce(&mut Second)) {
         let mut ring = self.ring.lock();
         if ring.is_empty() {
             *ring = vec![Second::empty(); RING_SECS as usize];
@@ -328,7 +339,7 @@ impl Edge {
         f(slot);
     }
 
-    fn record(&self, call: &Call) {
+    fn record(&self, call: &Call, second: u64) {
         let class = match call.status {
             100..=199 => 0,
             200..=299 => 1,
@@ -341,7 +352,7 @@ impl Edge {
             .error
             .and_then(|kind| ERROR_KINDS.iter().position(|k| *k == kind));
         let retries = call.attempts.saturating_sub(1);
-        self.with_now(|slot| {
+        self.with_second(second, |slot| {
             slot.by_class[class] += 1;
             slot.retries += retries;
             if let Some(i) = error {

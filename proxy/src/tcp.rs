@@ -545,7 +545,6 @@ async fn proxy_outbound(
             );
         }
     }
-    call.ts_ms = stats::unix_ms();
     call.duration_us = u64::try_from(arrival.elapsed().as_micros()).unwrap_or(u64::MAX);
     let stats = cfg.metrics.stats();
     stats.record(&stats.edge(&cfg.caller, &cfg.service, ""), call);
