@@ -310,32 +310,57 @@ async fn handle(server: &Server, req: Request<Incoming>, cut: CancellationToken)
     }
 }
 
+/// The owned inputs of [`api::Inputs`], gathered once per computation.
+struct Gathered {
+    config: Arc<mesh_supervisor::config::Config>,
+    statuses: Statuses,
+    observed: api::Observed,
+    ingresses: std::collections::BTreeMap<String, std::net::SocketAddr>,
+    test_ingresses: bool,
+}
+
+impl Gathered {
+    fn inputs(&self) -> api::Inputs<'_> {
+        api::Inputs {
+            config: &self.config,
+            statuses: &self.statuses,
+            observed: &self.observed,
+            ingresses: &self.ingresses,
+            test_ingresses: self.test_ingresses,
+        }
+    }
+}
+
 // === impl Server ===
 
 impl Server {
     /// Everything but the calls, over `period`.
     fn frame(&self, period: Period) -> api::Frame {
         let state = &self.state;
-        let config = state.runtime.config();
-        // A copy: the watch's lock is not held while the figures are computed.
-        let statuses = state.status.borrow().clone();
+        let gathered = self.gather(period);
+        let (config, statuses) = (&gathered.config, &gathered.statuses);
         let stats = stats(state);
-        let observed = api::observe(stats, period);
-        let ingresses = state.runtime.ingress_addrs();
-        let inputs = api::Inputs {
-            config: &config,
-            statuses: &statuses,
-            observed: &observed,
-            ingresses: &ingresses,
-            test_ingresses: !state.runtime.test_addrs().is_empty(),
-        };
+        let inputs = gathered.inputs();
         api::Frame {
             window: period.as_str(),
-            mesh: api::mesh_info(&config, stats, state.warning.lock().clone()),
-            summary: api::summary(&statuses),
-            status: api::status_rows(&statuses, &state.metrics),
+            mesh: api::mesh_info(config, stats, state.warning.lock().clone()),
+            summary: api::summary(statuses),
+            status: api::status_rows(statuses, &state.metrics),
             services: api::services(&inputs),
             graph: api::graph(&inputs),
+        }
+    }
+
+    /// What the frame and a service's details are computed from, over `period`.
+    fn gather(&self, period: Period) -> Gathered {
+        let state = &self.state;
+        Gathered {
+            config: state.runtime.config(),
+            // A copy: the watch's lock is not held while the figures are computed.
+            statuses: state.status.borrow().clone(),
+            observed: api::observe(stats(state), period),
+            ingresses: state.runtime.ingress_addrs(),
+            test_ingresses: !state.runtime.test_addrs().is_empty(),
         }
     }
 
@@ -354,19 +379,10 @@ impl Server {
         logs: Vec<api::LogLine>,
     ) -> Option<api::ServiceDetail> {
         let state = &self.state;
-        let config = state.runtime.config();
-        let statuses = state.status.borrow().clone();
+        let gathered = self.gather(period);
         let stats = stats(state);
-        let observed = api::observe(stats, period);
-        let ingresses = state.runtime.ingress_addrs();
-        let inputs = api::Inputs {
-            config: &config,
-            statuses: &statuses,
-            observed: &observed,
-            ingresses: &ingresses,
-            test_ingresses: !state.runtime.test_addrs().is_empty(),
-        };
-        let rows = api::status_rows(&statuses, &state.metrics);
+        let inputs = gathered.inputs();
+        let rows = api::status_rows(&gathered.statuses, &state.metrics);
         let recent = stats.calls_since(0, CALLS_KEPT);
         let endpoints = balancers(stats, service);
         api::detail(&inputs, &rows, &recent, endpoints, logs, service)
