@@ -22,13 +22,31 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// from hyper, buffered bodies for replays, and mesh error bodies all fit in it.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Box any body into [`Body`].
+/// Box any body into [`Body`]; a [`Body`] comes back as it is (boxing it again would
+/// cost an allocation and an indirection on every frame).
 pub fn boxed<B>(body: B) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    let mut body = Some(body);
+    if let Some(already) = (&mut body as &mut dyn std::any::Any).downcast_mut::<Option<Body>>() {
+        if let Some(already) = already.take() {
+            return already;
+        }
+    }
+    match body {
+        Some(body) => body.map_err(Into::into).boxed_unsync(),
+        None => empty_unboxed(),
+    }
+}
+
+/// Unreachable in practice (the body is taken only when it is a [`Body`]); an empty body
+/// rather than a panic.
+fn empty_unboxed() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body of the given bytes.

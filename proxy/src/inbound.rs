@@ -150,9 +150,11 @@ impl InboundServer {
         let builder = server::builder(&limits, Facing::Sidecars);
         let tracker = inbound.tracker.clone();
         let shutdown = inbound.shutdown.clone();
-        let handle = move |_peer, req| {
+        let handle = move |_peer, mut req: Request<hyper::body::Incoming>| {
             let inbound = Arc::clone(&inbound);
-            async move { inbound.serve_request(req, None).await }
+            // Set by the TLS accept loop for every request of a TLS connection.
+            let peer = req.extensions_mut().remove::<PeerIdentity>();
+            async move { inbound.serve_request(req, peer, None).await }
         };
         async move {
             server::serve_tls(
@@ -198,14 +200,16 @@ impl LocalInbound {
     pub(crate) async fn call(
         &self,
         peer: &PeerIdentity,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<Body>, Request<Body>> {
         if self.inbound.shutdown.is_cancelled() {
             return Err(req);
         }
         let hold = self.inbound.tracker.token();
-        req.extensions_mut().insert(peer.clone());
-        Ok(self.inbound.serve_request(req, Some(hold)).await)
+        Ok(self
+            .inbound
+            .serve_request(req, Some(peer.clone()), Some(hold))
+            .await)
     }
 }
 /// The app's address and the connections to it.
@@ -250,11 +254,14 @@ enum AppVersion {
 }
 
 impl Inbound {
-    /// One request, from the listener or from the local entry point (`hold` keeps the
-    /// drain waiting until the response body ends), recorded for `mesh ps`.
+    /// One request, from the listener or from the local entry point, with the identity
+    /// the caller proved (its certificate, or the one this process gave its outbound;
+    /// `hold` keeps the drain waiting until the response body ends), recorded for
+    /// `mesh ps`.
     async fn serve_request<B>(
-        &self,
+        self: &Arc<Self>,
         req: Request<B>,
+        peer: Option<PeerIdentity>,
         hold: Option<TaskTrackerToken>,
     ) -> Response<Body>
     where
@@ -262,18 +269,23 @@ impl Inbound {
         B::Error: Into<crate::http::BoxError>,
     {
         let arrival = std::time::Instant::now();
-        let response = self.handle(req, hold).await;
+        let response = self.handle(req, peer, hold).await;
         self.stats
             .record(response.status().as_u16(), arrival.elapsed());
         response
     }
 
-    async fn handle<B>(&self, mut req: Request<B>, hold: Option<TaskTrackerToken>) -> Response<Body>
+    async fn handle<B>(
+        self: &Arc<Self>,
+        mut req: Request<B>,
+        peer: Option<PeerIdentity>,
+        hold: Option<TaskTrackerToken>,
+    ) -> Response<Body>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<crate::http::BoxError>,
     {
-        let peer = match self.authorize(&req) {
+        let peer = match self.authorize(peer) {
             Ok(peer) => peer,
             Err(refusal) => return refusal,
         };
@@ -318,14 +330,18 @@ impl Inbound {
                 parts.version = Version::HTTP_2;
                 let request = Request::from_parts(parts, boxed(body));
                 // Boxed: the rare path would otherwise enlarge every request's future.
-                Box::pin(self.extended_connect(&app, downstream, request)).await
+                Box::pin(self.extended_connect(&app, downstream, request))
+                    .await
+                    .map(tunnel_response)
             }
             (Some(downstream), _) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let request = Request::from_parts(parts, boxed(body));
                 // Boxed: the rare path would otherwise enlarge every request's future.
-                Box::pin(self.upgrade(&app, downstream, request)).await
+                Box::pin(self.upgrade(&app, downstream, request))
+                    .await
+                    .map(tunnel_response)
             }
             (None, AppVersion::Http1) => {
                 parts.uri = headers::origin_form(&parts.uri, &mut parts.headers);
@@ -333,7 +349,7 @@ impl Inbound {
                 app.h1
                     .send(Request::from_parts(parts, boxed(body)))
                     .await
-                    .map(|response| response.map(boxed))
+                    .map(|response| self.watch_body(response, caller, hold))
             }
             (None, AppVersion::Http2) => {
                 parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
@@ -346,34 +362,20 @@ impl Inbound {
                 app.h2
                     .send(app.addr, request)
                     .await
-                    .map(|response| response.map(boxed))
+                    .map(|response| self.watch_body(response, caller, hold))
                     .map_err(|(error, _unsent)| error)
             }
         };
-        match result {
-            Ok(mut response) => {
-                let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                headers::strip_hop_by_hop(response.headers_mut(), upgraded);
-                // Only the mesh reports mesh errors: an app's own x-mesh-error must not
-                // make the caller's outbound retry or rewrite its response.
-                response.headers_mut().remove(HDR_ERROR);
-                response.headers_mut().remove(HDR_DETAIL);
-                if upgraded || connect {
-                    return response;
-                }
-                self.watch_body(response, caller, hold)
-            }
-            Err(error) => {
-                // An HTTP/2 server that did not enable extended CONNECT resets the stream
-                // with PROTOCOL_ERROR: say what the app lacks.
-                let hint = if connect && error.is_protocol_error() {
-                    " (extended CONNECT needs the app's HTTP/2 server to enable it: SETTINGS_ENABLE_CONNECT_PROTOCOL)"
-                } else {
-                    ""
-                };
-                self.error(&error, hint)
-            }
-        }
+        result.unwrap_or_else(|error| {
+            // An HTTP/2 server that did not enable extended CONNECT resets the stream
+            // with PROTOCOL_ERROR: say what the app lacks.
+            let hint = if connect && error.is_protocol_error() {
+                " (extended CONNECT needs the app's HTTP/2 server to enable it: SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+            } else {
+                ""
+            };
+            self.error(&error, hint)
+        })
     }
 
     /// Authorization (SPEC §1): with mutual TLS, the caller's verified identity must be
@@ -384,12 +386,13 @@ impl Inbound {
         clippy::result_large_err,
         reason = "the refusal is the response itself, built on the rare path"
     )]
-    fn authorize<B>(&self, req: &Request<B>) -> Result<Option<PeerIdentity>, Response<Body>> {
+    fn authorize(
+        &self,
+        peer: Option<PeerIdentity>,
+    ) -> Result<Option<PeerIdentity>, Response<Body>> {
         if self.cfg.tls.is_none() {
             return Ok(None);
         }
-        // Set by the TLS accept loop for every request of a TLS connection.
-        let peer = req.extensions().get::<PeerIdentity>().cloned();
         let name = peer
             .as_ref()
             .and_then(|peer| peer.identity.strip_prefix(self.trust_domain.as_str()));
@@ -526,32 +529,60 @@ impl Inbound {
     /// request of this replica for `mesh ps` and the metrics, and is logged. The caller
     /// still gets the status and the bytes that came, then the break. `hold` (a local
     /// call's) keeps the inbound's drain waiting until the body ends.
-    fn watch_body(
-        &self,
-        response: Response<Body>,
+    fn watch_body<B>(
+        self: &Arc<Self>,
+        mut response: Response<B>,
         caller: Caller,
         hold: Option<TaskTrackerToken>,
-    ) -> Response<Body> {
-        let stats = Arc::clone(&self.stats);
-        let metrics = self.cfg.metrics.clone();
-        let service = self.cfg.service.clone();
-        let id = Arc::clone(&self.id);
-        let trust_domain = self.trust_domain.clone();
+    ) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::http::BoxError>,
+    {
+        let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        clean_response(response.headers_mut(), upgraded);
+        if upgraded {
+            return response.map(boxed);
+        }
+        // One reference for everything the report needs, boxed once with the body.
+        let inbound = Arc::clone(self);
         response.map(move |body| {
             boxed(Finish::new(body, move |end| {
                 drop(hold);
                 let End::Cut { bytes, error } = end else {
                     return;
                 };
-                stats.cut();
-                let name = caller.name(&trust_domain);
-                metrics.mesh_error(&name, &service, ErrorKind::Reset.as_str());
+                inbound.stats.cut();
+                let name = caller.name(&inbound.trust_domain);
+                inbound.cfg.metrics.mesh_error(
+                    &name,
+                    &inbound.cfg.service,
+                    ErrorKind::Reset.as_str(),
+                );
                 tracing::warn!(
-                    "{id}: the app broke its response to {name} after {bytes} body bytes: {error}"
+                    "{}: the app broke its response to {name} after {bytes} body bytes: {error}",
+                    inbound.id
                 );
             }))
         })
     }
+}
+
+/// The app's response headers as the caller gets them: hop-by-hop fields stripped, and
+/// no `x-mesh-error` of the app's own: only the mesh reports mesh errors, and an app's
+/// would make the caller's outbound retry or rewrite its response.
+fn clean_response(headers: &mut http::HeaderMap, upgraded: bool) {
+    headers::strip_hop_by_hop(headers, upgraded);
+    headers.remove(HDR_ERROR);
+    headers.remove(HDR_DETAIL);
+}
+
+/// An upgrade's or extended CONNECT's response from the app, cleaned: its body is the
+/// tunnel, not watched.
+fn tunnel_response(mut response: Response<Body>) -> Response<Body> {
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    clean_response(response.headers_mut(), upgraded);
+    response
 }
 
 impl Inbound {

@@ -353,6 +353,9 @@ where
     let (sender, conn) = http1::Builder::new()
         // Response heads from apps: like the HTTP/2 side, generous but bounded.
         .max_buf_size(256 * 1024)
+        // One buffer per write, as the servers' (`server::builder`): send(2) rather
+        // than writev(2).
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ForwardError::Handshake {

@@ -191,7 +191,11 @@ pub(crate) fn builder(limits: &Limits, facing: Facing) -> auto::Builder<TokioExe
         .max_buf_size(limits.max_header_bytes.max(8 * 1024))
         // hyper's default of 100 header fields is kept: it bounds parsing work per head,
         // and real clients stay far below it.
-        .keep_alive(true);
+        .keep_alive(true)
+        // One buffer per write, sent with send(2): writev(2) goes through the VFS layer
+        // and imports an iovec on every call, which on loopback costs more than copying
+        // a response's head and a small body into one buffer (docs/benchmark.md).
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
