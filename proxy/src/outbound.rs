@@ -47,7 +47,7 @@ use crate::http::{Body, boxed, full};
 use crate::inbound::LocalInbound;
 use crate::live::Live;
 use crate::routes::{Decision, Routes};
-use crate::stats::{Call, ERROR_KINDS, Edge, Via};
+use crate::stats::{Call, ERROR_KINDS, Edge, TraceId, Via};
 use crate::{HDR_SOURCE, HDR_VERSION, Protocol, Traffic};
 
 use retry::{Budget, ReqBody, TRIES};
@@ -188,7 +188,7 @@ pub async fn serve_live_with(
             let decision = cfg.routes.decide(req.uri().path(), req.headers());
             let route = decision.label;
             let seen = Seen::of(&req);
-            let response = outbound.handle(peer, req, decision).await;
+            let response = outbound.handle(peer, req, decision, arrival).await;
             let now = Instant::now();
             let took = now.saturating_duration_since(arrival);
             outbound
@@ -210,7 +210,7 @@ pub async fn serve_live_with(
 struct Seen {
     method: Method,
     path: String,
-    trace_id: String,
+    trace_id: TraceId,
 }
 
 impl Seen {
@@ -221,8 +221,8 @@ impl Seen {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.get(3..35))
-            .unwrap_or_default()
-            .to_string();
+            .map(TraceId::from)
+            .unwrap_or_default();
         Seen {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
@@ -265,7 +265,7 @@ impl Outbound {
             service: Arc::clone(&self.service_name),
             replica: served.and_then(|s| s.endpoint.clone()),
             route: Arc::clone(&edge.0),
-            method: seen.method.as_str().to_string(),
+            method: seen.method,
             path: seen.path,
             status: response.status().as_u16(),
             error,
@@ -425,8 +425,8 @@ impl Outbound {
         peer: SocketAddr,
         req: Request<Incoming>,
         decision: Decision<'_>,
+        arrival: Instant,
     ) -> Response<Body> {
-        let arrival = Instant::now();
         let (balancer, queue_timeout) = match decision.backend {
             Some(backend) => (&backend.balancer, backend.queue_timeout),
             None => (&self.balancer, self.cfg.traffic.queue_timeout),
@@ -455,7 +455,6 @@ impl Outbound {
         let (mut parts, body) = req.into_parts();
         self.hop_headers(&mut parts.headers, peer, parts.version);
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        parts.uri = headers::absolute_uri(&parts.uri, &parts.headers);
         self.forward(&policy, balancer, &decision, arrival, parts, body)
             .await
     }
@@ -543,15 +542,6 @@ impl Outbound {
             );
             return self.error(ErrorKind::Overloaded, Vec::new(), 0, detail);
         };
-        // With an absolute URI, HTTP/2 sends `:scheme` and `:authority` from it; a
-        // relative one (an HTTP/1.0 request without Host) is only allowed to h2 as a
-        // forwarded HTTP/1.x request.
-        let version = if parts.uri.authority().is_some() {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        parts.version = version;
         let mut body = match ReqBody::new(body).await {
             Ok(body) => body,
             Err(error) => {
@@ -624,7 +614,7 @@ impl Outbound {
             let mut request = Request::new(try_body);
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = parts.uri.clone();
-            *request.version_mut() = version;
+            *request.version_mut() = parts.version;
             *request.headers_mut() = parts.headers.clone();
             if attempts > 1 {
                 request
@@ -798,12 +788,25 @@ impl Outbound {
                 Ok(response) => Ok(response.map(Either::Right)),
                 Err(unsent) => Err((draining(addr), Some(unsent))),
             },
-            None => self
-                .target(balancer.service())
-                .pool
-                .send(addr, request)
-                .await
-                .map(|response| response.map(Either::Left)),
+            None => {
+                // Over HTTP/2 to the inbound's listener: with an absolute URI, HTTP/2 sends
+                // `:scheme` and `:authority` from it; a relative one (an HTTP/1.0 request
+                // without Host) is only allowed to h2 as a forwarded HTTP/1.x request. (A
+                // local call keeps the caller's form: the inbound makes the app's.)
+                let mut request = request;
+                let uri = headers::absolute_uri(request.uri(), request.headers());
+                *request.version_mut() = if uri.authority().is_some() {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                };
+                *request.uri_mut() = uri;
+                self.target(balancer.service())
+                    .pool
+                    .send(addr, request)
+                    .await
+                    .map(|response| response.map(Either::Left))
+            }
         }
     }
 

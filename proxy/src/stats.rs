@@ -62,14 +62,15 @@ pub struct Call {
     /// When the response headers went back, Unix milliseconds.
     pub ts_ms: u64,
     /// The W3C trace id (32 hex digits) of the request's `traceparent`.
-    pub trace_id: String,
+    pub trace_id: TraceId,
     pub caller: Arc<str>,
     pub service: Arc<str>,
     /// The endpoint (`service.replica`) of the last try, if any try went out.
     pub replica: Option<Arc<str>>,
     /// The route's name, "" when no route matched.
     pub route: Arc<str>,
-    pub method: String,
+    #[serde(serialize_with = "method_str")]
+    pub method: http::Method,
     pub path: String,
     pub status: u16,
     /// The mesh error kind when the mesh answered itself (`x-mesh-error`).
@@ -78,6 +79,63 @@ pub struct Call {
     pub duration_us: u64,
     /// How the last try travelled (`None` when none went out).
     pub via: Option<Via>,
+}
+
+/// A W3C trace id as a call keeps it: up to 32 bytes (the 32 hex digits of a valid one)
+/// held inline, so that recording a call does not allocate for it. Serialized as a string.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceId {
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl TraceId {
+    /// The id as text ("" for none).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl From<&str> for TraceId {
+    /// The first 32 bytes of `id` (a trace id is 32 hex digits), cut at a character
+    /// boundary.
+    fn from(id: &str) -> Self {
+        let mut end = id.len().min(32);
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 32];
+        bytes[..end].copy_from_slice(&id.as_bytes()[..end]);
+        TraceId {
+            len: u8::try_from(end).unwrap_or(0),
+            bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+fn method_str<S: serde::Serializer>(
+    method: &http::Method,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(method.as_str())
 }
 
 /// A (caller, service, route) triple: one edge of the call graph, per route.
@@ -520,12 +578,12 @@ fn access_line(call: &Call, out: &mut Vec<u8>) {
     let ts = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(call.ts_ms));
     let line = serde_json::json!({
         "ts": ts.to_string(),
-        "trace_id": call.trace_id,
+        "trace_id": call.trace_id.as_str(),
         "caller": &*call.caller,
         "service": &*call.service,
         "replica": call.replica.as_deref(),
         "route": &*call.route,
-        "method": call.method,
+        "method": call.method.as_str(),
         "path": call.path,
         "status": call.status,
         "error": call.error,
@@ -548,6 +606,24 @@ pub fn unix_ms() -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn trace_ids_are_kept_inline_and_serialized_as_text() {
+        let id = TraceId::from("0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(id.as_str(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(
+            serde_json::to_string(&id).unwrap_or_default(),
+            "\"0af7651916cd43dd8448eb211c80319c\""
+        );
+        // Longer text is cut at 32 bytes, on a character boundary.
+        let long = format!("{}é", "a".repeat(31));
+        assert_eq!(TraceId::from(long.as_str()).as_str(), "a".repeat(31));
+        assert_eq!(TraceId::default().as_str(), "");
+        let call = call(200, None, 10);
+        let json = serde_json::to_value(&call).unwrap_or_default();
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    }
+
     fn call(status: u16, error: Option<&'static str>, us: u64) -> Call {
         Call {
             seq: 0,
@@ -557,7 +633,7 @@ mod tests {
             service: "api".into(),
             replica: Some("api.0".into()),
             route: "".into(),
-            method: "GET".into(),
+            method: http::Method::GET,
             path: "/".into(),
             status,
             error,

@@ -482,7 +482,8 @@ async fn proxy_outbound(
         service: Arc::from(cfg.service.as_str()),
         replica: None,
         route: Arc::from(""),
-        method: "TCP".to_string(),
+        // A valid token: the fallback (GET) cannot happen.
+        method: http::Method::from_bytes(b"TCP").unwrap_or_default(),
         path: String::new(),
         status: 200,
         error: None,
@@ -551,12 +552,13 @@ async fn proxy_outbound(
 }
 
 /// A fresh random W3C trace id (32 hex digits) for a connection, which carries none.
-fn trace_id() -> String {
-    format!(
+fn trace_id() -> stats::TraceId {
+    let id = format!(
         "{:016x}{:016x}",
         fastrand::u64(..),
         fastrand::u64(..).max(1)
-    )
+    );
+    stats::TraceId::from(id.as_str())
 }
 
 /// A failure to set up a connection: the mesh error kind and its detail.

@@ -161,8 +161,12 @@ pub fn absolute_uri(uri: &Uri, headers: &HeaderMap) -> Uri {
 }
 
 /// The origin-form (`/path?query`) an HTTP/1.1 hop sends, and make sure `Host` is set
-/// (from `:authority` when the request came over HTTP/2 without one).
+/// (from `:authority` when the request came over HTTP/2 without one). A URI already in
+/// origin-form is left as it is.
 pub fn origin_form(uri: &Uri, headers: &mut HeaderMap) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return uri.clone();
+    }
     if !headers.contains_key(HOST) {
         if let Some(value) = uri
             .authority()

@@ -68,7 +68,7 @@ fn call(caller: &str, service: &str, route: &str, replica: &str, status: u16) ->
         service: service.into(),
         replica: Some(replica.into()),
         route: route.into(),
-        method: "GET".into(),
+        method: hyper::Method::GET,
         path: "/".into(),
         status,
         error: (status == 403).then_some("unauthorized"),
