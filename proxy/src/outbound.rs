@@ -188,13 +188,16 @@ pub async fn serve_live_with(
             let decision = cfg.routes.decide(req.uri().path(), req.headers());
             let route = decision.label;
             let seen = Seen::of(&req);
-            let response = outbound.handle(peer, req, decision, arrival).await;
+            let mut served = None;
+            let response = outbound
+                .handle(peer, req, decision, arrival, &mut served)
+                .await;
             let now = Instant::now();
             let took = now.saturating_duration_since(arrival);
             outbound
                 .requests
                 .record(route, response.status().as_u16(), took);
-            outbound.record_call(route, seen, &response, took, now);
+            outbound.record_call(route, seen, &response, served, took, now);
             response
         }
     };
@@ -231,13 +234,25 @@ impl Seen {
     }
 }
 
-/// How a request was served, in its response's extensions for the recording: the
-/// endpoint of the last try, the number of tries, and how the last one travelled.
+/// How a request was served, for the recording: the endpoint of the last try, the number
+/// of tries, and how the last one travelled. The tries hand it back beside the response;
+/// the rare paths (mesh errors, upgrades) put it in the response's extensions.
 #[derive(Clone, Debug)]
 struct Served {
     endpoint: Option<Arc<str>>,
     attempts: u32,
     via: Option<Via>,
+}
+
+impl Served {
+    /// Served by the try to `endpoint`, the `attempts`th, travelling `via`.
+    fn by(endpoint: &Arc<str>, attempts: u32, via: Via) -> Self {
+        Served {
+            endpoint: Some(Arc::clone(endpoint)),
+            attempts,
+            via: Some(via),
+        }
+    }
 }
 
 impl Outbound {
@@ -247,11 +262,14 @@ impl Outbound {
         route: &str,
         seen: Seen,
         response: &Response<Body>,
+        served: Option<Served>,
         took: Duration,
         now: Instant,
     ) {
         let edge = self.edge(route);
-        let served = response.extensions().get::<Served>();
+        // The tries' account, or the one the rare paths (errors, upgrades) put in the
+        // response.
+        let served = response.extensions().get::<Served>().or(served.as_ref());
         let error = response
             .headers()
             .get(HDR_ERROR)
@@ -426,6 +444,7 @@ impl Outbound {
         req: Request<Incoming>,
         decision: Decision<'_>,
         arrival: Instant,
+        served: &mut Option<Served>,
     ) -> Response<Body> {
         let (balancer, queue_timeout) = match decision.backend {
             Some(backend) => (&backend.balancer, backend.queue_timeout),
@@ -455,7 +474,8 @@ impl Outbound {
         let (mut parts, body) = req.into_parts();
         self.hop_headers(&mut parts.headers, peer, parts.version);
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        self.forward(&policy, balancer, &decision, arrival, parts, body)
+        let req = Request::from_parts(parts, body);
+        self.forward(&policy, balancer, &decision, arrival, req, served)
             .await
     }
 
@@ -485,9 +505,10 @@ impl Outbound {
         balancer: &Balancer,
         decision: &Decision<'_>,
         arrival: Instant,
-        parts: http::request::Parts,
-        body: Incoming,
+        req: Request<Incoming>,
+        served: &mut Option<Served>,
     ) -> Response<Body> {
+        let (parts, body) = req.into_parts();
         let mut progress = Progress::default();
         let tries = async {
             // An injected delay stands for a slow upstream: it counts toward the timeout.
@@ -501,10 +522,15 @@ impl Outbound {
                 .await
         };
         let Some(timeout) = policy.timeout else {
-            return tries.await;
+            let response = tries.await;
+            *served = progress.served;
+            return response;
         };
         match tokio::time::timeout_at(arrival + timeout, tries).await {
-            Ok(response) => response,
+            Ok(response) => {
+                *served = progress.served;
+                response
+            }
             Err(_) => {
                 let detail = match progress.current.take() {
                     Some(id) => format!("{id}: no response headers within timeout {timeout:?}"),
@@ -566,8 +592,8 @@ impl Outbound {
             let pick = match balancer.pick_or(&progress.tried, deadline).await {
                 Ok(pick) => pick,
                 Err(why) => {
-                    if let Some((mut response, verdict)) = pending {
-                        set_attempts(&mut response, progress.attempts);
+                    if let Some((response, verdict)) = pending {
+                        progress.set_attempts();
                         return guarded(response, admission, verdict);
                     }
                     let (kind, detail) = match (last, why) {
@@ -657,13 +683,8 @@ impl Outbound {
                     ));
                     rule.on_timeout() && body.replayable() && rule.within(attempts)
                 }
-                Some(Ok(mut response)) => {
+                Some(Ok(response)) => {
                     let took = started.elapsed();
-                    response.extensions_mut().insert(Served {
-                        endpoint: Some(Arc::clone(&id)),
-                        attempts,
-                        via: Some(via),
-                    });
                     match hop_error(&response) {
                         // The inbound could not connect to its app: the request never
                         // reached an app, and the replica is as good as down.
@@ -724,10 +745,12 @@ impl Outbound {
                                 && rule.within(attempts)
                             {
                                 tracing::debug!(endpoint = %id, status = %response.status(), "retrying response");
+                                progress.served = Some(Served::by(&id, attempts, via));
                                 pending = Some((response, verdict));
                                 last = None;
                                 true
                             } else {
+                                progress.served = Some(Served::by(&id, attempts, via));
                                 return guarded(response, admission, verdict);
                             }
                         }
@@ -761,8 +784,8 @@ impl Outbound {
                 self.cfg.metrics.retry(&self.cfg.caller, &self.cfg.service);
                 continue;
             }
-            if let Some((mut response, verdict)) = pending {
-                set_attempts(&mut response, progress.attempts);
+            if let Some((response, verdict)) = pending {
+                progress.set_attempts();
                 return guarded(response, admission, verdict);
             }
             let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
@@ -1082,6 +1105,18 @@ struct Progress {
     attempts: u32,
     /// The endpoint of the try awaiting its response headers.
     current: Option<Arc<str>>,
+    /// How the response answered was served (kept here rather than in the response's
+    /// extensions, which would allocate a map per request).
+    served: Option<Served>,
+}
+
+impl Progress {
+    /// The response kept while later tries failed is answered with the count of them all.
+    fn set_attempts(&mut self) {
+        if let Some(served) = &mut self.served {
+            served.attempts = self.attempts;
+        }
+    }
 }
 
 /// The retry rule one request follows: the default rule, or a `retries` table.
@@ -1309,14 +1344,6 @@ fn draining(addr: SocketAddr) -> ForwardError {
             std::io::ErrorKind::ConnectionRefused,
             "the inbound is draining",
         ),
-    }
-}
-
-/// Set the number of tries in a response's [`Served`] (a response kept while later tries
-/// failed is answered with the count of them all).
-fn set_attempts<B>(response: &mut Response<B>, attempts: u32) {
-    if let Some(served) = response.extensions_mut().get_mut::<Served>() {
-        served.attempts = attempts;
     }
 }
 
