@@ -369,8 +369,8 @@ impl Shared {
                 });
             }
         }
-        let available: Vec<&Arc<EndpointState>> =
-            order.iter().filter(|ep| ep.is_available(now)).collect();
+        // Kept on the stack for the usual handful of replicas: a pick allocates nothing.
+        let available: Candidates<'_> = order.iter().filter(|ep| ep.is_available(now)).collect();
         if available.is_empty() {
             if this.breaker.is_some() && order.iter().any(|ep| ep.breaker_ejected()) {
                 return Err(Unavailable::CircuitOpen);
@@ -378,13 +378,17 @@ impl Shared {
             let readmit = order.iter().filter_map(|ep| ep.ejected_until()).min();
             return Err(Unavailable::Until(readmit));
         }
-        let fresh: Vec<&Arc<EndpointState>> = available
+        let fresh: Candidates<'_> = available
             .iter()
             .copied()
             .filter(|ep| !avoid.contains(&ep.endpoint.id))
             .collect();
         // Only already tried endpoints are left: trying one again beats failing.
-        let candidates = if fresh.is_empty() { available } else { fresh };
+        let (candidates, other) = if fresh.is_empty() {
+            (available, fresh)
+        } else {
+            (fresh, available)
+        };
         let chosen = match this.algorithm {
             Algorithm::RoundRobin => {
                 let index = *next % candidates.len();
@@ -408,6 +412,8 @@ impl Shared {
         *next = next.wrapping_add(1);
         // Counted under the lock, so a concurrent pick already sees this one's load.
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        // The candidate lists borrow the state: they go before its lock.
+        drop((candidates, other));
         drop(guard);
         Ok(Pick {
             endpoint: chosen.endpoint.clone(),
@@ -803,6 +809,9 @@ impl Health {
         (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
     }
 }
+
+/// The endpoints a pick chooses among: inline up to eight, on the heap beyond.
+type Candidates<'a> = smallvec::SmallVec<[&'a Arc<EndpointState>; 8]>;
 
 /// Two distinct random indices below `n` (`n >= 2`).
 fn two_distinct(rng: &mut u64, n: usize) -> (usize, usize) {

@@ -538,7 +538,7 @@ impl Outbound {
                 };
                 self.error(
                     ErrorKind::Timeout,
-                    progress.tried,
+                    progress.tried.into_vec(),
                     progress.attempts,
                     detail,
                 )
@@ -610,7 +610,7 @@ impl Outbound {
                             ),
                         ),
                     };
-                    let tried = std::mem::take(&mut progress.tried);
+                    let tried = std::mem::take(&mut progress.tried).into_vec();
                     return self.error(kind, tried, progress.attempts, detail);
                 }
             };
@@ -619,7 +619,7 @@ impl Outbound {
                 // below never start another try then.
                 let (kind, detail) =
                     last.unwrap_or((ErrorKind::Reset, "request body consumed".into()));
-                let tried = std::mem::take(&mut progress.tried);
+                let tried = std::mem::take(&mut progress.tried).into_vec();
                 return self.error(kind, tried, progress.attempts, detail);
             };
             // A retry on an endpoint that already failed this request (the only one
@@ -670,7 +670,7 @@ impl Outbound {
                     self.record(balancer, pick, Outcome::Failed(started.elapsed()));
                     let timeout = policy.timeout.unwrap_or_default();
                     let detail = format!("{id}: no response headers within timeout {timeout:?}");
-                    let tried = std::mem::take(&mut progress.tried);
+                    let tried = std::mem::take(&mut progress.tried).into_vec();
                     return self.error(ErrorKind::Timeout, tried, progress.attempts, detail);
                 }
                 None => {
@@ -789,7 +789,7 @@ impl Outbound {
                 return guarded(response, admission, verdict);
             }
             let (kind, detail) = last.unwrap_or((ErrorKind::Reset, String::new()));
-            let tried = std::mem::take(&mut progress.tried);
+            let tried = std::mem::take(&mut progress.tried).into_vec();
             return self.error(kind, tried, progress.attempts, detail);
         }
     }
@@ -1101,7 +1101,8 @@ struct Policy<'a> {
 /// What the tries of one request did so far.
 #[derive(Default)]
 struct Progress {
-    tried: Vec<Arc<str>>,
+    /// The endpoints tried, in order (inline for the usual few tries).
+    tried: smallvec::SmallVec<[Arc<str>; 3]>,
     attempts: u32,
     /// The endpoint of the try awaiting its response headers.
     current: Option<Arc<str>>,

@@ -41,10 +41,13 @@ fn traceparent(trace_hi: u64, trace_lo: u64, span: u64) -> HeaderValue {
             *byte = HEX[((id >> (60 - 4 * i)) & 0xf) as usize];
         }
     }
-    // Hex digits and dashes only: always a valid header value.
-    let mut value = HeaderValue::from_bytes(&text).unwrap_or_else(|_| {
-        HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
-    });
+    // Hex digits and dashes only: always a valid header value. Owned by a reference-counted
+    // array, so that each try's copy of the request's headers shares it (a copied slice
+    // would be copied again on its first clone).
+    let mut value =
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).unwrap_or_else(|_| {
+            HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
+        });
     value.set_sensitive(true);
     value
 }
