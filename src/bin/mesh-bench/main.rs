@@ -115,6 +115,14 @@ struct Args {
     /// whole run, and compare its CPU per request with `mesh`'s.
     #[arg(long)]
     dashboard: bool,
+    /// Measure every phase this many times on every path, the paths taking turns within
+    /// each round. The summaries use, per path and phase, the median round: by
+    /// throughput at full speed, by p99 at fixed rates (the lower throughput and the
+    /// higher p99 of the two middle rounds when the count is even). One run on a shared
+    /// machine drifts by several percent from one phase to the next; the median of
+    /// alternating rounds does not follow a single slow phase.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +395,9 @@ struct MeshRun {
 /// Runs the benchmark; `Ok(false)` when some request failed or a selected peer that is
 /// installed could not start.
 fn run(args: &Args) -> anyhow::Result<bool> {
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     if args.connections == 0 || args.threads == 0 || args.duration.is_zero() {
         bail!("--connections, --threads and --duration must be above zero");
     }
@@ -541,20 +552,41 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if !args.skip_full {
         phases.push(Phase::Full);
     }
-    let mut rows = Vec::new();
+    let mut all_rows = Vec::new();
     // Events the dashboard's reader read during mesh-dashboard's own phases.
     let mut during = Vec::new();
-    for &phase in &phases {
-        for &route in &routes {
-            let events_before = running.events_read(route);
-            let row = measure(args, &rt, &running, phase, route, ticks, self_pid)?;
-            if let (Some(before), Some(after)) = (events_before, running.events_read(route)) {
-                during.push((phase, after.saturating_sub(before)));
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            println!("round {round} of {}", args.rounds);
+        }
+        for &phase in &phases {
+            for &route in &routes {
+                let events_before = running.events_read(route);
+                let row = measure(args, &rt, &running, phase, route, ticks, self_pid)?;
+                if let (Some(before), Some(after)) = (events_before, running.events_read(route)) {
+                    during.push((phase, after.saturating_sub(before)));
+                }
+                print_row(&row, &running);
+                all_rows.push(row);
             }
-            print_row(&row, &running);
-            rows.push(row);
         }
     }
+    // Errors of every round count.
+    let errors: u64 = all_rows.iter().map(|r| r.outcome.errors).sum();
+    let queued: u64 = all_rows.iter().map(|r| r.outcome.queued).sum();
+    let rows = if args.rounds > 1 {
+        let medians = median_rounds(all_rows, &phases, &routes);
+        println!(
+            "median of {} rounds (per path and phase: by throughput at full speed, by p99 at fixed rates)",
+            args.rounds
+        );
+        for row in &medians {
+            print_row(row, &running);
+        }
+        medians
+    } else {
+        all_rows
+    };
 
     // The run is over for the dashboard's reader: what it read is final.
     let dashboard = running
@@ -563,8 +595,6 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .position(|m| m.kind == MeshKind::Dashboard)
         .and_then(|i| Some((i, running.meshes[i].events.take()?.stop())));
 
-    let errors: u64 = rows.iter().map(|r| r.outcome.errors).sum();
-    let queued: u64 = rows.iter().map(|r| r.outcome.queued).sum();
     println!();
     let haproxy_mtls = find_peer(&running, Peer::HaproxyMtls);
     let haproxy_plain = find_peer(&running, Peer::HaproxyPlain);
@@ -946,6 +976,43 @@ fn print_row(row: &Row, running: &Running) {
     flush();
 }
 
+/// Per phase and route, the median round: by throughput at full speed (the lower of the
+/// two middle ones for an even count), by p99 at fixed rates (the higher of the two).
+fn median_rounds(rows: Vec<Row>, phases: &[Phase], routes: &[Route]) -> Vec<Row> {
+    let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+    let mut medians = Vec::new();
+    for &phase in phases {
+        for &route in routes {
+            let mut of: Vec<(f64, usize)> = rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let r = r
+                        .as_ref()
+                        .filter(|r| r.phase == phase && r.route == route)?;
+                    let key = match phase {
+                        Phase::Full => r.outcome.throughput(),
+                        Phase::Rate(_) => r.p99(),
+                    };
+                    Some((key, i))
+                })
+                .collect();
+            if of.is_empty() {
+                continue;
+            }
+            of.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let middle = match phase {
+                Phase::Full => (of.len() - 1) / 2,
+                Phase::Rate(_) => of.len() / 2,
+            };
+            if let Some(row) = rows[of[middle].1].take() {
+                medians.push(row);
+            }
+        }
+    }
+    medians
+}
+
 fn find(rows: &[Row], phase: Phase, route: Route) -> Option<&Row> {
     rows.iter().find(|r| r.phase == phase && r.route == route)
 }
@@ -1278,4 +1345,52 @@ fn print_totals(rows: &[Row], errors: u64, queued: u64, failed: bool) {
 
 fn flush() {
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(phase: Phase, route: Route, requests: usize, latency_us: u64) -> Row {
+        Row {
+            phase,
+            route,
+            outcome: load::Outcome {
+                latencies: vec![latency_us * 1000; requests],
+                errors: 0,
+                elapsed: Duration::from_secs(1),
+                queued: 0,
+            },
+            proxy_cpu: requests as f64,
+            app_cpu: 0.0,
+            client_cpu: 0.0,
+            other_pct: 0.0,
+            steal_pct: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_chosen_per_path_and_phase() {
+        let full = Phase::Full;
+        let rate = Phase::Rate(2000);
+        let mesh = Route::Mesh(0);
+        let rows = vec![
+            row(full, mesh, 30, 100),
+            row(full, Route::Direct, 90, 10),
+            row(rate, mesh, 2000, 300),
+            row(full, mesh, 10, 100),
+            row(rate, mesh, 2000, 100),
+            row(full, mesh, 20, 100),
+        ];
+        let medians = median_rounds(rows, &[rate, full], &[Route::Direct, mesh]);
+        // Throughput at full speed: 10, 20, 30 -> 20.
+        let m = find(&medians, full, mesh).expect("a full-speed row");
+        assert_eq!(m.outcome.latencies.len(), 20);
+        // A single round is its own median.
+        assert!(find(&medians, full, Route::Direct).is_some());
+        // p99 at a fixed rate, two rounds: the higher.
+        let r = find(&medians, rate, mesh).expect("a rate row");
+        assert!((r.p99() - 300.0).abs() < 1.0, "{}", r.p99());
+        assert_eq!(medians.len(), 3);
+    }
 }
