@@ -929,7 +929,7 @@ fn print_header(
         }
     }
     println!(
-        "  load:     GET / over HTTP/1.1 keep-alive, {} connections, {} s per phase, rates {} rps (open loop), {}; warm-up {} s per path; generator: {} tokio threads in this process, on the same CPUs",
+        "  load:     GET / over HTTP/1.1 keep-alive, {} connections, {} s per phase, rates {} rps (open loop), {}; {} round{} (the paths in turn); warm-up {} s per path; generator: {} tokio threads in this process, on the same CPUs",
         args.connections,
         args.duration.as_secs_f64(),
         rates.join(", "),
@@ -938,6 +938,8 @@ fn print_header(
         } else {
             "then full speed (closed loop)"
         },
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
         args.warmup.as_secs_f64(),
         args.threads,
     );
@@ -977,7 +979,8 @@ fn print_row(row: &Row, running: &Running) {
 }
 
 /// Per phase and route, the median round: by throughput at full speed (the lower of the
-/// two middle ones for an even count), by p99 at fixed rates (the higher of the two).
+/// two middle ones for an even count), by p99 at fixed rates (the higher of the two);
+/// its CPU columns are the medians of the rounds' (the lower middle one).
 fn median_rounds(rows: Vec<Row>, phases: &[Phase], routes: &[Route]) -> Vec<Row> {
     let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
     let mut medians = Vec::new();
@@ -1005,7 +1008,24 @@ fn median_rounds(rows: Vec<Row>, phases: &[Phase], routes: &[Route]) -> Vec<Row>
                 Phase::Full => (of.len() - 1) / 2,
                 Phase::Rate(_) => of.len() / 2,
             };
-            if let Some(row) = rows[of[middle].1].take() {
+            // The CPU columns are medians of their own: a slow phase raises CPU per
+            // request as much as latency, so the round chosen for latency would carry
+            // its CPU figures into a comparison with another path's ordinary round.
+            let cpu = |f: fn(&Row) -> f64| {
+                let mut v: Vec<f64> = of
+                    .iter()
+                    .filter_map(|&(_, i)| rows[i].as_ref().map(f))
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                v[(v.len() - 1) / 2]
+            };
+            let proxy_cpu = cpu(|r| r.proxy_cpu);
+            let app_cpu = cpu(|r| r.app_cpu);
+            let client_cpu = cpu(|r| r.client_cpu);
+            if let Some(mut row) = rows[of[middle].1].take() {
+                row.proxy_cpu = proxy_cpu;
+                row.app_cpu = app_cpu;
+                row.client_cpu = client_cpu;
                 medians.push(row);
             }
         }
@@ -1391,6 +1411,9 @@ mod tests {
         // p99 at a fixed rate, two rounds: the higher.
         let r = find(&medians, rate, mesh).expect("a rate row");
         assert!((r.p99() - 300.0).abs() < 1.0, "{}", r.p99());
+        // CPU per request is a median of its own (rows' proxy_cpu: 10, 20, 30 and 2000, 2000).
+        assert!((m.proxy_cpu - 20.0).abs() < 1e-9);
+        assert!((r.proxy_cpu - 2000.0).abs() < 1e-9);
         assert_eq!(medians.len(), 3);
     }
 }
