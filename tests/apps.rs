@@ -57,7 +57,9 @@ depends_on = ["api"]
     assert_eq!(field("URL"), format!("http://{addr}"));
     assert!(line.starts_with("web.0 | "), "prefixed output: {line}");
 
-    // Two api replicas, each with its own port.
+    // Two api replicas, each with its own port. (Each replica's output has its own
+    // relay: api.1's line may come before api.0's.)
+    mesh.wait_line("api.0 | api-up", T);
     mesh.wait_line("api.1 | api-up", T);
     let ports: Vec<String> = mesh
         .output()
