@@ -239,7 +239,7 @@ pub fn main() -> ExitCode {
             match StateDir::wait_released(&config.mesh.state_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("mesh: {}", error_chain(&e));
+                    eprintln!("mesh: {}", mesh_proxy::tls::error_chain(&e));
                     ExitCode::from(1)
                 }
             }
@@ -536,7 +536,7 @@ fn up(
             return ExitCode::from(1);
         }
         Err(e) => {
-            eprintln!("mesh: {}", error_chain(&e));
+            eprintln!("mesh: {}", mesh_proxy::tls::error_chain(&e));
             return ExitCode::from(1);
         }
     };
@@ -845,17 +845,6 @@ impl control::Answer for Answers {
 enum Stop {
     Finished(Outcome),
     Signal(&'static str),
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -341,7 +341,7 @@ where
 }
 
 /// An error and its sources, `: `-separated, on one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut cause = error.source();
     while let Some(c) = cause {

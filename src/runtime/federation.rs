@@ -197,7 +197,7 @@ impl Federation {
             )),
             Ok(Err(e)) => logs.mesh_line(&format!(
                 "etcd: cannot revoke the lease ({}); this host's endpoints expire with it",
-                error_chain(&e)
+                proxy::tls::error_chain(&e)
             )),
             Err(_) => logs.mesh_line(&format!(
                 "etcd: no answer to the lease revocation within {}; this host's endpoints expire with the lease",
@@ -433,17 +433,6 @@ async fn watch_table(
             return;
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
